@@ -59,4 +59,292 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 # --- ConvTranspose2d + BatchNorm2d + ReLU -------------------------------------------------------
 
 
+def _ctbr_kernels():
+    """The launcher module, imported on first use so that a CPU-only install never imports triton."""
+    from .kernels import conv_transpose_bn_relu as launchers
+
+    return launchers
+
+
+def _int_pair(value, name, minimum):
+    """``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
+    pair = (value, value) if isinstance(value, int) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return tuple(pair)
+
+
+def _check_channel_vector(value, name, channels, x, optional):
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape ({channels},)"
+                        + (" or None" if optional else "") + f", got {type(value).__name__}")
+    if tuple(value.shape) != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) = (C_out,), got {tuple(value.shape)}")
+    if value.device != x.device:
+        raise ValueError(f"{name} must be on {x.device} like x, got {value.device}")
+    if value.dtype not in (x.dtype, torch.float32):
+        allowed = " or ".join(sorted({str(x.dtype), str(torch.float32)}))
+        raise TypeError(f"{name} must be {allowed} (x's dtype, or float32), got {value.dtype}")
+
+
+def _check_conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, bias,
+                                  stride, padding, output_padding, training, momentum, eps):
+    """Validate every argument once; return the (h, w) pairs of stride, padding, output_padding."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty 4-D tensor (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+    if weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.numel() == 0:
+        raise ValueError(f"weight must have shape (C_in={x.shape[1]}, C_out, kH, kW) as in "
+                         f"nn.ConvTranspose2d, got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
+    c_out = weight.shape[1]
+    _check_channel_vector(bn_weight, "bn_weight", c_out, x, optional=False)
+    _check_channel_vector(bn_bias, "bn_bias", c_out, x, optional=False)
+    _check_channel_vector(bias, "bias", c_out, x, optional=True)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    _check_channel_vector(running_mean, "running_mean", c_out, x, optional=True)
+    _check_channel_vector(running_var, "running_var", c_out, x, optional=True)
+    stride = _int_pair(stride, "stride", 1)
+    padding = _int_pair(padding, "padding", 0)
+    output_padding = _int_pair(output_padding, "output_padding", 0)
+    if any(op >= s for op, s in zip(output_padding, stride)):
+        raise ValueError(f"output_padding must be smaller than stride {stride}, got {output_padding}")
+    out_hw = [(size - 1) * s - 2 * p + k + op for size, s, p, k, op in
+              zip(x.shape[2:], stride, padding, weight.shape[2:], output_padding)]
+    if min(out_hw) < 1:
+        raise ValueError(f"the output would be {out_hw[0]}x{out_hw[1]}: padding {padding} is too "
+                         f"large for input {tuple(x.shape[2:])}, kernel {tuple(weight.shape[2:])}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if training and x.shape[0] * out_hw[0] * out_hw[1] == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got output size "
+                         f"{(x.shape[0], c_out, *out_hw)}")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    if isinstance(momentum, torch.Tensor):
+        if momentum.dim() != 0 or not momentum.is_floating_point() or momentum.device != x.device:
+            raise ValueError(f"momentum as a tensor must be a 0-dim floating tensor on {x.device}, "
+                             f"got shape {tuple(momentum.shape)}, {momentum.dtype} on {momentum.device}")
+    elif not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError("momentum must be a float or a 0-dim tensor (for nn.BatchNorm2d's momentum=None, "
+                        f"pass 1 / num_batches_tracked as a tensor), got {momentum!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    return stride, padding, output_padding
+
+
+class _ConvTransposeBNReLU(torch.autograd.Function):
+    """Autograd binding of the Triton kernels. Saves x, y (the conv output before BN) and the
+    per-channel mean and invstd, nothing larger: xhat and the output are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum,
+                stride, padding, output_padding, training, eps, grad_needed):
+        launchers = _ctbr_kernels()
+        if training:
+            out, y, mean, invstd = launchers.forward_train(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                output_padding, momentum, eps)
+        else:
+            out, y, mean, invstd = launchers.forward_eval(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                output_padding, eps, keep_for_backward=grad_needed)
+        ctx.save_for_backward(x, weight, y, mean, invstd, bn_weight, bn_bias)
+        ctx.geometry = (stride, padding, training)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, y, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
+        stride, padding, training = ctx.geometry
+        need = ctx.needs_input_grad
+        dx, dw, dbias, dgamma, dbeta = _ctbr_kernels().backward(
+            grad_out, x, weight, y, mean, invstd, bn_weight, bn_bias, stride, padding, training,
+            need_x=need[0], need_weight=need[1], need_bias=need[2], need_bn_weight=need[3],
+            need_bn_bias=need[4])
+        as_dtype = lambda grad, dtype: None if grad is None else grad.to(dtype)  # noqa: E731
+        return (dx, dw, as_dtype(dbias, ctx.bias_dtype), as_dtype(dgamma, bn_weight.dtype),
+                as_dtype(dbeta, bn_bias.dtype), None, None, None, None, None, None, None, None, None)
+
+
+def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None,
+                           stride=1, padding=0, output_padding=0, training=True, momentum=0.1,
+                           eps=1e-5, impl="auto"):
+    """``relu(batch_norm(conv_transpose2d(x, weight, bias, stride, padding, output_padding),
+    running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))`` as one fused op.
+
+    - ``weight``: (C_in, C_out, kH, kW) as in nn.ConvTranspose2d (groups=1, dilation=1); ``bias``:
+      optional (C_out,) conv bias (in training BN cancels it from the output, not from running_mean).
+    - ``training=True`` normalises with the batch statistics (biased variance) and, when the running
+      stats are tensors, updates them in place with the unbiased variance M/(M-1), M = N*OH*OW.
+      ``running_mean``/``running_var`` may be None in training; they are required in eval.
+    - ``momentum``: the exponential-average factor, a float or a 0-dim tensor on x's device. For
+      nn.BatchNorm2d's ``momentum=None`` (cumulative average) increment ``num_batches_tracked`` and pass
+      the tensor ``1.0 / num_batches_tracked``: read on the device, so there is no host sync.
+    - ``training=False`` folds the running statistics into one per-channel scale and shift.
+    - ``impl``: "auto" | "triton" | "ref" (see module docstring). The Triton path takes float32 and
+      float16 (bfloat16 on CUDA only), with float32 statistics and accumulation; any strides, no
+      copies. It returns contiguous NCHW tensors. Float32 products use tf32 on CUDA exactly when
+      ``torch.backends.cudnn.allow_tf32`` is set, as PyTorch's own convolutions do.
+    Gradients flow to x, weight, bias, bn_weight and bn_bias.
+    """
+    stride, padding, output_padding = _check_conv_transpose_bn_relu(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, bias, stride, padding,
+        output_padding, training, momentum, eps)
+    if resolve_impl(impl, x.device) == "ref":
+        return reference.conv_transpose_bn_relu(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, bias=bias, stride=stride,
+            padding=padding, output_padding=output_padding, training=training, momentum=momentum,
+            eps=eps)
+    if x.dtype == torch.float64 or (x.device.type != "cuda" and x.dtype == torch.bfloat16):
+        raise TypeError(f"impl='triton' takes float32 or float16 x (bfloat16 on CUDA only: the "
+                        f"interpreter's numpy has none), got {x.dtype} on {x.device.type}; use impl='ref'")
+    # ctx.needs_input_grad ignores torch.no_grad(), so whether backward can happen is decided here
+    grad_needed = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias))
+    return _ConvTransposeBNReLU.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                      momentum, stride, padding, output_padding, training, float(eps),
+                                      grad_needed)
+
+
 # --- sigmoid + binary cross-entropy -------------------------------------------------------------
+
+
+def _bce_kernels():
+    """The launcher module, imported on first use so that a CPU-only install never imports triton."""
+    from .kernels import bce as launchers
+
+    return launchers
+
+
+BCE_REDUCTIONS = ("none", "mean", "sum")
+_BCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_broadcast_operand(value, name, input, input_name):
+    """``value`` (weight or pos_weight) must be None or a floating tensor on input's device whose
+    shape broadcasts to input's. Not broadcasting raises RuntimeError, as PyTorch does."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != input.device:
+        raise ValueError(f"{name} must be on {input.device} like {input_name}, got {value.device}")
+    try:
+        broadcasts = torch.broadcast_shapes(value.shape, input.shape) == input.shape
+    except RuntimeError:
+        broadcasts = False
+    if not broadcasts:
+        raise RuntimeError(f"{name} of shape {tuple(value.shape)} must broadcast to {input_name}'s "
+                           f"shape {tuple(input.shape)}")
+
+
+def _check_bce(input, input_name, target, weight, pos_weight, reduction):
+    """Validate the arguments of both BCE ops once, with PyTorch's exception types."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{input_name} must be a tensor, got {type(input).__name__}")
+    if input.dtype not in _BCE_DTYPES:
+        raise TypeError(f"{input_name} must be float32, float16, bfloat16 or float64, got {input.dtype}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a tensor of {input_name}'s shape {tuple(input.shape)}, got "
+                        f"{type(target).__name__} (for a constant target pass e.g. "
+                        f"{input_name}.new_ones(()).expand_as({input_name}): read without a copy)")
+    if target.shape != input.shape:
+        raise ValueError(f"target size {tuple(target.shape)} must be the same as {input_name} size "
+                         f"{tuple(input.shape)}")
+    if not target.is_floating_point():
+        raise TypeError(f"target must be a floating-point tensor, got {target.dtype}")
+    if target.device != input.device:
+        raise ValueError(f"target must be on {input.device} like {input_name}, got {target.device}")
+    _check_broadcast_operand(weight, "weight", input, input_name)
+    _check_broadcast_operand(pos_weight, "pos_weight", input, input_name)
+    if reduction not in BCE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {BCE_REDUCTIONS}, got {reduction!r}")
+
+
+def _check_no_grad_wanted(weight, pos_weight):
+    """The kernels differentiate input and target only: say so rather than drop a gradient."""
+    if torch.is_grad_enabled():
+        for value, name in ((weight, "weight"), (pos_weight, "pos_weight")):
+            if value is not None and value.requires_grad:
+                raise NotImplementedError(f"impl='triton' does not differentiate with respect to "
+                                          f"{name}: detach it, or use impl='ref'")
+
+
+def _check_unit_interval(value, name):
+    """PyTorch's CPU check (RuntimeError; NaN fails it too). ``torch._assert_async`` raises at once on
+    CPU and stays traceable by torch.compile. Only CPU tensors are checked: on CUDA a check needs a
+    host sync or a device-side assert that kills the context, so there the kernel returns NaN."""
+    torch._assert_async(((value >= 0) & (value <= 1)).all(),
+                        f"all elements of {name} should be between 0 and 1")
+
+
+class _BCE(torch.autograd.Function):
+    """Autograd binding of the BCE kernels (logits or probabilities). Saves the inputs only: the
+    backward is one elementwise launch that recomputes sigmoid/log terms from them."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, pos_weight, reduction, from_logits):
+        ctx.save_for_backward(input, target, weight, pos_weight)
+        ctx.reduction, ctx.from_logits = reduction, from_logits
+        return _bce_kernels().bce_forward(input, target, weight, pos_weight, reduction, from_logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        d_input, d_target = _bce_kernels().bce_backward(
+            grad, input, target, weight, pos_weight, ctx.reduction, ctx.from_logits,
+            need_dx=ctx.needs_input_grad[0], need_dt=ctx.needs_input_grad[1])
+        return d_input, d_target, None, None, None, None
+
+
+def bce_with_logits(logits, target, *, weight=None, pos_weight=None, reduction="mean", impl="auto"):
+    """``F.binary_cross_entropy_with_logits`` fused: one launch (two when logits has more than 1024
+    elements: per-program partials, then a fixed-order sum), deterministic, stable for |logits| up
+    to 1e4 and beyond.
+
+    - ``target``: a floating tensor of logits' shape (hard or soft labels; broadcast views such as
+      ``torch.ones(()).expand_as(logits)`` are read without a copy).
+    - ``weight``, ``pos_weight``: optional, broadcast to logits' shape as in PyTorch.
+    - ``reduction``: "none" | "mean" | "sum". ``impl``: "auto" | "triton" | "ref".
+    Gradients flow to logits and target (not to weight or pos_weight on the Triton path).
+    """
+    _check_bce(logits, "logits", target, weight, pos_weight, reduction)
+    if resolve_impl(impl, logits.device) == "ref":
+        return reference.bce_with_logits(logits, target, weight=weight, pos_weight=pos_weight,
+                                         reduction=reduction)
+    _check_no_grad_wanted(weight, pos_weight)
+    return _BCE.apply(logits, target, weight, pos_weight, reduction, True)
+
+
+def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", impl="auto"):
+    """``F.binary_cross_entropy`` (each log clamped at -100) fused like :func:`bce_with_logits`.
+
+    Probabilities or targets outside [0, 1] (or NaN) raise RuntimeError on CPU, as in PyTorch. On
+    CUDA the Triton path gives a NaN loss instead (a check would synchronise with the host, or kill
+    the CUDA context as PyTorch's device-side assert, which impl="ref" keeps, does).
+    Arguments as in :func:`bce_with_logits`, without ``pos_weight``.
+    """
+    _check_bce(probs, "probs", target, weight, None, reduction)
+    if probs.device.type == "cpu":
+        _check_unit_interval(probs, "probs")
+        _check_unit_interval(target, "target")
+    if resolve_impl(impl, probs.device) == "ref":
+        return reference.binary_cross_entropy(probs, target, weight=weight, reduction=reduction)
+    _check_no_grad_wanted(weight, None)
+    return _BCE.apply(probs, target, weight, None, reduction, False)

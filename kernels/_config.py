@@ -1,0 +1,41 @@
+"""Launch settings shared by the kernel modules: tf32 policy, autotune config lists, block sizes."""
+import functools
+
+import torch
+import triton
+
+from . import interpreting
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device):
+    """``tl.dot``'s input_precision. Float32 convolutions follow PyTorch's own switch,
+    ``torch.backends.cudnn.allow_tf32`` (True by default): when it is off, or off CUDA, "ieee" (exact
+    float32 products); otherwise None, the target's default (tf32 on NVIDIA), which is also what
+    float16/bfloat16 operands take (the option only concerns float32)."""
+    if dtype == torch.float32 and (device.type != "cuda" or not torch.backends.cudnn.allow_tf32):
+        return "ieee"
+    return None
+
+
+def autotune_configs(cuda_configs, interpreter_config):
+    """The configs to autotune over: all of them on a GPU, one under the interpreter, where timing
+    means nothing and each extra config would only multiply the test time."""
+    return [interpreter_config] if interpreting() else cuda_configs
+
+
+def pow2_block(n: int, lo: int, hi: int) -> int:
+    """The smallest power of two >= n, clamped to [lo, hi]."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors to fill (a fixed 8 under the interpreter, so results do not depend
+    on the host); split-K factors are derived from it, so they are fixed per machine."""
+    if device.type != "cuda":
+        return 8
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
