@@ -1,0 +1,442 @@
+"""aigc_fast.nn.ConvTransposeBNReLU and fuse()/unfuse(): the fused model must behave as the eager one
+(outputs, gradients, running statistics, num_batches_tracked, state_dict), in train and eval mode.
+
+Fused float32 models are compared with float64 eager copies: relative error (Frobenius norm) <= 1e-4.
+The fused op runs through "auto": the Triton kernels here (interpreted on CPU), the reference elsewhere.
+"""
+import copy
+import io
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import aigc_fast
+from aigc_fast import functional
+from aigc_fast import nn as fused_nn
+from aigc_fast.models import Generator
+from aigc_fast.nn import ConvTransposeBNReLU, FusedSequential, fuse, unfuse
+
+RTOL = 1e-4  # float32 without tf32
+
+
+@pytest.fixture(autouse=True)
+def no_tf32(monkeypatch):
+    """RTOL is for IEEE float32 products; the kernels follow cudnn.allow_tf32 on CUDA, as PyTorch does."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+# pytorch/examples dcgan/main.py reads these as globals; tiny here to keep the interpreter fast.
+nz, ngf, nc = 8, 2, 3
+
+
+class DcganNetG(nn.Module):
+    """netG exactly as pytorch/examples dcgan/main.py defines it (class ``Generator`` there)."""
+
+    def __init__(self, ngpu):
+        super(DcganNetG, self).__init__()
+        self.ngpu = ngpu
+        self.main = nn.Sequential(
+            # input is Z, going into a convolution
+            nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ngf * 8),
+            nn.ReLU(True),
+            # state size. (ngf*8) x 4 x 4
+            nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 4),
+            nn.ReLU(True),
+            # state size. (ngf*4) x 8 x 8
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
+            nn.ReLU(True),
+            # state size. (ngf*2) x 16 x 16
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.ReLU(True),
+            # state size. (ngf) x 32 x 32
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False),
+            nn.Tanh()
+            # state size. (nc) x 64 x 64
+        )
+
+    def forward(self, input):
+        if input.is_cuda and self.ngpu > 1:
+            output = nn.parallel.data_parallel(self.main, input, range(self.ngpu))
+        else:
+            output = self.main(input)
+        return output
+
+
+def randomize_batch_norms_(model):
+    """Non-trivial BN state, so that gamma, beta and the running stats all matter."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.2)
+                if m.track_running_stats:
+                    m.running_mean.normal_(0.0, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def count_calls(monkeypatch, op_name):
+    """Record each call of ``functional.<op_name>`` (its ``training`` argument, None if it has none),
+    to prove that the fused path, not the eager one, ran."""
+    calls = []
+    op = getattr(functional, op_name)
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("training"))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(functional, op_name, counting)
+    return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    return count_calls(monkeypatch, "conv_transpose_bn_relu")
+
+
+def forward_backward(model, x, grad_out=None):
+    """Output, input gradient and parameter gradients of one forward/backward (upstream gradient
+    ``grad_out``, fresh random when None)."""
+    x = x.detach().requires_grad_()
+    out = model(x)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    out.backward(grad_out.to(out.dtype))
+    grads = [(name, p.grad.clone()) for name, p in model.named_parameters()]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), x.grad, grads, grad_out
+
+
+def assert_close(actual, expected, what, floor=0.0):
+    """Relative error <= RTOL, the denominator bounded below by ``floor`` for values that are zero in
+    exact arithmetic (a conv bias gradient under a BatchNorm using batch statistics)."""
+    actual, expected = actual.double(), expected.double()
+    err = ((actual - expected).norm() / max(expected.norm().item(), floor)).item()
+    assert err <= RTOL, f"{what}: relative error {err:.2e} > {RTOL}"
+
+
+def assert_matches_reference(fused, reference, make_input, device, train_steps=3):
+    """``train_steps`` training steps on fresh data, then one in eval mode, both models on ``device``:
+    the output, the input and parameter gradients and the buffers of the float32 ``fused`` match the
+    float64 ``reference`` (parameters and buffers paired in registration order, so that a
+    Sequential can be the reference of a module)."""
+    fused.to(device)
+    reference.to(device)
+    for training in [True] * train_steps + [False]:
+        fused.train(training)
+        reference.train(training)
+        x = make_input().to(device)
+        out64, grad_x64, grads64, grad_out = forward_backward(reference, x.double())
+        out, grad_x, grads, _ = forward_backward(fused, x, grad_out)
+        mode = "train" if training else "eval"
+        assert out.dtype == torch.float32
+        assert_close(out, out64, f"{mode} output")
+        assert_close(grad_x, grad_x64, f"{mode} input gradient")
+        assert len(grads) == len(grads64)
+        total = torch.cat([g.flatten() for _, g in grads64]).norm().item()
+        for (name, grad), (_, grad64) in zip(grads, grads64):
+            # zero in exact arithmetic (float64 leaves ~1e-13): float32 rounding noise, measured
+            # against the whole gradient
+            floor = total if grad64.norm() <= 1e-9 * total else 0.0
+            assert_close(grad, grad64, f"{mode} gradient of {name}", floor=floor)
+        buffers, buffers64 = list(fused.named_buffers()), list(reference.buffers())
+        assert len(buffers) == len(buffers64)
+        for (name, buf), buf64 in zip(buffers, buffers64):
+            if name.endswith("num_batches_tracked"):
+                assert torch.equal(buf, buf64), name
+            else:
+                assert_close(buf, buf64, f"{mode} buffer {name}")
+
+
+# --- the drop-in module ---------------------------------------------------------------------------
+
+
+def eager_run(in_channels, out_channels, **conv_args):
+    """The eager nn.Sequential(ConvTranspose2d, BatchNorm2d, ReLU) that ConvTransposeBNReLU replaces."""
+    momentum = conv_args.pop("momentum", 0.1)
+    return randomize_batch_norms_(nn.Sequential(
+        nn.ConvTranspose2d(in_channels, out_channels, **conv_args),
+        nn.BatchNorm2d(out_channels, momentum=momentum),
+        nn.ReLU(inplace=True)))
+
+
+@pytest.mark.parametrize("bias, momentum", [(False, 0.1), (True, None)])
+def test_module_matches_eager_sequential(bias, momentum, fused_calls, device):
+    torch.manual_seed(0)
+    args = dict(kernel_size=3, stride=2, padding=1, output_padding=1, bias=bias)
+    eager = eager_run(5, 7, momentum=momentum, **args)
+    module = ConvTransposeBNReLU(5, 7, momentum=momentum, **args)
+    # its children hold the state under their own names: an eager run's state loads into them
+    module.conv.load_state_dict(eager[0].state_dict(), strict=True)
+    module.bn.load_state_dict(eager[1].state_dict(), strict=True)
+    assert_matches_reference(module, copy.deepcopy(eager).double(), lambda: torch.randn(3, 5, 3, 2),
+                             device)
+    assert module.bn.num_batches_tracked.item() == 3
+    assert fused_calls == [True, True, True, False]
+
+
+def test_module_with_non_tracking_batch_norm_behaves_as_pytorch(device):
+    torch.manual_seed(1)
+    eager = eager_run(4, 5, kernel_size=4, stride=2, padding=1, bias=False)
+    eager[1] = nn.BatchNorm2d(5, track_running_stats=False)
+    module = ConvTransposeBNReLU(4, 5, 4, stride=2, padding=1)
+    module.conv.load_state_dict(eager[0].state_dict())
+    module.bn = copy.deepcopy(eager[1])
+    # eval mode too normalises with batch statistics, as PyTorch does without running stats
+    assert_matches_reference(module, copy.deepcopy(eager).double(), lambda: torch.randn(2, 4, 3, 3),
+                             device, train_steps=1)
+    assert dict(module.named_buffers()) == {}
+
+
+# --- fuse() on whole models -----------------------------------------------------------------------
+
+
+# (model, fused runs, training steps); netG is Generator(64)'s architecture, so one step suffices
+GENERATORS = {
+    "generator32": (lambda: Generator(32, nz=8, ngf=4), 3, 3),
+    "generator64": (lambda: Generator(64, nz=8, ngf=2), 4, 2),
+    "dcgan_netG": (lambda: DcganNetG(ngpu=1), 4, 1),
+}
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_fused_generator_matches_eager(name, fused_calls, device):
+    torch.manual_seed(2)
+    build, runs, train_steps = GENERATORS[name]
+    model = randomize_batch_norms_(build())
+    reference = copy.deepcopy(model).double()
+    assert fuse(model) is model
+    assert type(model.main) is FusedSequential
+    assert_matches_reference(model, reference, lambda: torch.randn(2, nz, 1, 1), device, train_steps)
+    assert fused_calls == [True] * train_steps * runs + [False] * runs
+
+
+def test_state_dict_round_trips_both_ways():
+    torch.manual_seed(3)
+    eager = randomize_batch_norms_(Generator(64, nz=8, ngf=2))
+    fused = fuse(randomize_batch_norms_(Generator(64, nz=8, ngf=2)))
+    eager_state, fused_state = eager.state_dict(), fused.state_dict()
+    assert list(eager_state) == list(fused_state)
+    fused.load_state_dict(eager_state, strict=True)          # saved before fusing, loaded after
+    for key, value in fused.state_dict().items():
+        assert torch.equal(value, eager_state[key]), key
+    other = randomize_batch_norms_(Generator(64, nz=8, ngf=2))
+    other.load_state_dict(fused_state, strict=True)          # saved fused, loaded unfused
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, fused_state[key]), key
+
+
+def test_unfuse_restores_exact_eager_behaviour(fused_calls):
+    """On the CPU, where eager PyTorch is deterministic, so bitwise equality is the test."""
+    torch.manual_seed(4)
+    model = randomize_batch_norms_(Generator(32, nz=8, ngf=4))
+    eager = copy.deepcopy(model)
+    assert unfuse(fuse(model)) is model
+    assert [type(m) for m in model.modules()] == [type(m) for m in eager.modules()]
+    for training in (True, False):
+        model.train(training)
+        eager.train(training)
+        z = torch.randn(3, 8)
+        out, grad_z, grads, grad_out = forward_backward(eager, z)
+        out2, grad_z2, grads2, _ = forward_backward(model, z, grad_out)
+        assert torch.equal(out, out2) and torch.equal(grad_z, grad_z2)
+        assert all(n == n2 and torch.equal(g, g2) for (n, g), (n2, g2) in zip(grads, grads2))
+    for (key, a), b in zip(eager.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert fused_calls == []
+
+
+def test_fuse_twice_copy_pickle_and_root_sequential(capsys, device):
+    torch.manual_seed(5)
+    model = randomize_batch_norms_(nn.Sequential(
+        nn.ConvTranspose2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.ReLU(),  # not in place
+        nn.ConvTranspose2d(4, 2, 2, stride=2), nn.BatchNorm2d(2, momentum=None), nn.ReLU(True)))
+    reference = copy.deepcopy(model).double()
+    assert fuse(model, verbose=True) is model          # the root itself is the Sequential
+    first = capsys.readouterr().out
+    assert fuse(model, verbose=True) is model          # idempotent: same state, same report
+    assert capsys.readouterr().out == first
+    assert type(model) is FusedSequential
+    assert_matches_reference(model, reference, lambda: torch.randn(2, 3, 2, 3), device)
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert type(clone) is FusedSequential
+        x = torch.randn(2, 3, 2, 3, device=device)
+        model.eval()
+        clone.eval()
+        assert torch.equal(clone(x), model(x))
+
+
+def test_unfusable_runs_are_left_and_still_work(capsys, fused_calls, device):
+    torch.manual_seed(6)
+
+    class MySequential(nn.Sequential):
+        pass
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.ConvTranspose2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn(self.conv(x)))
+
+    def run(conv=None, bn=None, act=None, container=nn.Sequential):
+        return container(conv or nn.ConvTranspose2d(4, 4, 1), bn or nn.BatchNorm2d(4),
+                         act or nn.ReLU(inplace=True))
+
+    hooked = run()
+    model = randomize_batch_norms_(nn.Sequential(OrderedDict(
+        grouped=run(conv=nn.ConvTranspose2d(4, 4, 3, groups=2)),
+        dilated=run(conv=nn.ConvTranspose2d(4, 4, 2, dilation=2)),
+        no_affine=run(bn=nn.BatchNorm2d(4, affine=False)),
+        no_tracking=run(bn=nn.BatchNorm2d(4, track_running_stats=False)),
+        hooked=hooked,
+        leaky=run(act=nn.LeakyReLU(0.2)),
+        subclass=run(container=MySequential),
+        holder=Holder(),
+        fusable=run(conv=nn.ConvTranspose2d(4, 4, 3, stride=2)),
+    )))
+    reference = copy.deepcopy(model).double()
+    hook_calls = []
+    hooked[0].register_forward_hook(lambda *_: hook_calls.append(1))
+    fuse(model, verbose=True)
+    report = capsys.readouterr().out
+    assert [name for name, m in model.named_modules() if type(m) is FusedSequential] == ["fusable"]
+    assert type(model) is nn.Sequential and type(model.subclass) is MySequential
+    for line in ["fused 1 ConvTranspose2d -> BatchNorm2d -> ReLU run(s) and 0 BCE loss(es); "
+                 "left 8 ConvTranspose2d",
+                 "fused fusable.0 -> fusable.1 -> fusable.2",
+                 "left  grouped.0: ConvTranspose2d has groups=2",
+                 "left  dilated.0: ConvTranspose2d has dilation=(2, 2)",
+                 "left  no_affine.0: BatchNorm2d has affine=False",
+                 "left  no_tracking.0: BatchNorm2d has track_running_stats=False",
+                 "left  hooked.0: the ConvTranspose2d has hooks",
+                 "left  leaky.0: followed by BatchNorm2d -> LeakyReLU, not BatchNorm2d -> ReLU",
+                 "left  subclass.0: inside MySequential, a subclass of nn.Sequential",
+                 "left  holder.conv: inside Holder, not an nn.Sequential"]:
+        assert line in report, f"{line!r} not in:\n{report}"
+    assert_matches_reference(model, reference, lambda: torch.randn(2, 4, 2, 2), device, train_steps=2)
+    assert fused_calls == [True, True, False]
+    assert len(hook_calls) == 3  # the hooked run ran eagerly, hook and all
+
+
+def test_mismatched_batch_norm_and_fused_module_are_left(capsys):
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(5), nn.ReLU(),
+                          ConvTransposeBNReLU(4, 4, 3))
+    fuse(model, verbose=True)
+    report = capsys.readouterr().out
+    assert "left  0: BatchNorm2d has num_features=5 but the ConvTranspose2d gives 4 channels" in report
+    assert "left  3.conv: inside a ConvTransposeBNReLU, which is already fused" in report
+    assert type(model) is nn.Sequential
+    # the mismatched run fails exactly as it does eagerly
+    with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 5"):
+        model(torch.randn(2, 3, 2, 2))
+
+
+def test_verbose_report_on_generator_and_package_entry_points(capsys):
+    model = aigc_fast.fuse(Generator(64, nz=8, ngf=2), verbose=True)
+    assert capsys.readouterr().out.splitlines() == [
+        "aigc_fast.fuse: fused 4 ConvTranspose2d -> BatchNorm2d -> ReLU run(s) and 0 BCE loss(es); "
+        "left 1 ConvTranspose2d as they are",
+        "  fused main.0 -> main.1 -> main.2",
+        "  fused main.3 -> main.4 -> main.5",
+        "  fused main.6 -> main.7 -> main.8",
+        "  fused main.9 -> main.10 -> main.11",
+        "  left  main.12: followed by Tanh, not BatchNorm2d -> ReLU",
+    ]
+    assert type(aigc_fast.unfuse(model).main) is nn.Sequential
+    for bad in (fuse, unfuse):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+            bad(Generator)
+
+
+def test_fuse_swaps_bce_losses_and_unfuse_restores_them(capsys, monkeypatch, device):
+    torch.manual_seed(8)
+    calls = [count_calls(monkeypatch, op) for op in ("bce_with_logits", "binary_cross_entropy")]
+    losses = nn.ModuleDict({
+        "logits": nn.BCEWithLogitsLoss(pos_weight=torch.rand(5) + 0.5),
+        "probs": nn.BCELoss(weight=torch.rand(5), reduction="sum")}).to(device)
+    eager = copy.deepcopy(losses)
+    assert fuse(losses, verbose=True) is losses
+    assert "fused 0 ConvTranspose2d -> BatchNorm2d -> ReLU run(s) and 2 BCE loss(es)" in (
+        capsys.readouterr().out)
+    assert type(losses.logits) is fused_nn.BCEWithLogitsLoss
+    assert type(losses.probs) is fused_nn.BCELoss
+    for (key, a), (key2, b) in zip(losses.state_dict().items(), eager.state_dict().items()):
+        assert key == key2 and torch.equal(a, b)
+
+    def loss_and_grad(criterion, x, target):
+        x = x.detach().requires_grad_()
+        loss = criterion(x, target)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    logits, target = torch.randn(4, 5, device=device) * 3, torch.rand(4, 5, device=device)
+    cases = [(losses.logits, eager.logits, logits), (losses.probs, eager.probs, logits.sigmoid())]
+    for fused_loss, eager_loss, x in cases:
+        expected = loss_and_grad(copy.deepcopy(eager_loss).double(), x.double(), target.double())
+        for actual, wanted, what in zip(loss_and_grad(fused_loss, x, target), expected, "lg"):
+            assert_close(actual, wanted, f"{type(fused_loss).__name__} {what}")
+    assert [len(c) for c in calls] == [1, 1]
+
+    assert unfuse(losses) is losses
+    assert type(losses.logits) is nn.BCEWithLogitsLoss and type(losses.probs) is nn.BCELoss
+    root = fuse(nn.BCELoss())                           # a loss as the model itself
+    assert type(root) is fused_nn.BCELoss and type(unfuse(root)) is nn.BCELoss
+
+
+def test_fused_generator_compiles_without_graph_breaks(monkeypatch):
+    """fuse()'s rewrite (the Sequential's walk and BatchNorm's bookkeeping) is traceable in one graph;
+    the reference op stands in for the kernels, whose own tracing is the functional layer's."""
+    monkeypatch.setenv("AIGC_FAST_IMPL", "ref")
+    torch.manual_seed(9)
+    model = fuse(randomize_batch_norms_(Generator(32, nz=8, ngf=2)))
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    try:
+        for _ in range(2):
+            z = torch.randn(3, 8)
+            assert torch.allclose(compiled(z), reference(z), rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+    for (key, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), key
+    assert model.main[1].num_batches_tracked.item() == 2
+
+
+def test_fused_generator_saves_no_more_for_backward_than_eager(monkeypatch, device):
+    """Bytes of the unique storages the autograd graph keeps for backward during one training
+    forward (two saved views of one storage count once); the eager ReLUs are in place."""
+    monkeypatch.setenv("AIGC_FAST_IMPL", "triton")
+
+    def saved_bytes(model, z):
+        storages = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(z)  # alive until counted, so no storage address is reused
+        assert out.requires_grad
+        return sum(storages.values())
+
+    torch.manual_seed(7)
+    eager = Generator(32, nz=8, ngf=4).to(device)
+    fused = fuse(copy.deepcopy(eager))
+    z = torch.randn(4, 8, device=device)
+    eager_bytes, fused_bytes = saved_bytes(eager, z), saved_bytes(fused, z)
+    print(f"saved for backward: eager {eager_bytes} B, fused {fused_bytes} B, "
+          f"ratio {fused_bytes / eager_bytes:.3f}")
+    assert fused_bytes <= eager_bytes
