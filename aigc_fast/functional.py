@@ -17,17 +17,28 @@ IMPLS = ("auto", "triton", "ref")
 _warned_fallback = False
 
 
-def triton_can_run(device: torch.device) -> bool:
-    """Whether our Triton kernels can execute on tensors of ``device`` in this process."""
+def _triton_blocker(device: torch.device, dtype: torch.dtype, dtypes) -> str:
+    """Why our Triton kernels cannot run on ``dtype`` tensors of ``device`` here ("" when they can)."""
     if not TRITON_AVAILABLE:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and interpreting()
+        return "triton is not installed"
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return (f"tensors are on {device.type}; Triton needs CUDA, or TRITON_INTERPRET=1 set before "
+                "triton is imported for CPU tensors")
+    if dtype not in dtypes:
+        return f"this kernel takes {', '.join(str(d) for d in dtypes)}, got {dtype}"
+    return ""
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Turn ``impl`` ("auto"|"triton"|"ref") into the implementation that will run: "triton" or "ref"."""
+def triton_can_run(device: torch.device, dtype: torch.dtype = torch.float32,
+                   dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> bool:
+    """Whether our Triton kernels can execute on ``dtype`` tensors of ``device`` in this process."""
+    return not _triton_blocker(device, dtype, dtypes)
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                 dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> str:
+    """Turn ``impl`` ("auto"|"triton"|"ref") into the implementation that will run, "triton" or
+    "ref", for inputs of ``device`` and ``dtype``; ``dtypes`` are those the op's kernels take."""
     global _warned_fallback
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -37,22 +48,17 @@ def resolve_impl(impl: str, device: torch.device) -> str:
             if forced not in ("triton", "ref"):
                 raise ValueError(f"AIGC_FAST_IMPL must be 'triton' or 'ref', got {forced!r}")
             impl = forced
+    blocker = _triton_blocker(device, dtype, dtypes) if impl != "ref" else ""
     if impl == "auto":
-        if triton_can_run(device):
+        if not blocker:
             return "triton"
         if not _warned_fallback:
             _warned_fallback = True
-            warnings.warn(
-                f"aigc_fast: Triton kernels cannot run on {device.type} tensors here "
-                "(they need CUDA, or TRITON_INTERPRET=1 on CPU); using the PyTorch reference.",
-                stacklevel=3,
-            )
+            warnings.warn(f"aigc_fast: Triton kernels cannot run here ({blocker}); using the "
+                          "PyTorch reference.", stacklevel=3)
         return "ref"
-    if impl == "triton" and not triton_can_run(device):
-        why = "triton is not installed" if not TRITON_AVAILABLE else (
-            f"tensors are on {device.type}; Triton needs CUDA, or TRITON_INTERPRET=1 set before "
-            "triton is imported for CPU tensors")
-        raise RuntimeError(f"impl='triton' cannot run: {why}")
+    if blocker:
+        raise RuntimeError(f"impl='triton' cannot run: {blocker}; use impl='ref'")
     return impl
 
 
@@ -204,14 +210,13 @@ def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_
     stride, padding, output_padding = _check_conv_transpose_bn_relu(
         x, weight, bn_weight, bn_bias, running_mean, running_var, bias, stride, padding,
         output_padding, training, momentum, eps)
-    if resolve_impl(impl, x.device) == "ref":
+    # the interpreter's tl.dot has no bfloat16 (numpy lacks it): bfloat16 convolutions need CUDA
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if x.is_cuda else ())
+    if resolve_impl(impl, x.device, x.dtype, dtypes) == "ref":
         return reference.conv_transpose_bn_relu(
             x, weight, bn_weight, bn_bias, running_mean, running_var, bias=bias, stride=stride,
             padding=padding, output_padding=output_padding, training=training, momentum=momentum,
             eps=eps)
-    if x.dtype == torch.float64 or (x.device.type != "cuda" and x.dtype == torch.bfloat16):
-        raise TypeError(f"impl='triton' takes float32 or float16 x (bfloat16 on CUDA only: the "
-                        f"interpreter's numpy has none), got {x.dtype} on {x.device.type}; use impl='ref'")
     # ctx.needs_input_grad ignores torch.no_grad(), so whether backward can happen is decided here
     grad_needed = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias))
@@ -325,7 +330,7 @@ def bce_with_logits(logits, target, *, weight=None, pos_weight=None, reduction="
     Gradients flow to logits and target (not to weight or pos_weight on the Triton path).
     """
     _check_bce(logits, "logits", target, weight, pos_weight, reduction)
-    if resolve_impl(impl, logits.device) == "ref":
+    if resolve_impl(impl, logits.device, logits.dtype, _BCE_DTYPES) == "ref":
         return reference.bce_with_logits(logits, target, weight=weight, pos_weight=pos_weight,
                                          reduction=reduction)
     _check_no_grad_wanted(weight, pos_weight)
@@ -344,7 +349,7 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", impl="
     if probs.device.type == "cpu":
         _check_unit_interval(probs, "probs")
         _check_unit_interval(target, "target")
-    if resolve_impl(impl, probs.device) == "ref":
+    if resolve_impl(impl, probs.device, probs.dtype, _BCE_DTYPES) == "ref":
         return reference.binary_cross_entropy(probs, target, weight=weight, reduction=reduction)
     _check_no_grad_wanted(weight, None)
     return _BCE.apply(probs, target, weight, None, reduction, False)
