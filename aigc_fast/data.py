@@ -1,0 +1,313 @@
+"""Training data: the embedded procedural "shapes" set, image folders and .npz arrays.
+
+Every source is decoded once into one uint8 tensor (N, C, S, S) held in memory: batches are then an
+index operation, fast enough for any GPU, and the order of batches is a pure function of
+(seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would have.
+"""
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .cli import UsageError
+from .models import SUPPORTED_IMAGE_SIZES
+
+SHAPES = "shapes"
+SHAPES_COUNT = 16384  # the embedded set: 50 MB of uint8 pixels at 32 px, made in about a second
+SHAPES_SEED = 0  # one fixed data set for every run, like a data set on disk
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEVICE_RESIDENT_BYTES = 1 << 30  # data sets up to this size live on the GPU: no host copy per batch
+
+
+# --- the embedded "shapes" set -----------------------------------------------------------------
+
+
+def _hsv_to_rgb(h, s, v):
+    """Vectorised HSV -> RGB for tensors of shape (N,) in [0, 1]; returns (N, 3)."""
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], dim=1)
+    return v[:, None] - (v * s)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def _uniform(g, n, low, high):
+    return torch.rand(n, generator=g) * (high - low) + low
+
+
+def _shape_params(g, n, size):
+    """Per-image random parameters of the shapes set (drawn all at once: chunking cannot change them)."""
+    kind = torch.randint(0, 3, (n,), generator=g)  # 0 circle, 1 square, 2 triangle
+    radius = _uniform(g, n, 0.2, 0.4) * size
+    margin = radius * 0.9
+    cx = margin + torch.rand(n, generator=g) * (size - 2 * margin)
+    cy = margin + torch.rand(n, generator=g) * (size - 2 * margin)
+    light_bg = torch.rand(n, generator=g) < 0.5
+    # background: weakly saturated, dark or light; the shape: saturated, of the opposite lightness
+    bg = _hsv_to_rgb(torch.rand(n, generator=g), _uniform(g, n, 0.0, 0.45),
+                     torch.where(light_bg, _uniform(g, n, 0.7, 0.95), _uniform(g, n, 0.05, 0.3)))
+    fg = _hsv_to_rgb(torch.rand(n, generator=g), _uniform(g, n, 0.6, 1.0),
+                     torch.where(light_bg, _uniform(g, n, 0.2, 0.55), _uniform(g, n, 0.75, 1.0)))
+    angle = torch.rand(n, generator=g) * (2 * torch.pi)
+    tilt = _uniform(g, n, -0.35, 0.35)  # lightness gradient across the background
+    return dict(kind=kind, radius=radius, cx=cx, cy=cy, bg=bg, fg=fg,
+                gx=tilt * torch.cos(angle) / size, gy=tilt * torch.sin(angle) / size)
+
+
+def _circle(dx, dy, r):
+    return torch.sqrt(dx * dx + dy * dy) - r
+
+
+def _square(dx, dy, r):
+    return torch.maximum(dx.abs(), dy.abs()) - 0.8 * r
+
+
+def _triangle(dx, dy, r):
+    # equilateral, apex up (image y points down): outward edge normals at 90, 210 and 330 degrees
+    return torch.maximum(torch.maximum(dy, -0.866 * dx - 0.5 * dy), 0.866 * dx - 0.5 * dy) - 0.55 * r
+
+
+def _render(p, size):
+    """Images in [0, 1], (n, 3, size, size), from the parameters ``p`` of n images.
+
+    Each shape is a signed distance field (negative inside), so coverage = clamp(0.5 - sd, 0, 1)
+    gives one-pixel anti-aliased edges; each kind's field is computed only for its own images.
+    """
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    dx = coords[None, None, :] - p["cx"][:, None, None]  # (n, 1, S)
+    dy = coords[None, :, None] - p["cy"][:, None, None]  # (n, S, 1)
+    r = p["radius"][:, None, None]
+    sd = torch.empty(len(r), size, size)
+    for k, field in enumerate((_circle, _square, _triangle)):
+        idx = (p["kind"] == k).nonzero().view(-1)
+        sd[idx] = field(dx[idx], dy[idx], r[idx])
+    alpha = (0.5 - sd).clamp_(0, 1)[:, None]
+    shade = 1 + dx * p["gx"][:, None, None] + dy * p["gy"][:, None, None]  # (n, S, S)
+    background = p["bg"][:, :, None, None] * shade[:, None]
+    return background.add_(alpha * (p["fg"][:, :, None, None] - background)).clamp_(0, 1)
+
+
+def make_shapes(n, image_size=32, seed=SHAPES_SEED, chunk_pixels=1 << 19):
+    """The procedural "shapes" data set: uint8 (n, 3, S, S), a pure function of (n, size, seed).
+
+    One anti-aliased circle, square or triangle per image, of varied size, position and colour,
+    on a dark or light background with a gentle gradient.
+    """
+    if image_size not in SUPPORTED_IMAGE_SIZES:
+        raise ValueError(f"image_size must be one of {SUPPORTED_IMAGE_SIZES}, got {image_size!r}")
+    params = _shape_params(torch.Generator().manual_seed(seed), n, image_size)
+    chunk = max(1, chunk_pixels // (image_size * image_size))
+    out = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # cache-sized elementwise chunks: threads cost more than they gain
+    try:
+        for start in range(0, n, chunk):
+            part = {k: v[start:start + chunk] for k, v in params.items()}
+            out[start:start + chunk] = _render(part, image_size).mul_(255).round_().to(torch.uint8)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+# --- conversions shared by the sources ------------------------------------------------------------
+
+
+def _to_channels(images, nc, what):
+    """uint8 (N, C, H, W) with C in (1, 3) -> C = nc (ITU-R 601 luma for RGB -> grey)."""
+    c = images.shape[1]
+    if c == nc:
+        return images
+    if c == 3 and nc == 1:
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        grey = torch.empty(len(images), 1, *images.shape[2:], dtype=torch.uint8)
+        for i in range(0, len(images), 1024):  # chunks: no float copy of the whole data set
+            part = (images[i:i + 1024].float() * luma).sum(1, keepdim=True)
+            grey[i:i + 1024] = part.round_().clamp_(0, 255).to(torch.uint8)
+        return grey
+    if c == 1 and nc == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    raise UsageError(f"{what}: images have {c} channels; expected 1 or 3")
+
+
+def _resize_center_crop(images, size, chunk=1024):
+    """uint8 (N, C, H, W) -> (N, C, size, size): centre square crop, then antialiased resize."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    images = images[:, :, top:top + side, left:left + side]
+    out = torch.empty(*images.shape[:2], size, size, dtype=torch.uint8)
+    for i in range(0, len(images), chunk):
+        part = F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear",
+                             antialias=side > size, align_corners=False)
+        out[i:i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+# --- .npz arrays --------------------------------------------------------------------------------
+
+
+def load_npz(path, image_size, nc):
+    """A uint8 N x H x W x C (or N x H x W) array from ``path`` -> uint8 (N, nc, S, S)."""
+    what = f"--data {path}"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+            name = "images" if "images" in names else (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise UsageError(f"{what}: holds arrays {names}; expected one array "
+                                 "(or one named 'images')")
+            array = archive[name]
+    except UsageError:
+        raise
+    except Exception as err:  # zipfile/pickle/OS errors: the file is not a readable .npz
+        raise UsageError(f"{what}: cannot be read as a .npz archive ({type(err).__name__}: {err})")
+    if array.dtype != np.uint8 or array.ndim not in (3, 4) or len(array) == 0:
+        raise UsageError(f"{what}: array {name!r} is {array.dtype} with shape {array.shape}; expected "
+                         "a non-empty uint8 array N x H x W x C (C = 1 or 3) or N x H x W")
+    images = torch.from_numpy(array if array.ndim == 4 else array[..., None]).permute(0, 3, 1, 2)
+    return _resize_center_crop(_to_channels(images, nc, what), image_size).contiguous()
+
+
+# --- folders of image files -----------------------------------------------------------------------
+
+
+def _decode_image(path, size, nc):
+    """One file -> uint8 (H, W[, C]) array of size x size, or None if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.draft("L" if nc == 1 else "RGB", (size, size))  # JPEG: decode at reduced scale
+            im = im.convert("L" if nc == 1 else "RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((new_w, new_h), Image.BICUBIC)
+            left, top = (new_w - size) // 2, (new_h - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)))
+    except Exception:  # any decoder error: the caller counts it and warns once
+        return None
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes one file per item, so a DataLoader can spread the decoding over worker processes."""
+
+    def __init__(self, files, size, nc):
+        self.files, self.size, self.nc = files, size, nc
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return _decode_image(self.files[i], self.size, self.nc)
+
+
+def _as_list(batch):
+    return batch
+
+
+def find_images(root):
+    """Every image file (by extension) anywhere below ``root``, in a fixed (sorted) order."""
+    return sorted(p for p in Path(root).rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def load_folder(root, image_size, nc, workers=0):
+    """Decode every image below ``root`` -> uint8 (N, nc, S, S); unreadable files are skipped."""
+    what = f"--data {root}"
+    files = find_images(root)
+    if not files:
+        raise UsageError(f"{what}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found below "
+                         "this folder; expected at least one")
+    loader = torch.utils.data.DataLoader(_ImageFiles(files, image_size, nc), batch_size=64,
+                                         num_workers=workers, collate_fn=_as_list)
+    decoded = [a for batch in loader for a in batch]
+    bad = [f for f, a in zip(files, decoded) if a is None]
+    good = [a for a in decoded if a is not None]
+    if not good:
+        raise UsageError(f"{what}: none of its {len(files)} image files could be read; expected "
+                         "readable png/jpg/jpeg/webp/bmp files")
+    if bad:
+        warnings.warn(f"{what}: skipped {len(bad)} unreadable image file(s) of {len(files)} "
+                      f"(first: {bad[0]})", stacklevel=2)
+    array = np.stack(good)
+    images = torch.from_numpy(array if array.ndim == 4 else array[..., None])
+    return images.permute(0, 3, 1, 2).contiguous()
+
+
+# --- one entry point -----------------------------------------------------------------------------
+
+
+def load_images(data, image_size, nc, workers=0):
+    """``--data`` ("shapes", a folder or a .npz file) -> (uint8 (N, nc, S, S), a short description)."""
+    if image_size not in SUPPORTED_IMAGE_SIZES:
+        raise UsageError(f"--image-size {image_size} is not supported; expected one of "
+                         f"{SUPPORTED_IMAGE_SIZES}")
+    if data == SHAPES:
+        images = _to_channels(make_shapes(SHAPES_COUNT, image_size), nc, "shapes")
+        return images, f"shapes (embedded, {len(images)} images)"
+    path = Path(data)
+    if path.is_dir():
+        images = load_folder(path, image_size, nc, workers)
+        return images, f"{path} ({len(images)} images)"
+    if path.is_file() and path.suffix.lower() == ".npz":
+        images = load_npz(path, image_size, nc)
+        return images, f"{path} ({len(images)} images)"
+    expected = "a folder of images, a .npz file, or 'shapes' (the embedded set)"
+    if path.exists():
+        raise UsageError(f"--data {data}: is neither a folder nor a .npz file; expected {expected}")
+    raise UsageError(f"--data {data}: no such file or folder; expected {expected}")
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+class BatchOrder:
+    """Which images form each batch: a fresh permutation per epoch, a pure function of (seed, epoch).
+
+    Full batches only (BatchNorm statistics of a 3-image tail batch would be noise). Because the
+    order depends on nothing but (seed, epoch), resuming at step s needs only s itself.
+    """
+
+    def __init__(self, n, batch_size, seed):
+        if batch_size > n:
+            raise UsageError(f"--batch-size {batch_size} is larger than the data set ({n} images); "
+                             f"expected at most {n}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+
+    def permutation(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def batches(self, start_step, device=torch.device("cpu")):
+        """Index tensors on ``device`` for steps start_step, start_step + 1, ... (endless)."""
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        while True:
+            perm = self.permutation(epoch)
+            if device.type == "cuda":  # one pinned, non-blocking copy per epoch: no host sync
+                perm = perm.pin_memory().to(device, non_blocking=True)
+            for b in range(offset, self.steps_per_epoch):
+                yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+            epoch, offset = epoch + 1, 0
+
+
+def batch_stream(images, order, start_step, device):
+    """Endless uint8 batches on ``device`` from step ``start_step`` on.
+
+    On CUDA a data set that fits in DEVICE_RESIDENT_BYTES is moved to the GPU once and indexed
+    there; a larger one is indexed on the host and copied from pinned memory without blocking.
+    """
+    if device.type == "cuda" and images.numel() <= DEVICE_RESIDENT_BYTES:
+        images = images.to(device)
+        yield from (images[index] for index in order.batches(start_step, device))
+    elif device.type == "cuda":
+        for index in order.batches(start_step):
+            yield images[index].pin_memory().to(device, non_blocking=True)
+    else:
+        yield from (images[index] for index in order.batches(start_step))
+
+
+def to_model_range(batch):
+    """uint8 [0, 255] -> float32 [-1, 1] (done on the device, after the 4x smaller uint8 copy)."""
+    return batch.float().div_(127.5).sub_(1.0)

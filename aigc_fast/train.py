@@ -1,0 +1,588 @@
+"""DCGAN training: ``python -m aigc_fast.train`` (see ``--help``).
+
+The hot path is :func:`train_step` (one non-saturating GAN step, no host sync); the backend seam
+:data:`BACKENDS` prepares the models and the loss for "eager" or "compile" (and later "fused").
+The loop is small parts around it: :func:`setup` (data, models, backend, resume),
+:func:`log_metrics`, :func:`write_samples`, :func:`write_checkpoint`, and :func:`fit`.
+
+A run folder holds config.json, metrics.jsonl (one row per --log-every steps), samples/real.png,
+samples/step_NNNNNN.png (fixed noise) and checkpoints/last.pt + step_NNNNNN.pt.
+"""
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import (load_checkpoint, load_state_checked, rng_states, save_checkpoint,
+                         set_rng_states, write_bytes_atomic)
+from .cli import (EXIT_INTERRUPTED, ArgumentParser, UsageError, positive_float, positive_int,
+                  resolve_device, run_main)
+from .data import SHAPES, BatchOrder, batch_stream, load_images, to_model_range
+from .models import SUPPORTED_IMAGE_SIZES, build_models
+from .sample import save_grid
+
+
+def _set_requires_grad(module, flag):
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def train_step(G, D, opt_g, opt_d, real, z, loss_fn):
+    """One non-saturating GAN step; returns 0-dim tensors loss_d, loss_g, d_real, d_fake.
+
+    D sees the real batch (target 1) and the detached fakes (target 0) in two forwards (so its
+    BatchNorm never mixes real and fake statistics) and takes one backward; then G is trained with
+    target 1 on D(G(z)) against the updated D. D's parameters are frozen during G's backward so no
+    weight gradient is computed for them. Nothing here synchronises with the host.
+    """
+    fake = G(z)
+    logits_real = D(real)
+    logits_fake = D(fake.detach())
+    ones = torch.ones_like(logits_real)
+    loss_d = loss_fn(logits_real, ones) + loss_fn(logits_fake, torch.zeros_like(logits_fake))
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+
+    _set_requires_grad(D, False)
+    loss_g = loss_fn(D(fake), ones)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    _set_requires_grad(D, True)
+    return {
+        "loss_d": loss_d.detach(),
+        "loss_g": loss_g.detach(),
+        "d_real": torch.sigmoid(logits_real.detach()).mean(),
+        "d_fake": torch.sigmoid(logits_fake.detach()).mean(),
+    }
+
+
+# --- backends -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """What a backend hands the loop: the modules to train and save, the callables to run, the loss.
+
+    ``G``/``D`` own the parameters (optimisers and checkpoints use them; their state_dict keys are
+    the plain ``main.N.*``); ``G_run``/``D_run`` are what :func:`train_step` calls (the same modules,
+    or compiled wrappers around them).
+    """
+
+    G: nn.Module
+    D: nn.Module
+    G_run: Callable
+    D_run: Callable
+    loss_fn: Callable
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    help: str
+    prepare: Callable  # (G, D) -> Prepared
+    unavailable: Callable  # (device) -> None if it can run there, else the reason it cannot
+
+
+def _prepare_eager(G, D):
+    return Prepared(G, D, G, D, F.binary_cross_entropy_with_logits)
+
+
+def _prepare_compile(G, D):
+    return Prepared(G, D, torch.compile(G), torch.compile(D), F.binary_cross_entropy_with_logits)
+
+
+def _always(device):
+    return None
+
+
+def _compile_unavailable(device):
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs triton (inductor generates Triton kernels), not installed"
+    return None
+
+
+BACKENDS = {
+    b.name: b
+    for b in (
+        Backend("eager", "plain PyTorch modules and F.binary_cross_entropy_with_logits",
+                _prepare_eager, _always),
+        Backend("compile", "torch.compile of G and D (inductor)", _prepare_compile,
+                _compile_unavailable),
+    )
+}
+# Fastest first, per device type. On CPU torch.compile's one-off compile costs more than it saves
+# over a short run, so auto stays eager there.
+AUTO_ORDER = {"cuda": ("compile", "eager"), "cpu": ("eager",)}
+
+
+def resolve_backend(name, device):
+    """Turn ``--backend`` into (backend name, why it was chosen); raises ValueError if it cannot run."""
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("eager",)):
+            if BACKENDS[candidate].unavailable(device) is None:
+                return candidate, f"auto: fastest available on {device.type}"
+        raise AssertionError("eager is always available")
+    if name not in BACKENDS:
+        raise ValueError(f"--backend must be one of {('auto',) + tuple(BACKENDS)}, got {name!r}")
+    reason = BACKENDS[name].unavailable(device)
+    if reason is not None:
+        raise ValueError(f"--backend {name} cannot run on {device.type}: {reason}")
+    return name, "requested"
+
+
+def prepare_backend(name, G, D):
+    """Prepare (G, D) for the resolved backend ``name``: the one place a backend is applied."""
+    return BACKENDS[name].prepare(G, D)
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+DEFAULT_STEPS = 1000  # the no-argument run: measured to finish in minutes on a 2-core CPU
+# Settings that define a run: a resumed run takes them from its checkpoint, and a flag that
+# contradicts the checkpoint is an error (resuming continues that run; it cannot change its model).
+RUN_KEYS = ("data", "image_size", "nz", "ngf", "ndf", "nc", "batch_size", "lr", "beta1", "seed")
+# Settings a resumed run also keeps from its checkpoint unless a flag changes them.
+KEPT_KEYS = ("sample_every", "checkpoint_every", "log_every")
+METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
+SAMPLE_COUNT = 64  # images in each sample grid
+CHECKPOINT_FORMAT = "aigc_fast.dcgan/1"
+CHECKPOINT_KEYS = ("G", "D", "opt_g", "opt_d", "step", "noise", "rng", "config")
+
+
+def _beta(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError(text)
+    return value
+
+
+_beta.__name__ = "number in [0, 1)"
+
+
+def build_parser():
+    p = ArgumentParser(
+        prog="python -m aigc_fast.train",
+        description="Train a DCGAN. With no arguments: 32 px images of the embedded 'shapes' data set "
+                    "on the best available device, outputs in a new folder under runs/.")
+    add = p.add_argument
+    add("--data", default=SHAPES, metavar="shapes|DIR|FILE.npz",
+        help="training images: 'shapes' (the embedded procedural set, default), a folder (every "
+             "png/jpg/jpeg/webp/bmp below it, resized and centre-cropped) or a .npz file holding a "
+             "uint8 array N x H x W x C")
+    add("--image-size", type=int, default=32, choices=SUPPORTED_IMAGE_SIZES,
+        help="image side in pixels: 32 (our 4-layer DCGAN) or 64 (the pytorch/examples DCGAN) "
+             "(default %(default)s)")
+    add("--batch-size", type=positive_int, default=64, metavar="N",
+        help="images per step (default %(default)s)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, metavar="N",
+                        help=f"total training steps of the run, counting steps done before a "
+                             f"--resume (default {DEFAULT_STEPS}, or the resumed run's total)")
+    length.add_argument("--epochs", type=positive_int, metavar="N",
+                        help="total length in passes over the data, instead of --steps")
+    add("--lr", type=positive_float, default=2e-4, help="Adam learning rate (default %(default)s)")
+    add("--beta1", type=_beta, default=0.5, help="Adam beta1 (default %(default)s)")
+    add("--nz", type=positive_int, default=100, metavar="N", help="noise dimension (default %(default)s)")
+    add("--ngf", type=positive_int, default=64, metavar="N", help="Generator width (default %(default)s)")
+    add("--ndf", type=positive_int, default=64, metavar="N", help="Discriminator width (default %(default)s)")
+    add("--nc", type=int, default=3, choices=(1, 3),
+        help="image channels: 3 (RGB) or 1 (grayscale) (default %(default)s)")
+    add("--seed", type=int, default=0, metavar="N",
+        help="seed of the weights, the noise and the data order (default %(default)s)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="where to train (default auto: cuda if available)")
+    add("--backend", choices=("auto",) + tuple(BACKENDS), default="auto",
+        help="how the step runs: " + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values())
+             + " (default auto: the fastest available on the device)")
+    add("--out", metavar="DIR", help="output folder (default: a new numbered folder under runs/)")
+    add("--resume", metavar="PATH|auto",
+        help="continue from a checkpoint; 'auto' takes checkpoints/last.pt of --out (or of the "
+             "newest run under runs/) and starts afresh if there is none")
+    add("--sample-every", type=positive_int, default=250, metavar="N",
+        help="write a sample grid every N steps (default %(default)s; and at the end)")
+    add("--checkpoint-every", type=positive_int, default=500, metavar="N",
+        help="write checkpoints/step_N.pt and last.pt every N steps (default %(default)s; "
+             "last.pt also at the end and on Ctrl-C)")
+    add("--log-every", type=positive_int, default=50, metavar="N",
+        help="append to metrics.jsonl and update the progress bar's losses every N steps; between "
+             "these the loop never waits for the device (default %(default)s)")
+    add("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+        help="processes that decode image files of a --data folder (default %(default)s)")
+    add("--dry-run", action="store_true",
+        help="run a single step and write every output (a smoke test)")
+    return p
+
+
+def parse_args(argv=None):
+    """(args, the names of the RUN_KEYS and KEPT_KEYS given explicitly on the command line)."""
+    args = build_parser().parse_args(argv)
+    probe = build_parser()
+    probe.set_defaults(**{k: None for k in RUN_KEYS + KEPT_KEYS})
+    explicit = {k for k, v in vars(probe.parse_args(argv)).items()
+                if k in RUN_KEYS + KEPT_KEYS and v is not None}
+    if args.workers < 0:
+        raise UsageError(f"--workers {args.workers}: expected 0 or more")
+    return args, explicit
+
+
+# --- set-up -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything the loop needs; the small functions below read and update it."""
+
+    cfg: dict
+    out: Optional[Path]  # None: a new numbered folder under runs/, made once set-up succeeded
+    device: torch.device
+    images: torch.Tensor
+    order: BatchOrder
+    model: Prepared
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    noise: torch.Generator
+    fixed_noise: torch.Tensor
+    step: int = 0
+    seconds_before: float = 0.0  # training time spent before this process (resumed runs)
+    data_desc: str = ""
+    backend_reason: str = ""
+    last_checkpoint: Optional[Path] = None
+
+
+def _next_run_dir(root=Path("runs")):
+    """A new numbered folder runs/NNN, created here so two runs cannot pick the same one."""
+    root.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+    n = max(numbers, default=0) + 1
+    while True:
+        try:
+            (root / f"{n:03d}").mkdir()
+            return root / f"{n:03d}"
+        except FileExistsError:
+            n += 1
+
+
+def _newest_run_checkpoint(root=Path("runs")):
+    candidates = sorted(root.glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def resolve_out_and_resume(args):
+    """(output folder or None for a new one, checkpoint to resume or None).
+
+    Refuses anything that would replace files of another run.
+    """
+    out = Path(args.out) if args.out else None
+    resume = None
+    if args.resume == "auto":
+        if out is not None:
+            resume = out / "checkpoints" / "last.pt" if (out / "checkpoints" / "last.pt").exists() else None
+        else:
+            resume = _newest_run_checkpoint()
+    elif args.resume:
+        resume = Path(args.resume)
+        if not resume.is_file():
+            raise UsageError(f"--resume {resume}: no such file; expected a checkpoint .pt file or 'auto'")
+    if resume is not None and out is None:
+        out = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
+    if out is None:
+        return None, None
+    last = out / "checkpoints" / "last.pt"
+    if last.exists() and (resume is None or not os.path.samefile(last, resume)):
+        what = "a run" if resume is None else f"a run whose last.pt is not {resume}"
+        raise UsageError(f"--out {out}: already holds {what} ({last}); expected a new folder, or "
+                         f"--resume {last} to continue it")
+    return out, resume
+
+
+def make_config(args, explicit, saved):
+    """The run's settings: the flags, or for a resumed run its checkpoint's config ``saved``.
+
+    RUN_KEYS come from the checkpoint (a contradicting flag is an error); KEPT_KEYS too, unless
+    a flag changes them.
+    """
+    cfg = {k: getattr(args, k) for k in RUN_KEYS + KEPT_KEYS}
+    if cfg["data"] != SHAPES:
+        cfg["data"] = os.path.abspath(cfg["data"])
+    if saved is not None:
+        for key in RUN_KEYS:
+            if key in explicit and cfg[key] != saved.get(key):
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"{flag} {getattr(args, key)} does not match the checkpoint's "
+                                 f"{saved.get(key)!r}; expected the run's own settings (drop the flag "
+                                 "or start a new run)")
+            cfg[key] = saved[key]
+        cfg.update({k: saved[k] for k in KEPT_KEYS if k not in explicit})
+    return cfg
+
+
+def total_steps(args, saved, steps_per_epoch, start_step):
+    if args.dry_run:
+        return start_step + 1
+    if args.epochs:
+        return args.epochs * steps_per_epoch
+    return args.steps or (saved["steps"] if saved else DEFAULT_STEPS)
+
+
+def setup(args, explicit):
+    """Resolve the device, data, models, backend, optimisers and output folder of a run."""
+    device = resolve_device(args.device)
+    out, resume = resolve_out_and_resume(args)
+    ckpt = load_checkpoint(resume, required=CHECKPOINT_KEYS) if resume else None
+    saved = ckpt["config"] if ckpt else None
+    cfg = make_config(args, explicit, saved)
+    try:
+        backend, backend_reason = resolve_backend(args.backend, device)
+    except ValueError as err:
+        raise UsageError(str(err))
+
+    images, data_desc = load_images(cfg["data"], cfg["image_size"], cfg["nc"], args.workers)
+    order = BatchOrder(len(images), cfg["batch_size"], cfg["seed"])
+    start = ckpt["step"] if ckpt else 0
+    cfg.update(steps=total_steps(args, saved, order.steps_per_epoch, start), backend=backend,
+               device=device.type, workers=args.workers, version=__version__)
+
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"] % 2**32)
+    random.seed(cfg["seed"])
+    G, D = build_models(cfg["image_size"], cfg["nz"], cfg["ngf"], cfg["ndf"], cfg["nc"])
+    if ckpt:
+        load_state_checked(G, ckpt["G"], f"checkpoint {resume} (G)")
+        load_state_checked(D, ckpt["D"], f"checkpoint {resume} (D)")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = prepare_backend(backend, G.to(device), D.to(device))
+    betas = (cfg["beta1"], 0.999)
+    opt_g = torch.optim.Adam(model.G.parameters(), lr=cfg["lr"], betas=betas)
+    opt_d = torch.optim.Adam(model.D.parameters(), lr=cfg["lr"], betas=betas)
+    noise = torch.Generator(device).manual_seed(cfg["seed"] + 1)
+    fixed_noise = torch.randn(SAMPLE_COUNT, cfg["nz"],
+                              generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
+    run = Run(cfg, out, device, images, order, model, opt_g, opt_d, noise, fixed_noise,
+              data_desc=data_desc, backend_reason=backend_reason)
+    if ckpt:
+        restore(run, ckpt, resume)
+    return run
+
+
+def restore(run, ckpt, path):
+    """Continue exactly where the checkpoint ``ckpt`` stopped: optimisers, step, time and RNGs."""
+    run.opt_g.load_state_dict(ckpt["opt_g"])
+    run.opt_d.load_state_dict(ckpt["opt_d"])
+    run.step = ckpt["step"]
+    run.seconds_before = ckpt.get("seconds", 0.0)
+    run.last_checkpoint = path
+    if ckpt["noise"]["device"] == run.device.type:
+        run.noise.set_state(ckpt["noise"]["state"])
+    else:
+        print(f"note: checkpoint noise stream is from {ckpt['noise']['device']}; it restarts on "
+              f"{run.device.type}, so this resume is not bitwise exact")
+        run.noise.manual_seed(run.cfg["seed"] + 1 + run.step)
+    set_rng_states(ckpt["rng"])
+
+
+def prepare_outputs(run):
+    """config.json, the samples/ and checkpoints/ folders, samples/real.png; trims metrics.jsonl.
+
+    Metrics logged after the resumed checkpoint were not kept by it and will be logged again.
+    """
+    if run.out is None:
+        run.out = _next_run_dir()
+    (run.out / "samples").mkdir(parents=True, exist_ok=True)
+    (run.out / "checkpoints").mkdir(exist_ok=True)
+    write_bytes_atomic(run.out / "config.json", (json.dumps(run.cfg, indent=2) + "\n").encode())
+    real = run.out / "samples" / "real.png"
+    if not real.exists():
+        save_grid(to_model_range(run.images[:SAMPLE_COUNT]), real)
+    metrics = run.out / "metrics.jsonl"
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= run.step]
+        write_bytes_atomic(metrics, "".join(kept).encode())
+
+
+# --- the loop's parts -----------------------------------------------------------------------------
+
+
+class Diverged(Exception):
+    """A loss or weight became NaN/inf: the run stops and keeps its last good checkpoint."""
+
+
+class Meter:
+    """Sums the step metrics on the device; reads them back (one host sync) only at log time."""
+
+    def __init__(self):
+        self.sums, self.count, self.t0 = None, 0, time.perf_counter()
+
+    def add(self, metrics):
+        values = torch.stack([metrics[k] for k in METRIC_KEYS])
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += 1
+
+    def read(self):
+        """Means since the last read and images/s, or None if no step was added."""
+        if not self.count:
+            return None
+        means = dict(zip(METRIC_KEYS, (self.sums / self.count).tolist()))
+        elapsed = time.perf_counter() - self.t0
+        result = (means, self.count, elapsed)
+        self.sums, self.count, self.t0 = None, 0, time.perf_counter()
+        return result
+
+
+def log_metrics(run, meter, bar, t_start):
+    """Append the interval's means to metrics.jsonl and the progress bar; Diverged if non-finite."""
+    read = meter.read()
+    if read is None:
+        return
+    means, count, elapsed = read
+    if not all(math.isfinite(v) for v in means.values()):
+        raise Diverged(f"non-finite loss in steps {run.step - count + 1}..{run.step} ("
+                       + ", ".join(f"{k}={v:.4g}" for k, v in means.items()) + ")")
+    row = {"step": run.step, "epoch": round(run.step / run.order.steps_per_epoch, 4), **means,
+           "images_per_s": count * run.cfg["batch_size"] / elapsed,
+           "seconds": run.seconds_before + time.perf_counter() - t_start}
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    bar.set_postfix_str(f"loss_d {means['loss_d']:.3f} loss_g {means['loss_g']:.3f} "
+                        f"D(x) {means['d_real']:.2f} D(G(z)) {means['d_fake']:.2f} "
+                        f"{row['images_per_s']:.0f} img/s", refresh=False)
+
+
+@torch.no_grad()
+def write_samples(run):
+    """samples/step_NNNNNN.png from the fixed noise, G in eval mode (no state changes)."""
+    G = run.model.G
+    G.eval()
+    path = run.out / "samples" / f"step_{run.step:06d}.png"
+    save_grid(G(run.fixed_noise), path)
+    G.train()
+    return path
+
+
+def checkpoint_state(run, seconds):
+    return {
+        "format": CHECKPOINT_FORMAT, "version": __version__, "step": run.step, "seconds": seconds,
+        "G": run.model.G.state_dict(), "D": run.model.D.state_dict(),
+        "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(),
+        "noise": {"device": run.device.type, "state": run.noise.get_state()},
+        "rng": rng_states(), "config": run.cfg,
+    }
+
+
+def write_checkpoint(run, seconds, periodic=False):
+    """checkpoints/last.pt (and step_NNNNNN.pt if periodic), after checking the weights are finite."""
+    params = [p for m in (run.model.G, run.model.D) for p in m.parameters()]
+    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise Diverged(f"non-finite weights at step {run.step}")
+    folder = run.out / "checkpoints"
+    paths = [folder / "last.pt"] + ([folder / f"step_{run.step:06d}.pt"] if periodic else [])
+    save_checkpoint(checkpoint_state(run, seconds), *paths)
+    run.last_checkpoint = paths[0]
+    return paths[0]
+
+
+class GracefulInterrupt:
+    """The first Ctrl-C asks the loop to stop at the next step boundary; a second one aborts."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def start_line(run):
+    c = run.cfg
+    return (f"aigc_fast {__version__}: DCGAN {c['image_size']}px on {run.data_desc} | device "
+            f"{run.device.type} | backend {c['backend']} ({run.backend_reason}) | steps "
+            f"{run.step}->{c['steps']} x batch {c['batch_size']} | out {run.out}")
+
+
+def fit(run):
+    """Train from run.step to the configured total; returns the exit status."""
+    c = run.cfg
+    total, p = c["steps"], run.model
+    stream = batch_stream(run.images, run.order, run.step, run.device)
+    meter, start_step, t_start = Meter(), run.step, time.perf_counter()
+
+    def seconds():
+        return run.seconds_before + time.perf_counter() - t_start
+
+    with GracefulInterrupt() as interrupt, tqdm(total=total, initial=run.step, unit="step",
+                                                  dynamic_ncols=True) as bar:
+        while run.step < total and not interrupt.requested:
+            real = to_model_range(next(stream))
+            z = torch.randn(c["batch_size"], c["nz"], device=run.device, generator=run.noise)
+            meter.add(train_step(p.G_run, p.D_run, run.opt_g, run.opt_d, real, z, p.loss_fn))
+            run.step += 1
+            bar.update(1)
+            end = run.step == total
+            periodic = run.step % c["checkpoint_every"] == 0
+            if end or periodic or run.step % c["log_every"] == 0:
+                log_metrics(run, meter, bar, t_start)
+            if end or run.step % c["sample_every"] == 0:
+                write_samples(run)
+            if end or periodic:
+                write_checkpoint(run, seconds(), periodic=periodic)
+        if interrupt.requested:
+            log_metrics(run, meter, bar, t_start)
+            path = write_checkpoint(run, seconds())
+    if interrupt.requested:
+        print(f"interrupted at step {run.step}/{total}; checkpoint saved to {path}\n"
+              f"resume with: python -m aigc_fast.train --resume {path}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    elapsed = time.perf_counter() - t_start
+    rate = (run.step - start_step) * c["batch_size"] / elapsed
+    print(f"done: step {run.step}/{total}, {elapsed:.1f} s in this run ({rate:.0f} images/s) | samples "
+          f"{run.out / 'samples' / f'step_{run.step:06d}.png'} | checkpoint {run.last_checkpoint}")
+    return 0
+
+
+def main(argv=None):
+    args, explicit = parse_args(argv)
+    run = setup(args, explicit)
+    if run.step >= run.cfg["steps"]:
+        print(f"nothing to do: the checkpoint is at step {run.step} and the run's total is "
+              f"{run.cfg['steps']} (pass a larger --steps to train further)")
+        return 0
+    prepare_outputs(run)
+    print(start_line(run), flush=True)
+    try:
+        return fit(run)
+    except Diverged as err:
+        where = (f"the last good checkpoint, {run.last_checkpoint}, was not overwritten"
+                 if run.last_checkpoint else "no checkpoint was written")
+        print(f"aigc_fast.train: stopped: {err}; {where}; a lower --lr may help", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    run_main(main, prog="aigc_fast.train")

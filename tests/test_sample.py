@@ -1,0 +1,78 @@
+"""``python -m aigc_fast.sample``: grids, single PNGs, repeatability, errors; the grid helper."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aigc_fast.cli import run_main
+from aigc_fast.sample import generate, load_generator, main, make_grid, to_uint8
+from aigc_fast.train import main as train_main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real (one-step, tiny) training checkpoint."""
+    out = tmp_path_factory.mktemp("run")
+    argv = ["--dry-run", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "4", "--out", str(out)]
+    assert train_main(argv) == 0
+    return out / "checkpoints" / "last.pt"
+
+
+def _cli(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv, prog="aigc_fast.sample")
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_make_grid_places_cells_and_padding():
+    pixels = np.stack([np.full((2, 3, 1), 10 * (i + 1), np.uint8) for i in range(5)])
+    grid = make_grid(pixels, nrow=2, padding=1, pad_value=255)
+    assert grid.shape == (3 * 3 + 1, 2 * 4 + 1, 1)
+    for i in range(5):
+        top, left = 1 + (i // 2) * 3, 1 + (i % 2) * 4
+        assert (grid[top:top + 2, left:left + 3] == 10 * (i + 1)).all()
+    assert (grid[0] == 255).all() and (grid[:, 0] == 255).all() and (grid[7:9, 5:8] == 255).all()
+
+
+def test_to_uint8_maps_the_model_range():
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0, -3.0]).view(1, 1, 1, 5)
+    assert to_uint8(x).reshape(-1).tolist() == [0, 128, 255, 255, 0]
+
+
+def test_grid_holds_the_generator_output(checkpoint, tmp_path, capsys):
+    grid_path = tmp_path / "sub" / "grid.png"
+    status, out, _ = _cli(["--checkpoint", str(checkpoint), "--n", "10", "--out", str(grid_path),
+                           "--seed", "3"], capsys)
+    assert status == 0 and "10 images" in out
+    grid = np.asarray(Image.open(grid_path))
+    assert grid.shape == (3 * 34 + 2, 4 * 34 + 2, 3)  # 10 images: 4 per row, 3 rows, padding 2
+    G = load_generator(checkpoint, torch.device("cpu"))
+    expected = to_uint8(torch.cat(list(generate(G, 10, seed=3, batch_size=4, device="cpu"))))
+    assert np.array_equal(grid[2 + 34:2 + 34 + 32, 2 + 34:2 + 34 + 32], expected[5])  # row 1, col 1
+
+
+def test_out_dir_writes_single_pngs_repeatably(checkpoint, tmp_path, capsys):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        status, _, _ = _cli(["--checkpoint", str(checkpoint), "--n", "5", "--batch-size", "2",
+                             "--out-dir", str(tmp_path / name), "--seed", seed], capsys)
+        assert status == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == [f"{i:06d}.png" for i in range(5)]
+    first = np.asarray(Image.open(tmp_path / "a" / "000000.png"))
+    assert first.shape == (32, 32, 3) and first.std() > 0
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert (tmp_path / "a" / files[0]).read_bytes() != (tmp_path / "c" / files[0]).read_bytes()
+
+
+def test_errors_are_one_line_exit_2(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    status, _, err = _cli(["--checkpoint", str(missing), "--out", str(tmp_path / "g.png")], capsys)
+    assert status == 2 and err.count("\n") == 1 and str(missing) in err and "no such file" in err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00" * 100)
+    status, _, err = _cli(["--checkpoint", str(corrupt), "--out", str(tmp_path / "g.png")], capsys)
+    assert status == 2 and err.count("\n") == 1 and "cannot be read" in err
+    status, _, err = _cli(["--checkpoint", str(corrupt)], capsys)  # neither --out nor --out-dir
+    assert status == 2 and err.count("\n") == 1 and "--out" in err
+    assert not (tmp_path / "g.png").exists()

@@ -1,0 +1,325 @@
+"""The trainer: the GAN step, the backend table, the CLI and its outputs, exact resume, failures."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aigc_fast import __version__, train
+from aigc_fast.cli import UsageError, run_main
+from aigc_fast.data import make_shapes
+from aigc_fast.models import build_models
+from aigc_fast.train import BACKENDS, Backend, Prepared, main, resolve_backend, train_step
+
+TINY = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "4", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    """A small .npz data set (32 shapes): faster to load than the embedded 16k."""
+    path = tmp_path_factory.mktemp("data") / "shapes.npz"
+    np.savez(path, images=make_shapes(32, 32, seed=5).permute(0, 2, 3, 1).numpy())
+    return str(path)
+
+
+def _cli(argv, capsys):
+    """Run the CLI as a user would: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv, prog="aigc_fast.train")
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def _assert_one_line_error(status, err, *fragments):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, err
+    assert "Traceback" not in err and all(f in lines[0] for f in fragments), lines[0]
+
+
+# --- the step ----------------------------------------------------------------------------------------
+
+
+def _tiny_models(seed=0):
+    torch.manual_seed(seed)
+    G, D = build_models(32, nz=16, ngf=4, ndf=4, nc=3)
+    opt = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.5, 0.999))  # noqa: E731
+    return G, D, opt(G), opt(D)
+
+
+def _reference_step(G, D, opt_g, opt_d, real, z):
+    """pytorch/examples' step, written independently: two D backwards, then G on the updated D."""
+    bce = torch.nn.BCEWithLogitsLoss()
+    opt_d.zero_grad()
+    out_real = D(real)
+    err_real = bce(out_real, torch.ones(len(real)))
+    err_real.backward()
+    fake = G(z)
+    out_fake = D(fake.detach())
+    err_fake = bce(out_fake, torch.zeros(len(real)))
+    err_fake.backward()
+    opt_d.step()
+    opt_g.zero_grad()
+    err_g = bce(D(fake), torch.ones(len(real)))
+    err_g.backward()
+    opt_g.step()
+    return err_real + err_fake, err_g, torch.sigmoid(out_real).mean(), torch.sigmoid(out_fake).mean()
+
+
+def test_train_step_matches_the_textbook_step():
+    ours, ref = _tiny_models(), _tiny_models()
+    real = torch.rand(5, 3, 32, 32) * 2 - 1
+    for step in range(3):
+        z = torch.randn(5, 16)
+        torch.manual_seed(step)  # G's forward draws no randomness, but keep both paths identical
+        got = train_step(*ours, real, z, F.binary_cross_entropy_with_logits)
+        expected = _reference_step(*ref, real, z)
+        assert set(got) == {"loss_d", "loss_g", "d_real", "d_fake"}
+        for value, want in zip(got.values(), expected):
+            assert value.dim() == 0 and not value.requires_grad
+            torch.testing.assert_close(value, want.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in ((ours[0], ref[0]), (ours[1], ref[1])):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(p.requires_grad for p in ours[1].parameters())  # D unfrozen after G's step
+
+
+def test_train_step_never_syncs_with_the_host(monkeypatch):
+    """Any .item()/.tolist()/bool() in the step would be a device sync on CUDA.
+
+    SGD rather than Adam: CPU Adam reads its (host) step counter with .item(), which is not ours.
+    """
+    G, D, _, _ = _tiny_models()
+    opt_g, opt_d = (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (G, D))
+    real, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 16)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync inside train_step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    out = train_step(G, D, opt_g, opt_d, real, z, F.binary_cross_entropy_with_logits)
+    monkeypatch.undo()
+    assert 0 < out["d_real"].item() < 1 and 0 < out["d_fake"].item() < 1
+
+
+def test_train_step_uses_the_given_loss_fn():
+    G, D, opt_g, opt_d = _tiny_models()
+    calls = []
+
+    def loss_fn(logits, target):
+        calls.append(target.tolist())
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    train_step(G, D, opt_g, opt_d, torch.rand(3, 3, 32, 32), torch.randn(3, 16), loss_fn)
+    assert calls == [[1.0] * 3, [0.0] * 3, [1.0] * 3]  # D real, D fake, G
+
+
+# --- backends ----------------------------------------------------------------------------------------
+
+
+def test_backend_table():
+    cpu = torch.device("cpu")
+    name, reason = resolve_backend("auto", cpu)
+    assert name == "eager" and "cpu" in reason
+    assert resolve_backend("eager", cpu) == ("eager", "requested")
+    assert {"eager", "compile"} <= set(BACKENDS)
+    with pytest.raises(ValueError, match="--backend must be one of"):
+        resolve_backend("turbo", cpu)
+    G, D = build_models(32, nz=4, ngf=2, ndf=2)
+    prepared = train.prepare_backend("compile", G, D)
+    assert prepared.G is G and prepared.D is D and prepared.G_run is not G  # compiled wrappers
+    assert list(prepared.G.state_dict()) == list(G.state_dict())
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+
+def test_help_documents_every_flag(capsys):
+    status, out, _ = _cli(["--help"], capsys)
+    assert status == 0
+    for flag in ("--data", "--image-size", "--batch-size", "--steps", "--epochs", "--lr", "--beta1",
+                 "--nz", "--ngf", "--ndf", "--nc", "--seed", "--device", "--backend", "--out",
+                 "--resume", "--sample-every", "--checkpoint-every", "--workers", "--dry-run"):
+        assert flag in out
+
+
+def test_dry_run_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    status, stdout, _ = _cli(["--dry-run", "--out", str(out), "--nc", "1"] + TINY, capsys)
+    assert status == 0
+    assert "backend eager (auto: fastest available on cpu)" in stdout and "done: step 1/1" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"] == "shapes" and config["steps"] == 1 and config["nc"] == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and set(rows[0]) == {"step", "epoch", "loss_d", "loss_g", "d_real", "d_fake",
+                                               "images_per_s", "seconds"}
+    assert (out / "samples" / "real.png").exists() and (out / "samples" / "step_000001.png").exists()
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["version"] == __version__ and ckpt["config"] == config
+    assert set(train.CHECKPOINT_KEYS) <= set(ckpt) and "main.0.weight" in ckpt["G"]
+    assert ckpt["G"]["main.9.weight"].shape == (8, 1, 4, 4)  # --nc 1
+
+
+def _states(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt, {k: ckpt[k] for k in ("G", "D", "opt_g", "opt_d")}
+
+
+def _assert_bitwise_equal(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_is_bitwise_exact(tmp_path, npz):
+    # 32 images / batch 4 = 8 steps per epoch: the run crosses an epoch after the resume point (5)
+    common = ["--data", npz, "--log-every", "1", "--sample-every", "4", "--checkpoint-every", "4"] + TINY
+    assert main(common + ["--steps", "10", "--out", str(tmp_path / "straight")]) == 0
+    assert main(common + ["--steps", "5", "--out", str(tmp_path / "split")]) == 0
+    last = tmp_path / "split" / "checkpoints" / "last.pt"
+    assert main(["--resume", str(last), "--steps", "10"]) == 0  # run flags come from the checkpoint
+
+    straight, a = _states(tmp_path / "straight" / "checkpoints" / "last.pt")
+    split, b = _states(last)
+    assert straight["step"] == split["step"] == 10
+    _assert_bitwise_equal(a, b)
+    _assert_bitwise_equal(straight["noise"], split["noise"])
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss_d"], r["loss_g"], r["d_real"], r["d_fake"]) for r in rows]
+
+    assert losses("straight") == losses("split") and len(losses("split")) == 10
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == [
+        "last.pt", "step_000004.pt", "step_000008.pt"]
+    assert sorted(p.name for p in (tmp_path / "split" / "samples").iterdir()) == [
+        "real.png", "step_000004.png", "step_000005.png", "step_000008.png", "step_000010.png"]
+
+
+def test_epochs_and_resume_auto(tmp_path, npz, capsys):
+    out = str(tmp_path / "run")
+    assert main(["--data", npz, "--epochs", "1", "--out", out] + TINY) == 0
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
+    assert main(["--resume", "auto", "--out", out, "--epochs", "2"] + TINY) == 0
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 16
+    capsys.readouterr()
+    assert main(["--resume", "auto", "--out", out]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_resume_auto_and_output_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parse = lambda *argv: train.parse_args(list(argv))[0]  # noqa: E731
+    assert train.resolve_out_and_resume(parse("--resume", "auto")) == (None, None)  # fresh run
+    for name in ("001", "002"):
+        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / "runs" / name / "checkpoints" / "last.pt").write_bytes(b"x")
+        (tmp_path / "runs" / name / "checkpoints" / "step_000004.pt").write_bytes(b"x")
+    newest = Path("runs/002/checkpoints/last.pt")
+    os.utime(Path("runs/001/checkpoints/last.pt"), (1e9, 1e9))  # 002 is the newest
+    assert train.resolve_out_and_resume(parse("--resume", "auto")) == (Path("runs/002"), newest)
+    assert train.resolve_out_and_resume(parse("--resume", str(newest))) == (Path("runs/002"), newest)
+    with pytest.raises(UsageError, match="already holds a run whose last.pt is not"):
+        train.resolve_out_and_resume(parse("--resume", "runs/002/checkpoints/step_000004.pt"))
+    assert train._next_run_dir() == Path("runs/003") and Path("runs/003").is_dir()
+
+
+# --- bad input: one line, exit 2, nothing lost ------------------------------------------------------
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, npz, capsys):
+    status, _, err = _cli(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], capsys)
+    _assert_one_line_error(status, err, "nope", "no such file or folder", "expected")
+    (tmp_path / "empty").mkdir()
+    status, _, err = _cli(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")], capsys)
+    _assert_one_line_error(status, err, "empty", "no image files")
+    status, _, err = _cli(["--image-size", "48"], capsys)
+    _assert_one_line_error(status, err, "--image-size", "48", "32, 64")
+    status, _, err = _cli(["--batch-size", "0"], capsys)
+    _assert_one_line_error(status, err, "--batch-size", "positive integer")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    status, _, err = _cli(["--resume", str(bad), "--out", str(tmp_path / "o3")], capsys)
+    _assert_one_line_error(status, err, str(bad), "cannot be read")
+
+
+def test_resume_refuses_contradicting_flags_and_keeps_files(tmp_path, npz, capsys):
+    out = tmp_path / "run"
+    assert main(["--data", npz, "--steps", "2", "--out", str(out)] + TINY) == 0
+    last = out / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    capsys.readouterr()
+    status, _, err = _cli(["--resume", str(last), "--ngf", "16", "--steps", "4"], capsys)
+    _assert_one_line_error(status, err, "--ngf 16", "checkpoint's 8")
+    status, _, err = _cli(["--data", npz, "--out", str(out)] + TINY, capsys)  # would overwrite
+    _assert_one_line_error(status, err, str(out), "already holds a run", "--resume")
+    assert last.read_bytes() == before
+
+
+def test_shape_mismatch_between_checkpoint_and_model(tmp_path, npz, capsys):
+    out = tmp_path / "run"
+    assert main(["--data", npz, "--steps", "1", "--out", str(out)] + TINY) == 0
+    last = out / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["ngf"] = 16  # a config that no longer matches the stored weights
+    torch.save(ckpt, tmp_path / "edited.pt")
+    capsys.readouterr()
+    status, _, err = _cli(["--resume", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "o")], capsys)
+    _assert_one_line_error(status, err, "edited.pt", "main.0.weight", "shape")
+
+
+# --- failures during training ------------------------------------------------------------------------
+
+
+def _backend_with_loss(loss_fn):
+    return Backend("eager", "test", lambda G, D: Prepared(G, D, G, D, loss_fn), lambda device: None)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, npz, capsys, monkeypatch):
+    out = tmp_path / "run"
+    common = ["--data", npz, "--out", str(out), "--log-every", "1"] + TINY
+    assert main(common + ["--steps", "2"]) == 0
+    last = out / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+
+    def exploding(logits, target):
+        return F.binary_cross_entropy_with_logits(logits, target) * float("nan")
+
+    monkeypatch.setitem(BACKENDS, "eager", _backend_with_loss(exploding))
+    capsys.readouterr()
+    assert main(["--resume", str(last), "--steps", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss in steps 3..3" in err and f"{last}, was not overwritten" in err
+    assert last.read_bytes() == before
+
+
+def test_ctrl_c_checkpoints_and_exits_130(tmp_path, npz, capsys, monkeypatch):
+    calls = []
+
+    def interrupted_at_step_3(logits, target):  # 3 loss calls per step
+        calls.append(1)
+        if len(calls) == 3 * 3:
+            signal.raise_signal(signal.SIGINT)  # a real SIGINT, delivered to this process
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    monkeypatch.setitem(BACKENDS, "eager", _backend_with_loss(interrupted_at_step_3))
+    out = tmp_path / "run"
+    status, _, err = _cli(["--data", npz, "--steps", "50", "--out", str(out)] + TINY, capsys)
+    assert status == 130
+    last = out / "checkpoints" / "last.pt"
+    assert f"resume with: python -m aigc_fast.train --resume {last}" in err
+    assert torch.load(last, weights_only=True)["step"] == 3  # stopped at the step boundary
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
