@@ -267,14 +267,21 @@ class BatchOrder:
 
     Full batches only (BatchNorm statistics of a 3-image tail batch would be noise). Because the
     order depends on nothing but (seed, epoch), resuming at step s needs only s itself.
+
+    With several processes (``world_size``) a step's global batch is the next world_size *
+    batch_size images of the permutation and ``rank`` takes the rank-th batch_size of them: the
+    shards are disjoint, and the order depends on the global batch only, not on how it is split.
     """
 
-    def __init__(self, n, batch_size, seed):
-        if batch_size > n:
-            raise UsageError(f"--batch-size {batch_size} is larger than the data set ({n} images); "
-                             f"expected at most {n}")
+    def __init__(self, n, batch_size, seed, rank=0, world_size=1):
+        global_batch = batch_size * world_size
+        if global_batch > n:
+            what = f"{batch_size}" if world_size == 1 else f"{batch_size} x {world_size} processes"
+            raise UsageError(f"--batch-size {what} is larger than the data set ({n} images); "
+                             f"expected at most {n} in all")
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.steps_per_epoch = n // batch_size
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = n // global_batch
 
     def permutation(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -288,7 +295,8 @@ class BatchOrder:
             if device.type == "cuda":  # one pinned, non-blocking copy per epoch: no host sync
                 perm = perm.pin_memory().to(device, non_blocking=True)
             for b in range(offset, self.steps_per_epoch):
-                yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+                start = (b * self.world_size + self.rank) * self.batch_size
+                yield perm[start:start + self.batch_size]
             epoch, offset = epoch + 1, 0
 
 

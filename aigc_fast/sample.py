@@ -5,6 +5,7 @@ PNG writer on pillow, so torchvision is not a dependency).
 """
 import math
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint, load_state_checked
 from .cli import ArgumentParser, UsageError, positive_int, resolve_device, run_main
+from .ema import EMA_KEY
 from .models import Generator
 
 
@@ -44,17 +46,40 @@ def save_grid(images, path, nrow=None):
     save_png(make_grid(to_uint8(images), nrow), path)
 
 
-def load_generator(path, device):
-    """The Generator of a training checkpoint, in eval mode on ``device``."""
-    state = load_checkpoint(path, required=("G", "config"))
+def generator_key(state, ema=True):
+    """Which generator of a checkpoint to use: its EMA weights (``"G_ema"``) when asked for and
+    present (runs trained with ``--ema 0`` have none), else the trained weights (``"G"``)."""
+    return EMA_KEY if ema and EMA_KEY in state else "G"
+
+
+def generator_from_state(state, path, key):
+    """The Generator stored under ``key`` of a loaded checkpoint ``state`` (read from ``path``)."""
     cfg = state["config"]
     try:
         G = Generator(cfg["image_size"], cfg["nz"], cfg["ngf"], cfg["nc"])
     except (KeyError, TypeError, ValueError) as err:
         raise UsageError(f"checkpoint {path}: its config cannot build a Generator ({err}); expected "
                          "a checkpoint written by aigc_fast.train")
-    load_state_checked(G, state["G"], f"checkpoint {path}")
-    return G.to(device).eval()
+    load_state_checked(G, state[key], f"checkpoint {path} ({key})")
+    return G
+
+
+def load_generator(path, device, ema=True):
+    """The Generator of a training checkpoint (see :func:`generator_key`), in eval mode on ``device``."""
+    state = load_checkpoint(path, required=("G", "config"))
+    return generator_from_state(state, path, generator_key(state, ema)).to(device).eval()
+
+
+@contextmanager
+def eval_mode(module):
+    """Run ``module`` in eval mode (BatchNorm uses, and does not update, its running statistics),
+    then put back the mode it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 @torch.no_grad()
@@ -82,13 +107,16 @@ def build_parser():
                    help="images generated per forward pass (default 256)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run the Generator (default: cuda if available)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the trained weights G, not their moving average G_ema (the default "
+                        "when the checkpoint has one)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
-    G = load_generator(args.checkpoint, device)
+    G = load_generator(args.checkpoint, device, ema=not args.no_ema)
     if args.out:
         images = torch.cat([b.cpu() for b in generate(G, args.n, args.seed, args.batch_size, device)])
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -3,10 +3,13 @@
 The hot path is :func:`train_step` (one non-saturating GAN step, no host sync); the backend seam
 :data:`BACKENDS` prepares the models and the loss for "eager" or "compile" (and later "fused").
 The loop is small parts around it: :func:`setup` (data, models, backend, resume),
-:func:`log_metrics`, :func:`write_samples`, :func:`write_checkpoint`, and :func:`fit`.
+:func:`log_metrics`, :func:`write_samples`, :func:`evaluate`, :func:`write_checkpoint`, and
+:func:`fit`. The EMA of G (:mod:`aigc_fast.ema`) is updated after every step and is the generator
+of the samples and the SWD evaluations (:mod:`aigc_fast.eval`).
 
-A run folder holds config.json, metrics.jsonl (one row per --log-every steps), samples/real.png,
-samples/step_NNNNNN.png (fixed noise) and checkpoints/last.pt + step_NNNNNN.pt.
+A run folder holds config.json, metrics.jsonl (one row per --log-every steps, plus one row with
+"swd" per evaluation), samples/real.png, samples/step_NNNNNN.png (fixed noise),
+checkpoints/last.pt + step_NNNNNN.pt and curves.png (with matplotlib).
 """
 import importlib.util
 import json
@@ -32,9 +35,16 @@ from .checkpoint import (load_checkpoint, load_state_checked, rng_states, save_c
                          set_rng_states, write_bytes_atomic)
 from .cli import (EXIT_INTERRUPTED, ArgumentParser, UsageError, positive_float, positive_int,
                   resolve_device, run_main)
+from .functional import bce_with_logits, triton_can_run
+from .curves import write_curves
 from .data import SHAPES, BatchOrder, batch_stream, load_images, to_model_range
+from .distributed import DEFAULT_TIMEOUT_S, World, convert_sync_bn, init_world
+from .ema import DEFAULT_DECAY, EMA, EMA_KEY
+from .eval import Evaluator
+from .metrics import DEFAULT_N
 from .models import SUPPORTED_IMAGE_SIZES, build_models
-from .sample import save_grid
+from .nn import fuse
+from .sample import eval_mode, save_grid
 
 
 def _set_requires_grad(module, flag):
@@ -108,6 +118,22 @@ def _prepare_compile(G, D):
     return Prepared(G, D, torch.compile(G), torch.compile(D), F.binary_cross_entropy_with_logits)
 
 
+def _prepare_fused(G, D):
+    """Our Triton kernels: fuse() makes G's ConvTranspose2d -> BatchNorm2d -> ReLU runs one fused op
+    (the modules and state_dict keys stay as they are, so checkpoints are the eager ones), and the
+    loss is the fused sigmoid + BCE."""
+    fuse(G)
+    fuse(D)
+    return Prepared(G, D, G, D, bce_with_logits)
+
+
+def _fused_unavailable(device):
+    if triton_can_run(device):
+        return None
+    return ("our Triton kernels need CUDA (or TRITON_INTERPRET=1 set before start-up, which runs "
+            "them slowly on the CPU)")
+
+
 def _always(device):
     return None
 
@@ -125,19 +151,23 @@ BACKENDS = {
                 _prepare_eager, _always),
         Backend("compile", "torch.compile of G and D (inductor)", _prepare_compile,
                 _compile_unavailable),
+        Backend("fused", "our Triton kernels: aigc_fast.fuse(G, D) and the fused BCE loss",
+                _prepare_fused, _fused_unavailable),
     )
 }
-# Fastest first, per device type. On CPU torch.compile's one-off compile costs more than it saves
-# over a short run, so auto stays eager there.
-AUTO_ORDER = {"cuda": ("compile", "eager"), "cpu": ("eager",)}
+# What --backend auto tries, in order, per device type. On CUDA our fused kernels first. On CPU they
+# only run interpreted (slowly), and torch.compile's one-off compile costs more than it saves over a
+# short run, so auto stays eager there.
+AUTO_ORDER = {"cuda": ("fused", "compile", "eager"), "cpu": ("eager",)}
 
 
 def resolve_backend(name, device):
     """Turn ``--backend`` into (backend name, why it was chosen); raises ValueError if it cannot run."""
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("eager",)):
+        order = AUTO_ORDER.get(device.type, ("eager",))
+        for candidate in order:
             if BACKENDS[candidate].unavailable(device) is None:
-                return candidate, f"auto: fastest available on {device.type}"
+                return candidate, f"auto: first available of {'/'.join(order)} on {device.type}"
         raise AssertionError("eager is always available")
     if name not in BACKENDS:
         raise ValueError(f"--backend must be one of {('auto',) + tuple(BACKENDS)}, got {name!r}")
@@ -155,11 +185,12 @@ def prepare_backend(name, G, D):
 # --- command line -----------------------------------------------------------------------------------
 
 DEFAULT_STEPS = 1000  # the no-argument run: measured to finish in minutes on a 2-core CPU
+DEFAULT_EVAL_EVERY = 500  # SWD at n = DEFAULT_N costs ~15 s on 2 CPU cores: the default run does 3
 # Settings that define a run: a resumed run takes them from its checkpoint, and a flag that
 # contradicts the checkpoint is an error (resuming continues that run; it cannot change its model).
 RUN_KEYS = ("data", "image_size", "nz", "ngf", "ndf", "nc", "batch_size", "lr", "beta1", "seed")
 # Settings a resumed run also keeps from its checkpoint unless a flag changes them.
-KEPT_KEYS = ("sample_every", "checkpoint_every", "log_every")
+KEPT_KEYS = ("sample_every", "checkpoint_every", "log_every", "ema", "eval_every", "eval_n")
 METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
 SAMPLE_COUNT = 64  # images in each sample grid
 CHECKPOINT_FORMAT = "aigc_fast.dcgan/1"
@@ -190,7 +221,8 @@ def build_parser():
         help="image side in pixels: 32 (our 4-layer DCGAN) or 64 (the pytorch/examples DCGAN) "
              "(default %(default)s)")
     add("--batch-size", type=positive_int, default=64, metavar="N",
-        help="images per step (default %(default)s)")
+        help="images per step and per process: under torchrun the global batch is N x the number "
+             "of processes (default %(default)s)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, metavar="N",
                         help=f"total training steps of the run, counting steps done before a "
@@ -211,6 +243,12 @@ def build_parser():
     add("--backend", choices=("auto",) + tuple(BACKENDS), default="auto",
         help="how the step runs: " + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values())
              + " (default auto: the fastest available on the device)")
+    add("--sync-bn", action="store_true",
+        help="under torchrun with more than one process: BatchNorm statistics of the global batch "
+             "(synchronised across processes) instead of each process's own; eager backend only")
+    add("--dist-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others in a collective before it "
+             "fails, so a dead or stuck process ends the whole job (default %(default)s)")
     add("--out", metavar="DIR", help="output folder (default: a new numbered folder under runs/)")
     add("--resume", metavar="PATH|auto",
         help="continue from a checkpoint; 'auto' takes checkpoints/last.pt of --out (or of the "
@@ -225,6 +263,18 @@ def build_parser():
              "these the loop never waits for the device (default %(default)s)")
     add("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
         help="processes that decode image files of a --data folder (default %(default)s)")
+    add("--ema", type=_beta, default=DEFAULT_DECAY, metavar="DECAY",
+        help="keep an exponential moving average of G's weights with this decay (its half-life "
+             "ramps up over the run, as in StyleGAN2-ADA) and use it for samples and --eval-every; "
+             "stored in checkpoints as G_ema; 0 turns it off (default %(default)s)")
+    add("--eval-every", type=int, default=DEFAULT_EVAL_EVERY, metavar="N",
+        help="append the SWD of the EMA generator (or G with --ema 0) to metrics.jsonl at the "
+             "start, every N steps and at the end; 0 turns it off; never in --dry-run (default "
+             "%(default)s; one evaluation of the default run takes ~15 s on a 2-core CPU)")
+    add("--eval-n", type=positive_int, default=DEFAULT_N, metavar="N",
+        help="images per side of each SWD evaluation, capped at the data set's size; SWD depends on "
+             "it, so compare only figures made with the same n (default %(default)s, as "
+             "python -m aigc_fast.eval)")
     add("--dry-run", action="store_true",
         help="run a single step and write every output (a smoke test)")
     return p
@@ -239,6 +289,8 @@ def parse_args(argv=None):
                 if k in RUN_KEYS + KEPT_KEYS and v is not None}
     if args.workers < 0:
         raise UsageError(f"--workers {args.workers}: expected 0 or more")
+    if args.eval_every < 0:
+        raise UsageError(f"--eval-every {args.eval_every}: expected 0 (off) or more")
     return args, explicit
 
 
@@ -259,11 +311,15 @@ class Run:
     opt_d: torch.optim.Optimizer
     noise: torch.Generator
     fixed_noise: torch.Tensor
+    world: World  # this process's rank among torchrun's processes (rank 0 of 1 without torchrun)
     step: int = 0
     seconds_before: float = 0.0  # training time spent before this process (resumed runs)
     data_desc: str = ""
     backend_reason: str = ""
     last_checkpoint: Optional[Path] = None
+    ema: Optional[EMA] = None  # the moving average of G (--ema), the generator samples and SWD use
+    eval_every: int = 0  # --eval-every, 0 in a --dry-run
+    evaluator: Optional[Evaluator] = None  # made at the first evaluation (describes the real set)
 
 
 def _next_run_dir(root=Path("runs")):
@@ -329,7 +385,8 @@ def make_config(args, explicit, saved):
                                  f"{saved.get(key)!r}; expected the run's own settings (drop the flag "
                                  "or start a new run)")
             cfg[key] = saved[key]
-        cfg.update({k: saved[k] for k in KEPT_KEYS if k not in explicit})
+        # a checkpoint older than a KEPT_KEY (e.g. ema) takes that flag's default
+        cfg.update({k: saved[k] for k in KEPT_KEYS if k not in explicit and k in saved})
     return cfg
 
 
@@ -341,23 +398,36 @@ def total_steps(args, saved, steps_per_epoch, start_step):
     return args.steps or (saved["steps"] if saved else DEFAULT_STEPS)
 
 
-def setup(args, explicit):
-    """Resolve the device, data, models, backend, optimisers and output folder of a run."""
-    device = resolve_device(args.device)
+def setup(args, explicit, world=None):
+    """Resolve the device, data, models, backend, optimisers and output folder of a run.
+
+    ``world``: this process's place under torchrun (:func:`aigc_fast.distributed.init_world`);
+    None for a single process on --device.
+    """
+    world = world or World(resolve_device(args.device))
+    device = world.device
     out, resume = resolve_out_and_resume(args)
     ckpt = load_checkpoint(resume, required=CHECKPOINT_KEYS) if resume else None
-    saved = ckpt["config"] if ckpt else None
+    # a resumed run keeps its global batch, whatever the number of processes now
+    saved = world.per_process_config(ckpt["config"], f"checkpoint {resume}") if ckpt else None
     cfg = make_config(args, explicit, saved)
     try:
         backend, backend_reason = resolve_backend(args.backend, device)
     except ValueError as err:
         raise UsageError(str(err))
+    sync_bn = args.sync_bn and world.enabled  # one process: BatchNorm2d is already synchronised
+    if sync_bn and backend != "eager":
+        if args.backend != "auto":
+            raise UsageError(f"--sync-bn runs on the eager backend only; got --backend {backend} "
+                             "(expected --backend eager or auto)")
+        backend, backend_reason = "eager", "auto: --sync-bn runs on eager"
 
     images, data_desc = load_images(cfg["data"], cfg["image_size"], cfg["nc"], args.workers)
-    order = BatchOrder(len(images), cfg["batch_size"], cfg["seed"])
+    order = BatchOrder(len(images), cfg["batch_size"], cfg["seed"], world.rank, world.world_size)
     start = ckpt["step"] if ckpt else 0
     cfg.update(steps=total_steps(args, saved, order.steps_per_epoch, start), backend=backend,
                device=device.type, workers=args.workers, version=__version__)
+    cfg.update(world_size=world.world_size, sync_bn=sync_bn)
 
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2**32)
@@ -368,15 +438,22 @@ def setup(args, explicit):
         load_state_checked(D, ckpt["D"], f"checkpoint {resume} (D)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if sync_bn:
+        for module in (G, D):
+            convert_sync_bn(module)
     model = prepare_backend(backend, G.to(device), D.to(device))
+    # DistributedDataParallel around what the step runs; the checkpoint keeps saving model.G/D
+    model.G_run, model.D_run = world.wrap(model.G_run), world.wrap(model.D_run)
     betas = (cfg["beta1"], 0.999)
     opt_g = torch.optim.Adam(model.G.parameters(), lr=cfg["lr"], betas=betas)
     opt_d = torch.optim.Adam(model.D.parameters(), lr=cfg["lr"], betas=betas)
     noise = torch.Generator(device).manual_seed(cfg["seed"] + 1)
     fixed_noise = torch.randn(SAMPLE_COUNT, cfg["nz"],
                               generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
-    run = Run(cfg, out, device, images, order, model, opt_g, opt_d, noise, fixed_noise,
-              data_desc=data_desc, backend_reason=backend_reason)
+    ema = EMA(model.G, cfg["ema"]) if cfg["ema"] else None
+    run = Run(cfg, out, device, images, order, model, opt_g, opt_d, noise, fixed_noise, world,
+              data_desc=data_desc, backend_reason=backend_reason, ema=ema,
+              eval_every=0 if args.dry_run else cfg["eval_every"])
     if ckpt:
         restore(run, ckpt, resume)
     return run
@@ -389,6 +466,11 @@ def restore(run, ckpt, path):
     run.step = ckpt["step"]
     run.seconds_before = ckpt.get("seconds", 0.0)
     run.last_checkpoint = path
+    if run.ema is not None and EMA_KEY in ckpt:
+        load_state_checked(run.ema.module, ckpt[EMA_KEY], f"checkpoint {path} ({EMA_KEY})")
+    elif run.ema is not None:
+        print(f"note: checkpoint {path} has no {EMA_KEY} (trained with --ema 0); the moving "
+              f"average starts from G at step {run.step}")
     if ckpt["noise"]["device"] == run.device.type:
         run.noise.set_state(ckpt["noise"]["state"])
     else:
@@ -426,10 +508,14 @@ class Diverged(Exception):
 
 
 class Meter:
-    """Sums the step metrics on the device; reads them back (one host sync) only at log time."""
+    """Sums the step metrics on the device; reads them back (one host sync) only at log time.
 
-    def __init__(self):
+    ``world``: under torchrun each read averages the sums over the processes (one all-reduce).
+    """
+
+    def __init__(self, world=None):
         self.sums, self.count, self.t0 = None, 0, time.perf_counter()
+        self.world = world
 
     def add(self, metrics):
         values = torch.stack([metrics[k] for k in METRIC_KEYS])
@@ -440,11 +526,16 @@ class Meter:
         """Means since the last read and images/s, or None if no step was added."""
         if not self.count:
             return None
-        means = dict(zip(METRIC_KEYS, (self.sums / self.count).tolist()))
+        sums = self.sums if self.world is None else self.world.mean(self.sums)
+        means = dict(zip(METRIC_KEYS, (sums / self.count).tolist()))
         elapsed = time.perf_counter() - self.t0
         result = (means, self.count, elapsed)
         self.sums, self.count, self.t0 = None, 0, time.perf_counter()
         return result
+
+    def skip(self, seconds):
+        """Leave ``seconds`` spent on something else (an evaluation) out of the images/s."""
+        self.t0 += seconds
 
 
 def log_metrics(run, meter, bar, t_start):
@@ -457,24 +548,59 @@ def log_metrics(run, meter, bar, t_start):
         raise Diverged(f"non-finite loss in steps {run.step - count + 1}..{run.step} ("
                        + ", ".join(f"{k}={v:.4g}" for k, v in means.items()) + ")")
     row = {"step": run.step, "epoch": round(run.step / run.order.steps_per_epoch, 4), **means,
-           "images_per_s": count * run.cfg["batch_size"] / elapsed,
+           "images_per_s": count * run.cfg["batch_size"] * run.world.world_size / elapsed,
            "seconds": run.seconds_before + time.perf_counter() - t_start}
-    with open(run.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    if run.world.is_main:  # every rank took part in the average; rank 0 alone writes it
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
     bar.set_postfix_str(f"loss_d {means['loss_d']:.3f} loss_g {means['loss_g']:.3f} "
                         f"D(x) {means['d_real']:.2f} D(G(z)) {means['d_fake']:.2f} "
                         f"{row['images_per_s']:.0f} img/s", refresh=False)
 
 
+def sampling_generator(run):
+    """The generator samples and SWD come from: the moving average if --ema is on, else G."""
+    return run.ema.module if run.ema is not None else run.model.G
+
+
 @torch.no_grad()
 def write_samples(run):
     """samples/step_NNNNNN.png from the fixed noise, G in eval mode (no state changes)."""
-    G = run.model.G
-    G.eval()
     path = run.out / "samples" / f"step_{run.step:06d}.png"
-    save_grid(G(run.fixed_noise), path)
-    G.train()
+    with eval_mode(sampling_generator(run)) as G:
+        save_grid(G(run.fixed_noise), path)
     return path
+
+
+def evaluate(run, bar, meter):
+    """Append the SWD of the sampling generator (against a fixed real subset, described at the
+    first call) to metrics.jsonl; returns the seconds it took, which ``meter``'s images/s skips."""
+    t0 = time.perf_counter()
+    if run.evaluator is None:
+        run.evaluator = Evaluator(run.images, run.cfg["eval_n"], run.device)
+        if run.evaluator.n < run.cfg["eval_n"]:
+            bar.write(f"note: SWD uses n = {run.evaluator.n} images a side: --eval-n "
+                      f"{run.cfg['eval_n']} capped at the data set's size")
+    scores = run.evaluator(sampling_generator(run))
+    seconds = time.perf_counter() - t0
+    row = {"step": run.step, "epoch": round(run.step / run.order.steps_per_epoch, 4), "swd": scores,
+           "swd_n": run.evaluator.n, "generator": EMA_KEY if run.ema is not None else "G",
+           "eval_seconds": round(seconds, 2)}
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    levels = ", ".join(f"{k} px {v:.1f}" for k, v in scores.items() if k != "mean")
+    bar.write(f"step {run.step}: SWD x1e3 of {row['generator']} {scores['mean']:.1f} ({levels}; "
+              f"n = {run.evaluator.n}, {seconds:.0f} s)")
+    meter.skip(seconds)
+    return seconds
+
+
+def draw_curves(run):
+    """curves.png of the run folder, or the one line that says how to get it."""
+    try:
+        return f"curves {write_curves(run.out)}"
+    except UsageError as err:  # matplotlib is not installed (or nothing was logged yet)
+        return f"note: {err}"
 
 
 def checkpoint_state(run, seconds):
@@ -484,6 +610,7 @@ def checkpoint_state(run, seconds):
         "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(),
         "noise": {"device": run.device.type, "state": run.noise.get_state()},
         "rng": rng_states(), "config": run.cfg,
+        **({EMA_KEY: run.ema.state_dict()} if run.ema is not None else {}),
     }
 
 
@@ -492,6 +619,8 @@ def write_checkpoint(run, seconds, periodic=False):
     params = [p for m in (run.model.G, run.model.D) for p in m.parameters()]
     if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
         raise Diverged(f"non-finite weights at step {run.step}")
+    if not run.world.is_main:  # the weights are the same on every rank (checked above on each)
+        return None
     folder = run.out / "checkpoints"
     paths = [folder / "last.pt"] + ([folder / f"step_{run.step:06d}.pt"] if periodic else [])
     save_checkpoint(checkpoint_state(run, seconds), *paths)
@@ -523,7 +652,7 @@ def start_line(run):
     c = run.cfg
     return (f"aigc_fast {__version__}: DCGAN {c['image_size']}px on {run.data_desc} | device "
             f"{run.device.type} | backend {c['backend']} ({run.backend_reason}) | steps "
-            f"{run.step}->{c['steps']} x batch {c['batch_size']} | out {run.out}")
+            f"{run.step}->{c['steps']} x {run.world.describe_batch(c['batch_size'])} | out {run.out}")
 
 
 def fit(run):
@@ -531,56 +660,89 @@ def fit(run):
     c = run.cfg
     total, p = c["steps"], run.model
     stream = batch_stream(run.images, run.order, run.step, run.device)
-    meter, start_step, t_start = Meter(), run.step, time.perf_counter()
+    meter, start_step, t_start = Meter(run.world), run.step, time.perf_counter()
+    main_rank = run.world.is_main  # under torchrun only rank 0 samples, evaluates and prints
+    eval_seconds = 0.0
 
     def seconds():
         return run.seconds_before + time.perf_counter() - t_start
 
     with GracefulInterrupt() as interrupt, tqdm(total=total, initial=run.step, unit="step",
-                                                  dynamic_ncols=True) as bar:
-        while run.step < total and not interrupt.requested:
+                                                  dynamic_ncols=True, disable=not main_rank) as bar:
+        if run.eval_every and run.step == 0 and main_rank:  # the untrained G: where SWD starts
+            eval_seconds += evaluate(run, bar, meter)
+        stop = run.world.agree_to_stop(interrupt.requested, at_log_step=True)
+        while run.step < total and not stop:
             real = to_model_range(next(stream))
-            z = torch.randn(c["batch_size"], c["nz"], device=run.device, generator=run.noise)
+            # every rank draws the global batch's noise and keeps its own rows
+            z = run.world.shard(torch.randn(run.world.world_size * c["batch_size"], c["nz"],
+                                            device=run.device, generator=run.noise))
             meter.add(train_step(p.G_run, p.D_run, run.opt_g, run.opt_d, real, z, p.loss_fn))
             run.step += 1
+            if run.ema is not None:
+                run.ema.update(run.step)
             bar.update(1)
             end = run.step == total
             periodic = run.step % c["checkpoint_every"] == 0
-            if end or periodic or run.step % c["log_every"] == 0:
+            logged = end or periodic or run.step % c["log_every"] == 0
+            if logged:
                 log_metrics(run, meter, bar, t_start)
-            if end or run.step % c["sample_every"] == 0:
+            if main_rank and (end or run.step % c["sample_every"] == 0):
                 write_samples(run)
+            if main_rank and run.eval_every and (end or run.step % run.eval_every == 0):
+                eval_seconds += evaluate(run, bar, meter)
             if end or periodic:
                 write_checkpoint(run, seconds(), periodic=periodic)
-        if interrupt.requested:
+            stop = run.world.agree_to_stop(interrupt.requested, logged)
+        if stop:
             log_metrics(run, meter, bar, t_start)
             path = write_checkpoint(run, seconds())
-    if interrupt.requested:
+    if not main_rank:
+        return EXIT_INTERRUPTED if stop else 0
+    print(draw_curves(run))
+    if stop:
         print(f"interrupted at step {run.step}/{total}; checkpoint saved to {path}\n"
               f"resume with: python -m aigc_fast.train --resume {path}", file=sys.stderr)
         return EXIT_INTERRUPTED
     elapsed = time.perf_counter() - t_start
-    rate = (run.step - start_step) * c["batch_size"] / elapsed
-    print(f"done: step {run.step}/{total}, {elapsed:.1f} s in this run ({rate:.0f} images/s) | samples "
+    rate = (run.step - start_step) * c["batch_size"] * run.world.world_size / (elapsed - eval_seconds)
+    evals = f", {eval_seconds:.1f} s of it SWD evaluation" if eval_seconds else ""
+    print(f"done: step {run.step}/{total}, {elapsed:.1f} s in this run{evals} ({rate:.0f} images/s "
+          f"of training) | samples "
           f"{run.out / 'samples' / f'step_{run.step:06d}.png'} | checkpoint {run.last_checkpoint}")
     return 0
 
 
 def main(argv=None):
     args, explicit = parse_args(argv)
-    run = setup(args, explicit)
+    world = init_world(args.device, args.dist_timeout)  # a process group only under torchrun
+    finished = False
+    try:
+        status = run_training(args, explicit, world)
+        finished = True
+        return status
+    finally:  # no barrier: a failed or interrupted rank must not wait for peers that may be gone
+        world.shutdown(clean=finished)
+
+
+def run_training(args, explicit, world):
+    """Set up and fit a run; the exit status. Under torchrun rank 0 alone prints and writes."""
+    run = setup(args, explicit, world)
     if run.step >= run.cfg["steps"]:
-        print(f"nothing to do: the checkpoint is at step {run.step} and the run's total is "
-              f"{run.cfg['steps']} (pass a larger --steps to train further)")
+        if world.is_main:
+            print(f"nothing to do: the checkpoint is at step {run.step} and the run's total is "
+                  f"{run.cfg['steps']} (pass a larger --steps to train further)")
         return 0
-    prepare_outputs(run)
-    print(start_line(run), flush=True)
+    if world.is_main:
+        prepare_outputs(run)
+        print(start_line(run), flush=True)
     try:
         return fit(run)
     except Diverged as err:
         where = (f"the last good checkpoint, {run.last_checkpoint}, was not overwritten"
                  if run.last_checkpoint else "no checkpoint was written")
-        print(f"aigc_fast.train: stopped: {err}; {where}; a lower --lr may help", file=sys.stderr)
+        if world.is_main:  # the metrics and weights it checked are the same on every rank
+            print(f"aigc_fast.train: stopped: {err}; {where}; a lower --lr may help", file=sys.stderr)
         return 1
 
 

@@ -143,7 +143,8 @@ def test_help_documents_every_flag(capsys):
     assert status == 0
     for flag in ("--data", "--image-size", "--batch-size", "--steps", "--epochs", "--lr", "--beta1",
                  "--nz", "--ngf", "--ndf", "--nc", "--seed", "--device", "--backend", "--out",
-                 "--resume", "--sample-every", "--checkpoint-every", "--workers", "--dry-run"):
+                 "--resume", "--sample-every", "--checkpoint-every", "--workers", "--dry-run",
+                 "--ema", "--eval-every", "--eval-n"):
         assert flag in out
 
 
@@ -151,7 +152,7 @@ def test_dry_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     status, stdout, _ = _cli(["--dry-run", "--out", str(out), "--nc", "1"] + TINY, capsys)
     assert status == 0
-    assert "backend eager (auto: fastest available on cpu)" in stdout and "done: step 1/1" in stdout
+    assert "backend eager (auto: first available of eager on cpu)" in stdout and "done: step 1/1" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["data"] == "shapes" and config["steps"] == 1 and config["nc"] == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -166,7 +167,7 @@ def test_dry_run_writes_every_output(tmp_path, capsys):
 
 def _states(path):
     ckpt = torch.load(path, weights_only=True)
-    return ckpt, {k: ckpt[k] for k in ("G", "D", "opt_g", "opt_d")}
+    return ckpt, {k: ckpt[k] for k in ("G", "D", "opt_g", "opt_d", "G_ema")}
 
 
 def _assert_bitwise_equal(a, b, where=""):
@@ -186,7 +187,8 @@ def _assert_bitwise_equal(a, b, where=""):
 
 def test_resume_is_bitwise_exact(tmp_path, npz):
     # 32 images / batch 4 = 8 steps per epoch: the run crosses an epoch after the resume point (5)
-    common = ["--data", npz, "--log-every", "1", "--sample-every", "4", "--checkpoint-every", "4"] + TINY
+    common = ["--data", npz, "--log-every", "1", "--sample-every", "4", "--checkpoint-every", "4",
+              "--eval-every", "3", "--eval-n", "16"] + TINY
     assert main(common + ["--steps", "10", "--out", str(tmp_path / "straight")]) == 0
     assert main(common + ["--steps", "5", "--out", str(tmp_path / "split")]) == 0
     last = tmp_path / "split" / "checkpoints" / "last.pt"
@@ -198,11 +200,19 @@ def test_resume_is_bitwise_exact(tmp_path, npz):
     _assert_bitwise_equal(a, b)
     _assert_bitwise_equal(straight["noise"], split["noise"])
 
+    def rows(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
     def losses(run):
-        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss_d"], r["loss_g"], r["d_real"], r["d_fake"]) for r in rows]
+        return [(r["step"], r["loss_d"], r["loss_g"], r["d_real"], r["d_fake"])
+                for r in rows(run) if "loss_d" in r]
+
+    def swd(run):  # the EMA generator's scores, evaluated at 0, 3, 6, 9 and the end (and 5: split)
+        return {r["step"]: r["swd"] for r in rows(run) if "swd" in r}
 
     assert losses("straight") == losses("split") and len(losses("split")) == 10
+    assert list(swd("straight")) == [0, 3, 6, 9, 10] and list(swd("split")) == [0, 3, 5, 6, 9, 10]
+    assert swd("straight") == {k: v for k, v in swd("split").items() if k != 5}
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == [
         "last.pt", "step_000004.pt", "step_000008.pt"]
     assert sorted(p.name for p in (tmp_path / "split" / "samples").iterdir()) == [
