@@ -59,6 +59,7 @@ def run_main(main, argv=None, prog="aigc_fast"):
 
     Warnings print as one ``prog: warning: ...`` line too: a CLI user has no use for source lines.
     """
+    previous_format = warnings.formatwarning  # restored: callers in-process (tests) keep theirs
     warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
     try:
         status = main(argv)
@@ -68,4 +69,6 @@ def run_main(main, argv=None, prog="aigc_fast"):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         status = EXIT_INTERRUPTED
+    finally:
+        warnings.formatwarning = previous_format
     sys.exit(status or 0)
