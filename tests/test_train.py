@@ -16,6 +16,7 @@ from aigc_fast.models import build_models
 from aigc_fast.train import BACKENDS, Backend, Prepared, main, resolve_backend, train_step
 
 TINY = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "4", "--workers", "0"]
+NO_EVAL = ["--eval-every", "0"]  # for runs whose test is not about the SWD evaluation (seconds each)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +222,7 @@ def test_resume_is_bitwise_exact(tmp_path, npz):
 
 def test_epochs_and_resume_auto(tmp_path, npz, capsys):
     out = str(tmp_path / "run")
-    assert main(["--data", npz, "--epochs", "1", "--out", out] + TINY) == 0
+    assert main(["--data", npz, "--epochs", "1", "--out", out] + TINY + NO_EVAL) == 0
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
     assert main(["--resume", "auto", "--out", out, "--epochs", "2"] + TINY) == 0
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 16
@@ -268,7 +269,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, npz, capsys):
 
 def test_resume_refuses_contradicting_flags_and_keeps_files(tmp_path, npz, capsys):
     out = tmp_path / "run"
-    assert main(["--data", npz, "--steps", "2", "--out", str(out)] + TINY) == 0
+    assert main(["--data", npz, "--steps", "2", "--out", str(out)] + TINY + NO_EVAL) == 0
     last = out / "checkpoints" / "last.pt"
     before = last.read_bytes()
     capsys.readouterr()
@@ -281,7 +282,7 @@ def test_resume_refuses_contradicting_flags_and_keeps_files(tmp_path, npz, capsy
 
 def test_shape_mismatch_between_checkpoint_and_model(tmp_path, npz, capsys):
     out = tmp_path / "run"
-    assert main(["--data", npz, "--steps", "1", "--out", str(out)] + TINY) == 0
+    assert main(["--data", npz, "--steps", "1", "--out", str(out)] + TINY + NO_EVAL) == 0
     last = out / "checkpoints" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
     ckpt["config"]["ngf"] = 16  # a config that no longer matches the stored weights
@@ -300,7 +301,7 @@ def _backend_with_loss(loss_fn):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, npz, capsys, monkeypatch):
     out = tmp_path / "run"
-    common = ["--data", npz, "--out", str(out), "--log-every", "1"] + TINY
+    common = ["--data", npz, "--out", str(out), "--log-every", "1"] + TINY + NO_EVAL
     assert main(common + ["--steps", "2"]) == 0
     last = out / "checkpoints" / "last.pt"
     before = last.read_bytes()
@@ -327,7 +328,7 @@ def test_ctrl_c_checkpoints_and_exits_130(tmp_path, npz, capsys, monkeypatch):
 
     monkeypatch.setitem(BACKENDS, "eager", _backend_with_loss(interrupted_at_step_3))
     out = tmp_path / "run"
-    status, _, err = _cli(["--data", npz, "--steps", "50", "--out", str(out)] + TINY, capsys)
+    status, _, err = _cli(["--data", npz, "--steps", "50", "--out", str(out)] + TINY + NO_EVAL, capsys)
     assert status == 130
     last = out / "checkpoints" / "last.pt"
     assert f"resume with: python -m aigc_fast.train --resume {last}" in err
