@@ -15,3 +15,19 @@ if not torch.cuda.is_available():
 def device():
     """The device the kernel tests run on: CUDA when present, else the CPU (interpreted)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def shapes_npz(tmp_path_factory):
+    """Writes ``n`` embedded-shape images (32 px, ``seed``) as a uint8 N x H x W x C .npz and returns
+    its path: a small --data file, faster to load than the embedded 16k set."""
+    import numpy as np
+
+    from aigc_fast.data import make_shapes
+
+    def write(n, seed):
+        path = tmp_path_factory.mktemp("data") / f"shapes{n}_seed{seed}.npz"
+        np.savez(path, images=make_shapes(n, 32, seed=seed).permute(0, 2, 3, 1).numpy())
+        return str(path)
+
+    return write

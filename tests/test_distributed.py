@@ -15,12 +15,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from aigc_fast.cli import UsageError
-from aigc_fast.data import BatchOrder, make_shapes
+from aigc_fast.data import BatchOrder
 from aigc_fast.distributed import World, init_world
 from aigc_fast.models import build_models
 from aigc_fast.train import main, parse_args, setup
@@ -49,11 +48,9 @@ run_main(train.main, sys.argv[1:], prog="aigc_fast.train")
 
 
 @pytest.fixture(scope="module")
-def npz(tmp_path_factory):
+def npz(shapes_npz):
     """16 images: 2 global batches of 8 per epoch, so resuming at step 2 crosses an epoch."""
-    path = tmp_path_factory.mktemp("data") / "shapes16.npz"
-    np.savez(path, images=make_shapes(16, 32, seed=5).permute(0, 2, 3, 1).numpy())
-    return str(path)
+    return shapes_npz(16, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ DCGAN (ngf = ndf = 8, batch 4) through the CLI with each backend; every step's l
 """
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from aigc_fast.data import make_shapes
 from aigc_fast.models import Generator
 from aigc_fast.train import main, resolve_backend
 
@@ -21,10 +19,8 @@ REL_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "shapes.npz"
-    np.savez(path, images=make_shapes(16, 32, seed=11).permute(0, 2, 3, 1).numpy())
-    return str(path)
+def npz(shapes_npz):
+    return shapes_npz(16, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from aigc_fast import __version__, train
 from aigc_fast.cli import UsageError, run_main
-from aigc_fast.data import make_shapes
 from aigc_fast.models import build_models
 from aigc_fast.train import BACKENDS, Backend, Prepared, main, resolve_backend, train_step
 
@@ -20,11 +18,9 @@ NO_EVAL = ["--eval-every", "0"]  # for runs whose test is not about the SWD eval
 
 
 @pytest.fixture(scope="module")
-def npz(tmp_path_factory):
+def npz(shapes_npz):
     """A small .npz data set (32 shapes): faster to load than the embedded 16k."""
-    path = tmp_path_factory.mktemp("data") / "shapes.npz"
-    np.savez(path, images=make_shapes(32, 32, seed=5).permute(0, 2, 3, 1).numpy())
-    return str(path)
+    return shapes_npz(32, seed=5)
 
 
 def _cli(argv, capsys):
