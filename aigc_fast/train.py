@@ -111,6 +111,10 @@ class Backend:
 
 
 def _prepare_eager(G, D):
+    """Plain modules; on the CPU in channels_last, where oneDNN's convolutions run a training step
+    about 25 % faster than in NCHW (measured on 2 cores, 32 px, ngf = ndf = 32)."""
+    if next(G.parameters()).device.type == "cpu":
+        G, D = (m.to(memory_format=torch.channels_last) for m in (G, D))
     return Prepared(G, D, G, D, F.binary_cross_entropy_with_logits)
 
 
