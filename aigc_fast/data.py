@@ -29,6 +29,9 @@ EDGE = 0.08
 # after 5500 steps; with these it draws circles, squares and triangles one can tell apart (measured).
 RADIUS = (0.3, 0.42)
 SPREAD = 0.4
+# Each kind's half-extent (half its bounding box's larger side) in units of the radius: a circle r,
+# a square 0.8 r, a triangle 1.04 r (half its 2.08 r base; it is 1.8 r tall, centred vertically).
+HALF_EXTENT = (1.0, 0.8, 1.04)
 DEVICE_RESIDENT_BYTES = 1 << 30  # data sets up to this size live on the GPU: no host copy per batch
 
 
@@ -49,7 +52,9 @@ def _shape_params(g, n, size):
     """Per-image random parameters of the shapes set (drawn all at once: chunking cannot change them)."""
     kind = torch.randint(0, 3, (n,), generator=g)  # 0 circle, 1 square, 2 triangle
     radius = _uniform(g, n, *RADIUS) * size
-    room = size / 2 - radius * 0.9  # how far the centre may move and keep the shape in the frame
+    # how far the centre may move and keep the whole shape and its soft edge in the frame (only the
+    # ramp's faint tail at a triangle's base corners, under 11 % coverage, can reach the frame's edge)
+    room = (size / 2 - radius * torch.tensor(HALF_EXTENT)[kind] - EDGE * size / 2).clamp_(min=0)
     cx = size / 2 + _uniform(g, n, -SPREAD, SPREAD) * room
     cy = size / 2 + _uniform(g, n, -SPREAD, SPREAD) * room
     light_bg = torch.rand(n, generator=g) < 0.5
@@ -73,7 +78,10 @@ def _square(dx, dy, r):
 
 
 def _triangle(dx, dy, r):
-    # equilateral, apex up (image y points down): outward edge normals at 90, 210 and 330 degrees
+    # equilateral, apex up (image y points down): outward edge normals at 90, 210 and 330 degrees;
+    # its centroid sits 0.3 r below (dx, dy) = 0, so the apex (1.2 r up) and base (0.6 r down) are
+    # 0.9 r from it and the triangle is centred in its bounding box
+    dy = dy - 0.3 * r
     return torch.maximum(torch.maximum(dy, -0.866 * dx - 0.5 * dy), 0.866 * dx - 0.5 * dy) - 0.6 * r
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from aigc_fast import data
 from aigc_fast.cli import UsageError
 from aigc_fast.data import BatchOrder, batch_stream, load_images, make_shapes, to_model_range
 
@@ -29,6 +30,23 @@ def test_shapes_are_deterministic_and_varied(size):
     corner = a[:, :, :1, :1].float()
     covered = ((a.float() - corner).abs().sum(1) > 40).float().mean((1, 2))
     assert covered.min() > 0.03 and covered.max() < 0.95 and covered.std() > 0.05
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_shape_lies_inside_the_frame(size):
+    """Shapes are placed by their real extents: along the frame's edge a shape's coverage stays
+    under 11 % (the soft ramp's tail at a triangle's base corners), so no shape is cut off."""
+    p = data._shape_params(torch.Generator().manual_seed(5), 3000, size)
+    edge = torch.linspace(0, size, 8 * size + 1)  # points along the frame's edge, not pixel centres
+    dx = edge[None, None, :] - p["cx"][:, None, None]
+    dy = edge[None, :, None] - p["cy"][:, None, None]
+    r = p["radius"][:, None, None]
+    fields = (data._circle, data._square, data._triangle)
+    sd = torch.stack([f(dx, dy, r) for f in fields], 1)[torch.arange(3000), p["kind"]]
+    coverage = (0.5 - sd / (data.EDGE * size)).clamp(0, 1)
+    rim = torch.cat([coverage[:, 0], coverage[:, -1], coverage[:, :, 0], coverage[:, :, -1]], 1)
+    assert rim.max() < 0.11
+    assert set(p["kind"].tolist()) == {0, 1, 2}
 
 
 def test_rgb_to_grayscale_is_luma(tmp_path):

