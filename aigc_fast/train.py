@@ -735,7 +735,7 @@ def main(argv=None):
         status = run_training(args, explicit, world)
         finished = True
         return status
-    finally:  # no barrier: a failed or interrupted rank must not wait for peers that may be gone
+    finally:  # a rank that raised leaves without waiting for peers that may be gone
         world.shutdown(clean=finished)
 
 
