@@ -14,7 +14,7 @@ from PIL import Image
 from .checkpoint import load_checkpoint, load_state_checked
 from .cli import ArgumentParser, UsageError, positive_int, resolve_device, run_main
 from .ema import EMA_KEY
-from .models import Generator
+from .models import Generator, cpu_channels_last
 
 
 def to_uint8(images):
@@ -67,7 +67,8 @@ def generator_from_state(state, path, key):
 def load_generator(path, device, ema=True):
     """The Generator of a training checkpoint (see :func:`generator_key`), in eval mode on ``device``."""
     state = load_checkpoint(path, required=("G", "config"))
-    return generator_from_state(state, path, generator_key(state, ema)).to(device).eval()
+    G = generator_from_state(state, path, generator_key(state, ema)).to(device)
+    return cpu_channels_last(G).eval()
 
 
 @contextmanager
