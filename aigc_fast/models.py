@@ -96,7 +96,7 @@ def dcgan_init_(module):
 def cpu_channels_last(module):
     """``module`` in channels_last if it is on the CPU, else as it is: oneDNN's convolutions run a
     32 px DCGAN training step ~23 % faster than in NCHW (measured: 2 cores, ngf = ndf = 32, batch
-    64). Training and sampling share this, so a checkpoint's generator makes the same images in both.
+    64). Training and sampling share this, so sampling runs a generator in the layout it trained in.
     """
     if next(module.parameters()).device.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
