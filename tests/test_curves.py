@@ -1,15 +1,18 @@
 """curves.png: drawn at the end of a run and on demand; without matplotlib, one line saying how."""
 import importlib.util
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from aigc_fast import curves
-from aigc_fast.cli import run_main
 from aigc_fast.data import make_shapes
 from aigc_fast.train import main as train_main
+from cli_helpers import run_cli
+
+_cli = partial(run_cli, curves.main, prog="aigc_fast.curves")  # _cli(argv, capsys) -> (status, out, err)
 
 TINY = ["--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "4", "--workers", "0",
         "--log-every", "1", "--eval-every", "2", "--eval-n", "16"]
@@ -29,11 +32,6 @@ def no_matplotlib(monkeypatch):
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
 
 
-def _cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(curves.main, argv, prog="aigc_fast.curves")
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_read_metrics_splits_training_and_evaluation_rows(tmp_path):

@@ -1,16 +1,19 @@
 """``python -m aigc_fast.eval`` on a checkpoint of a short run, the trainer's --eval-every rows, and
 the command's errors."""
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from aigc_fast.cli import run_main
 from aigc_fast.data import load_images, make_shapes
 from aigc_fast.eval import Evaluator, main, real_subset
 from aigc_fast.sample import load_generator
 from aigc_fast.train import main as train_main
+from cli_helpers import assert_one_line_error, run_cli
+
+_cli = partial(run_cli, main, prog="aigc_fast.eval")  # _cli(argv, capsys) -> (status, out, err)
 
 TINY = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "8", "--workers", "0"]
 
@@ -31,17 +34,8 @@ def run(tmp_path_factory):
     return out
 
 
-def _cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, argv, prog="aigc_fast.eval")
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
-def _assert_one_line_error(status, err, *fragments):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert all(f in lines[0] for f in fragments), lines[0]
 
 
 def _eval_rows(run):
@@ -106,21 +100,21 @@ def test_real_subset_is_a_seeded_sample_without_repeats():
 
 def test_errors_are_one_line_exit_2(run, tmp_path, capsys):
     missing = tmp_path / "missing.pt"
-    _assert_one_line_error(*_cli(["--checkpoint", str(missing)], capsys)[::2], str(missing),
+    assert_one_line_error(*_cli(["--checkpoint", str(missing)], capsys)[::2], str(missing),
                            "no such file")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 truncated")
-    _assert_one_line_error(*_cli(["--checkpoint", str(corrupt)], capsys)[::2], "cannot be read")
+    assert_one_line_error(*_cli(["--checkpoint", str(corrupt)], capsys)[::2], "cannot be read")
     ckpt = str(run / "checkpoints" / "last.pt")
     rgba = tmp_path / "rgba.npz"  # images with 4 channels: not images the model can be scored on
     np.savez(rgba, images=np.zeros((4, 32, 32, 4), np.uint8))
-    _assert_one_line_error(*_cli(["--checkpoint", ckpt, "--data", str(rgba)], capsys)[::2],
+    assert_one_line_error(*_cli(["--checkpoint", ckpt, "--data", str(rgba)], capsys)[::2],
                            str(rgba), "4 channels", "expected 1 or 3")
     flat = tmp_path / "flat.npz"  # one row of pixels per image: no image size at all
     np.savez(flat, images=np.zeros((4, 32), np.uint8))
-    _assert_one_line_error(*_cli(["--checkpoint", ckpt, "--data", str(flat)], capsys)[::2],
+    assert_one_line_error(*_cli(["--checkpoint", ckpt, "--data", str(flat)], capsys)[::2],
                            str(flat), "shape (4, 32)", "expected")
-    _assert_one_line_error(*_cli(["--checkpoint", ckpt, "--seed", "-1"], capsys)[::2], "--seed -1")
+    assert_one_line_error(*_cli(["--checkpoint", ckpt, "--seed", "-1"], capsys)[::2], "--seed -1")
 
 
 def test_the_runs_own_data_gone(run, tmp_path, capsys):
@@ -128,7 +122,7 @@ def test_the_runs_own_data_gone(run, tmp_path, capsys):
     state["config"]["data"] = str(tmp_path / "moved.npz")
     torch.save(state, tmp_path / "moved.pt")
     status, _, err = _cli(["--checkpoint", str(tmp_path / "moved.pt")], capsys)
-    _assert_one_line_error(status, err, "moved.npz", "no such file", "pass --data")
+    assert_one_line_error(status, err, "moved.npz", "no such file", "pass --data")
 
 
 def test_a_run_without_ema(tmp_path, capsys):

@@ -1,12 +1,16 @@
 """``python -m aigc_fast.sample``: grids, single PNGs, repeatability, errors; the grid helper."""
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from aigc_fast.cli import run_main
 from aigc_fast.sample import generate, load_generator, main, make_grid, to_uint8
 from aigc_fast.train import main as train_main
+from cli_helpers import run_cli
+
+_cli = partial(run_cli, main, prog="aigc_fast.sample")  # _cli(argv, capsys) -> (status, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +22,6 @@ def checkpoint(tmp_path_factory):
     return out / "checkpoints" / "last.pt"
 
 
-def _cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, argv, prog="aigc_fast.sample")
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_make_grid_places_cells_and_padding():

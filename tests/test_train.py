@@ -3,6 +3,7 @@ import copy
 import json
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from aigc_fast import __version__, train
-from aigc_fast.cli import UsageError, run_main
+from aigc_fast.cli import UsageError
 from aigc_fast.models import build_models
 from aigc_fast.train import BACKENDS, Backend, Prepared, main, resolve_backend, train_step
+from cli_helpers import assert_one_line_error, run_cli
+
+_cli = partial(run_cli, main, prog="aigc_fast.train")  # _cli(argv, capsys) -> (status, out, err)
 
 TINY = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "4", "--workers", "0"]
 NO_EVAL = ["--eval-every", "0"]  # for runs whose test is not about the SWD evaluation (seconds each)
@@ -24,18 +28,8 @@ def npz(shapes_npz):
     return shapes_npz(32, seed=5)
 
 
-def _cli(argv, capsys):
-    """Run the CLI as a user would: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, argv, prog="aigc_fast.train")
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
-def _assert_one_line_error(status, err, *fragments):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2 and len(lines) == 1, err
-    assert "Traceback" not in err and all(f in lines[0] for f in fragments), lines[0]
 
 
 # --- the step ----------------------------------------------------------------------------------------
@@ -267,18 +261,18 @@ def test_resume_auto_and_output_folders(tmp_path, monkeypatch):
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, npz, capsys):
     status, _, err = _cli(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], capsys)
-    _assert_one_line_error(status, err, "nope", "no such file or folder", "expected")
+    assert_one_line_error(status, err, "nope", "no such file or folder", "expected")
     (tmp_path / "empty").mkdir()
     status, _, err = _cli(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")], capsys)
-    _assert_one_line_error(status, err, "empty", "no image files")
+    assert_one_line_error(status, err, "empty", "no image files")
     status, _, err = _cli(["--image-size", "48"], capsys)
-    _assert_one_line_error(status, err, "--image-size", "48", "32, 64")
+    assert_one_line_error(status, err, "--image-size", "48", "32, 64")
     status, _, err = _cli(["--batch-size", "0"], capsys)
-    _assert_one_line_error(status, err, "--batch-size", "positive integer")
+    assert_one_line_error(status, err, "--batch-size", "positive integer")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     status, _, err = _cli(["--resume", str(bad), "--out", str(tmp_path / "o3")], capsys)
-    _assert_one_line_error(status, err, str(bad), "cannot be read")
+    assert_one_line_error(status, err, str(bad), "cannot be read")
 
 
 def test_resume_refuses_contradicting_flags_and_keeps_files(tmp_path, npz, capsys):
@@ -288,9 +282,9 @@ def test_resume_refuses_contradicting_flags_and_keeps_files(tmp_path, npz, capsy
     before = last.read_bytes()
     capsys.readouterr()
     status, _, err = _cli(["--resume", str(last), "--ngf", "16", "--steps", "4"], capsys)
-    _assert_one_line_error(status, err, "--ngf 16", "checkpoint's 8")
+    assert_one_line_error(status, err, "--ngf 16", "checkpoint's 8")
     status, _, err = _cli(["--data", npz, "--out", str(out)] + TINY, capsys)  # would overwrite
-    _assert_one_line_error(status, err, str(out), "already holds a run", "--resume")
+    assert_one_line_error(status, err, str(out), "already holds a run", "--resume")
     assert last.read_bytes() == before
 
 
@@ -303,7 +297,7 @@ def test_shape_mismatch_between_checkpoint_and_model(tmp_path, npz, capsys):
     torch.save(ckpt, tmp_path / "edited.pt")
     capsys.readouterr()
     status, _, err = _cli(["--resume", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "o")], capsys)
-    _assert_one_line_error(status, err, "edited.pt", "main.0.weight", "shape")
+    assert_one_line_error(status, err, "edited.pt", "main.0.weight", "shape")
 
 
 # --- failures during training ------------------------------------------------------------------------
