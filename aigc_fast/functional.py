@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from . import reference
-from .kernels import TRITON_AVAILABLE, interpreting
+from .kernels import TRITON_AVAILABLE, launches_take
 
 IMPLS = ("auto", "triton", "ref")
 _warned_fallback = False
@@ -21,7 +21,7 @@ def _triton_blocker(device: torch.device, dtype: torch.dtype, dtypes) -> str:
     """Why our Triton kernels cannot run on ``dtype`` tensors of ``device`` here ("" when they can)."""
     if not TRITON_AVAILABLE:
         return "triton is not installed"
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+    if not launches_take(device):
         return (f"tensors are on {device.type}; Triton needs CUDA, or TRITON_INTERPRET=1 set before "
                 "triton is imported for CPU tensors")
     if dtype not in dtypes:
@@ -210,8 +210,8 @@ def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_
     stride, padding, output_padding = _check_conv_transpose_bn_relu(
         x, weight, bn_weight, bn_bias, running_mean, running_var, bias, stride, padding,
         output_padding, training, momentum, eps)
-    # the interpreter's tl.dot has no bfloat16 (numpy lacks it): bfloat16 convolutions need CUDA
-    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if x.is_cuda else ())
+    # the interpreter's tl.dot has no bfloat16 (numpy lacks it): no bfloat16 convolutions on the CPU
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if x.device.type != "cpu" else ())
     if resolve_impl(impl, x.device, x.dtype, dtypes) == "ref":
         return reference.conv_transpose_bn_relu(
             x, weight, bn_weight, bn_bias, running_mean, running_var, bias=bias, stride=stride,

@@ -5,6 +5,9 @@ Installed as ``aigc_fast.kernels``. Importing this package never fails: when Tri
 imported, so the reference path still works.
 """
 import os
+from dataclasses import dataclass
+
+import torch
 
 try:
     import triton  # noqa: F401
@@ -17,3 +20,24 @@ except ImportError:  # pragma: no cover - depends on the platform
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its numpy interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class MetaLaunches:
+    """Set by the GPU compile check (benchmarks/gpu_compile_check.py) while it records the launches of
+    a training step on meta tensors (shapes, no data) to compile them for a GPU it names: then our
+    launchers take meta tensors and nothing runs. ``multiprocessors`` is that GPU's SM count, from
+    which split-K factors (hence some launches' arguments) are derived."""
+
+    enabled: bool = False
+    multiprocessors: int = 0
+
+
+META_LAUNCHES = MetaLaunches()
+
+
+def launches_take(device: torch.device) -> bool:
+    """Whether our launchers take tensors of ``device`` in this process: CUDA's; the CPU's under the
+    interpreter; meta tensors while the compile check records launches."""
+    return (device.type == "cuda" or (device.type == "cpu" and interpreting())
+            or (device.type == "meta" and META_LAUNCHES.enabled))

@@ -4,7 +4,7 @@ import functools
 import torch
 import triton
 
-from . import interpreting
+from . import META_LAUNCHES, interpreting
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device):
@@ -23,6 +23,30 @@ def autotune_configs(cuda_configs, interpreter_config):
     return [interpreter_config] if interpreting() else cuda_configs
 
 
+def gemm_tuning(block_names, tensor_cores, exact, interpreter_blocks):
+    """``triton.autotune`` keywords ``configs`` and ``prune_configs_by`` for a GEMM kernel.
+
+    Configs are ``(*block sizes, num_warps, num_stages)``. Launches whose products run on tensor
+    cores (tf32, float16, bfloat16) try ``tensor_cores``; those with exact float32 products
+    (DOT_PRECISION="ieee": FMA, more live registers) try ``exact``. Every listed config builds
+    without spills for its launches on sm_90 and sm_80 with Triton 3.6 and 3.9: the GPU compile
+    check (benchmarks/gpu_compile_check.py) says so, and fails when one does not."""
+    specs = list(dict.fromkeys(tensor_cores + exact))
+    configs = [triton.Config(dict(zip(block_names, s[:-2])), num_warps=s[-2], num_stages=s[-1])
+               for s in specs]
+    groups = {precision: {id(c) for c, s in zip(configs, specs) if s in members}
+              for precision, members in (("ieee", exact), (None, tensor_cores))}
+
+    def prune(configs, named_args, **kwargs):
+        wanted = groups["ieee" if kwargs.get("DOT_PRECISION") == "ieee" else None]
+        return [c for c in configs if id(c) in wanted]
+
+    interpreter = triton.Config(dict(zip(block_names, interpreter_blocks)), num_warps=4,
+                                num_stages=1)
+    return {"configs": autotune_configs(configs, interpreter),
+            "prune_configs_by": {"early_config_prune": prune}}
+
+
 def pow2_block(n: int, lo: int, hi: int) -> int:
     """The smallest power of two >= n, clamped to [lo, hi]."""
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
@@ -35,7 +59,10 @@ def _cuda_sm_count(index: int) -> int:
 
 def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors to fill (a fixed 8 under the interpreter, so results do not depend
-    on the host); split-K factors are derived from it, so they are fixed per machine."""
+    on the host; the recorded GPU's for the compile check's meta tensors); split-K factors are
+    derived from it, so they are fixed per machine."""
+    if device.type == "meta":
+        return META_LAUNCHES.multiprocessors
     if device.type != "cuda":
         return 8
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())

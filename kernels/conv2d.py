@@ -9,18 +9,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, dot_precision, multiprocessor_count
+from ._config import dot_precision, gemm_tuning, multiprocessor_count
 
-_GEMM_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                              (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 64, 4, 3),
-                              (128, 16, 32, 4, 4), (32, 64, 64, 4, 3)]],
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), each spill-free where it is used (see
+# gemm_tuning); 4-warp conv tiles spilled up to 4 KB, and some configs spill only with exact products
+# or only on one arch and Triton (e.g. the conv's 64x64x16 with tf32 on sm_80, Triton 3.6: 8 B).
+_CONV_TUNING = gemm_tuning(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                           tensor_cores=[(128, 64, 16, 8, 3), (64, 64, 32, 8, 3)],
+                           exact=[(64, 64, 16, 8, 3)], interpreter_blocks=(64, 32, 32))
+_WEIGHT_GRAD_TUNING = gemm_tuning(
+    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    tensor_cores=[(128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (128, 32, 32, 8, 3), (128, 128, 16, 8, 3),
+                  (128, 64, 16, 4, 2), (64, 64, 16, 4, 2), (128, 32, 32, 4, 2)],
+    exact=[(128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (128, 32, 32, 8, 3)],
+    interpreter_blocks=(64, 32, 32))
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "C_in", "H", "W", "C_out", "OH", "OW"])
+@triton.autotune(key=["N", "C_in", "H", "W", "C_out", "OH", "OW"], **_CONV_TUNING)
 @triton.jit
 def _conv2d_kernel(x_ptr, w_ptr, out_ptr,
                    N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W,
@@ -62,8 +67,8 @@ def _conv2d_kernel(x_ptr, w_ptr, out_ptr,
              mask=row_ok[:, None] & co_ok[None, :])
 
 
-@triton.autotune(configs=_GEMM_CONFIGS,
-                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT"])
+@triton.autotune(key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT"],
+                 **_WEIGHT_GRAD_TUNING)
 @triton.jit
 def _conv2d_weight_grad_kernel(x_ptr, g_ptr, part_ptr,
                                N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT,

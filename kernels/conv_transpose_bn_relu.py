@@ -12,20 +12,19 @@ import triton
 import triton.language as tl
 
 from . import bn_relu
-from ._config import autotune_configs, dot_precision, pow2_block
+from ._config import dot_precision, gemm_tuning, pow2_block
 from .bn_relu import relu_nan, scale_shift
 from .conv2d import conv2d, conv2d_weight_grad
 
 # BLOCK_M is set by the launcher, not tuned: the statistics partials have one row per row tile.
-_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bn, bk, w, s in [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 4),
-                          (16, 32, 4, 4), (128, 64, 8, 3)]],
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages), spill-free where used (see gemm_tuning); with
+# BLOCK_M = 128, 4-warp or 32-wide-K tiles spilled up to 4.6 KB.
+_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
+                      tensor_cores=[(32, 16, 8, 2), (32, 16, 8, 3), (64, 16, 8, 2), (64, 16, 8, 3)],
+                      exact=[(32, 16, 8, 2)], interpreter_blocks=(32, 32))
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M"])
+@triton.autotune(key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M"], **_TUNING)
 @triton.jit
 def _conv_transpose_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
                            bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr,

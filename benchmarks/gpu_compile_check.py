@@ -1,0 +1,413 @@
+"""Compile every Triton launch of a fused training step for real GPUs, on a machine without one.
+
+    python benchmarks/gpu_compile_check.py                    # sm_90 and sm_80; fp32 (tf32, ieee), fp16, bf16
+    python benchmarks/gpu_compile_check.py --quick            # what the test suite runs: sm_90, fp32
+    python benchmarks/gpu_compile_check.py --json rows.json   # also every row as JSON
+
+It records the Triton launches of one fused training step (the benchmark suite's ``fused`` train
+step: D on real and fake, G, both Adam updates) of the 32 px network at batch 64 and the 64 px
+network at batch 512 (pytorch/examples' ngf = ndf = 64), per dtype and per target GPU (split-K
+factors follow its SM count), on meta tensors: shapes, no data, nothing runs. Then, with no
+interpreter, it compiles each distinct launch under every autotune config that CUDA would try (the
+autotuner's own pruning applied), fp32 GEMMs both with tf32 and with ieee products, for each target,
+through Triton's launch path (``JITFunction.run(warmup=True)``) twice, so that its launch-time checks
+run (Triton >= 3.8 compares the globals a kernel used with their compile-time values at every
+launch). ptxas, the one Triton bundles, reports registers and spills.
+
+It prints one row per compile (launch, kernel, dtype, products, config, arch, registers, spill bytes,
+shared memory, tensor-core instruction, cp.async), a summary per kernel x dtype x arch, and one line:
+``compile check: N compiles, F failed, S spilling ... (triton X)``. It exits 1 on any failure: a
+compile error, a launch-time check that raises, shared memory beyond the target's per-block limit,
+or a config that spills (spilling configs are pruned from the autotune lists in kernels/, so every
+config a GPU would try is spill-free).
+
+It proves that this Triton builds every kernel we launch for those GPUs and that the builds fit.
+It does not time anything, check numerics on a GPU, or load a binary into a driver: only a GPU can.
+"""
+import argparse
+import collections
+import contextlib
+import importlib
+import inspect
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (compute capability, SM count of the GPU whose launches are recorded, opt-in shared memory
+# per block in bytes): H100/H200 and A100.
+ARCHS = {"sm_90": (90, 132, 232448), "sm_80": (80, 108, 166912)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STEPS = ((32, 64), (64, 512))  # (image size, batch)
+PRODUCTS = {"tf32": None, "ieee": "ieee"}  # tl.dot's input_precision for float32 operands
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="sm_90 and fp32 only (tf32 and ieee products), every config: the test suite's form")
+    p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated targets (default: all)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes (default: all)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    p.add_argument("--json", type=Path, help="also write every row and the summary to this file")
+    p.add_argument("--rows", choices=("all", "bad", "none"), default="all",
+                   help="which per-compile rows to print (default all)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.archs, args.dtypes = "sm_90", "fp32"
+    args.archs, args.dtypes = args.archs.split(","), args.dtypes.split(",")
+    for values, known, flag in ((args.archs, ARCHS, "--archs"), (args.dtypes, DTYPES, "--dtypes")):
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; choose from {', '.join(known)}")
+    return args
+
+
+# --- a Triton driver that compiles for a named GPU and never runs anything -----------------------
+
+
+def install_compile_only_driver():
+    """Make Triton compile for ``ARCHS`` on a machine without a GPU: device index i stands for the
+    i-th arch, so each arch gets its own binder and kernel cache, exactly as two GPUs would."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+    from triton.runtime.driver import driver
+
+    class CompileOnlyDriver(DriverBase):
+        device = 0
+
+        @classmethod
+        def is_active(cls):
+            return False
+
+        def map_python_to_cpp_type(self, ty):
+            raise NotImplementedError("the compile check builds no launcher")
+
+        def get_current_target(self):
+            return GPUTarget("cuda", list(ARCHS.values())[self.device][0], 32)
+
+        def get_current_device(self):
+            return self.device
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("meta")
+
+        def get_benchmarker(self):
+            raise RuntimeError("the compile check times nothing")
+
+    compile_only = CompileOnlyDriver()
+    driver.set_active(compile_only)
+    return compile_only
+
+
+# --- recording -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """A tensor argument as Triton's binder sees it: a dtype and an address (for the 16-byte
+    alignment it specialises on). Meta tensors' addresses are their byte offsets: allocations are
+    aligned, views may not be."""
+
+    dtype: torch.dtype
+    address: int
+
+    def data_ptr(self):
+        return self.address
+
+
+@dataclass
+class Launch:
+    """One distinct launch: the kernel (its module and name), its arguments, constexpr keywords."""
+
+    module: str
+    name: str
+    args: tuple
+    kwargs: dict
+    dtype: str  # of the step that launched it
+    arch: str
+    seen_in: list = field(default_factory=list)
+
+    def key(self):
+        """What Triton specialises a compile on: pointer dtypes and alignment, integers that are 1 or
+        multiples of 16 and whether they need 64 bits, the constexprs (not the integers' values)."""
+        def spec(a):
+            if isinstance(a, Pointer):
+                return ("ptr", a.dtype, a.address % 16 == 0)
+            if isinstance(a, int) and not isinstance(a, bool):
+                return ("int", a == 1, a % 16 == 0, -2**31 <= a < 2**31)
+            return ("float",) if isinstance(a, float) else (type(a).__name__, repr(a))
+        return (self.module, self.name, self.arch, tuple(map(spec, self.args)),
+                tuple(sorted((k, repr(v)) for k, v in self.kwargs.items())))
+
+
+def _base_function(kernel):
+    while not inspect.isfunction(kernel):
+        kernel = kernel.fn
+    return kernel
+
+
+@contextlib.contextmanager
+def recording_launches(multiprocessors):
+    """Collect ``(kernel, args, kwargs)`` of every Triton launch instead of running it, while our
+    launchers take meta tensors and every fused op is forced onto its Triton path (a silent fallback
+    to the reference would leave its kernels unchecked)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from aigc_fast.kernels import META_LAUNCHES
+
+    launches = []
+
+    def record(kernel, args, kwargs):
+        base = _base_function(kernel)
+        launches.append((base.__module__, base.__name__, args, kwargs))
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        record(self, args, kwargs)
+
+    def autotuned_run(self, *args, grid, warmup, **kwargs):
+        record(self, args, kwargs)
+
+    saved = (JITFunction.run, Autotuner.run, os.environ.get("AIGC_FAST_IMPL"))
+    JITFunction.run, Autotuner.run = jit_run, autotuned_run
+    META_LAUNCHES.enabled, META_LAUNCHES.multiprocessors = True, multiprocessors
+    os.environ["AIGC_FAST_IMPL"] = "triton"
+    try:
+        yield launches
+    finally:
+        JITFunction.run, Autotuner.run = saved[:2]
+        META_LAUNCHES.enabled = False
+        if saved[2] is None:
+            del os.environ["AIGC_FAST_IMPL"]
+        else:
+            os.environ["AIGC_FAST_IMPL"] = saved[2]
+
+
+def _as_recorded(value):
+    if isinstance(value, torch.Tensor):
+        return Pointer(value.dtype, value.data_ptr())
+    return value
+
+
+def record_steps(archs, dtypes):
+    """The distinct launches of one fused training step per (step, dtype, arch), in first-seen order."""
+    from benchmarks.cases import DCGAN, TrainStepCase
+    from benchmarks.providers import _train_step
+
+    distinct = {}
+    for arch in archs:
+        for dtype in dtypes:
+            for image_size, batch in STEPS:
+                where = f"{image_size}px b{batch}"
+                with recording_launches(ARCHS[arch][1]) as launches:
+                    step = _train_step(TrainStepCase(image_size, batch, DCGAN), "fused",
+                                       torch.device("meta"), DTYPES[dtype])
+                    step()
+                for module, name, args, kwargs in launches:
+                    launch = Launch(module, name, tuple(map(_as_recorded, args)),
+                                    {k: _as_recorded(v) for k, v in kwargs.items()}, dtype, arch)
+                    launch = distinct.setdefault(launch.key(), launch)
+                    if where not in launch.seen_in:
+                        launch.seen_in.append(where)
+    return list(distinct.values())
+
+
+# --- compiling -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    launch_id: str
+    launch: Launch
+    config: dict  # the autotune config's keywords (block sizes, num_warps, num_stages, ...)
+    products: str  # "tf32" | "ieee" for float32 GEMMs, else ""
+
+
+def _kernel(launch):
+    return getattr(importlib.import_module(launch.module), launch.name)
+
+
+def _autotune_configs(kernel, args, kwargs):
+    """The configs CUDA would try for this launch, after the autotuner's own pruning (as its warmup
+    does); one empty config for a kernel that is not autotuned."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(kernel, Autotuner):
+        return [{}]
+    kernel.nargs = dict(zip(kernel.arg_names, args))
+    try:
+        return [c.all_kwargs() for c in kernel.prune_configs(dict(kwargs))]
+    finally:
+        kernel.nargs = None
+
+
+def _products(launch):
+    """A float32 GEMM is built both ways, tf32 and ieee ("" for other launches)."""
+    return PRODUCTS if launch.dtype == "fp32" and "DOT_PRECISION" in launch.kwargs else [""]
+
+
+def _kwargs(launch, products):
+    return {**launch.kwargs, "DOT_PRECISION": PRODUCTS[products]} if products else launch.kwargs
+
+
+def plan_jobs(launches):
+    return [Job(f"L{i:02d}", launch, config, products)
+            for i, launch in enumerate(launches, 1) for products in _products(launch)
+            for config in _autotune_configs(_kernel(launch), launch.args, _kwargs(launch, products))]
+
+
+_PTXAS = {"registers": re.compile(r"Used (\d+) registers"),
+          "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+          "spill_loads": re.compile(r"(\d+) bytes spill loads")}
+
+
+def _init_worker():
+    """Each compiler process: its own empty Triton cache (so ptxas runs and logs every build), the
+    compile-only driver, ptxas's log on stdout."""
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aigc_fast_compile_check_")
+    from triton import knobs
+
+    knobs.nvidia.dump_ptxas_log = True
+    global _DRIVER
+    _DRIVER = install_compile_only_driver()
+
+
+def compile_job(job):
+    """One row: compile the job's launch for its arch, twice through the launch path."""
+    from triton.runtime.jit import JITFunction
+
+    launch = job.launch
+    jit = _kernel(launch)
+    while not isinstance(jit, JITFunction):  # an Autotuner or Heuristics wraps it
+        jit = jit.fn
+    _DRIVER.device = list(ARCHS).index(launch.arch)
+    kwargs = {**_kwargs(launch, job.products), **job.config}
+    row = {"launch": job.launch_id, "kernel": launch.name, "dtype": launch.dtype,
+           "products": job.products, "arch": launch.arch, "seen_in": launch.seen_in,
+           "config": ", ".join(f"{k}={v}" for k, v in job.config.items() if v is not None
+                               and k not in ("num_ctas", "ir_override")),
+           "error": ""}
+    log = io.StringIO()
+    started = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = jit.run(*launch.args, grid=(1,), warmup=True, **kwargs)
+        jit.run(*launch.args, grid=(1,), warmup=True, **kwargs)  # cached: the launch-time checks again
+    except Exception as e:  # noqa: BLE001 - every failure becomes its row
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        return row
+    row["seconds"] = round(time.perf_counter() - started, 2)
+    usage = {k: rx.search(log.getvalue()) for k, rx in _PTXAS.items()}
+    if not all(usage.values()):
+        row["error"] = "no ptxas report for this build (was it taken from a cache?)"
+        return row
+    ptx = compiled.asm["ptx"]
+    row.update({k: int(m.group(1)) for k, m in usage.items()})
+    row["shared"] = compiled.metadata.shared
+    row["tensor_cores"] = ("wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx
+                           else "-")
+    row["cp_async"] = "cp.async" in ptx
+    limit = ARCHS[launch.arch][2]
+    if row["shared"] > limit:
+        row["error"] = f"shared memory {row['shared']} B > {limit} B per block on {launch.arch}"
+    return row
+
+
+def spills(row):
+    return row.get("spill_stores", 0) + row.get("spill_loads", 0) > 0
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def _row_line(r):
+    head = f"| {r['launch']} | {r['kernel']} | {r['dtype']} {r['products']} | {r['config']} | {r['arch']} |"
+    if r["error"]:
+        return f"{head} FAILED: {r['error']} |"
+    return (f"{head} {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']} | "
+            f"{r['tensor_cores']} | {'yes' if r['cp_async'] else 'no'} |")
+
+
+def summarize(rows):
+    """Per kernel x dtype x arch: compiles, failures, spilling configs, the worst spill, registers
+    (min-max), tensor-core instructions, cp.async."""
+    groups = collections.defaultdict(list)
+    for r in rows:
+        groups[(r["kernel"], r["dtype"], r["arch"])].append(r)
+    out = []
+    for (kernel, dtype, arch), rs in groups.items():
+        ok = [r for r in rs if not r["error"]]
+        out.append({
+            "kernel": kernel, "dtype": dtype, "arch": arch, "compiles": len(rs),
+            "failed": len(rs) - len(ok), "spilling": sum(map(spills, ok)),
+            "worst_spill": max((r["spill_stores"] for r in ok), default=0),
+            "registers": (f"{min(r['registers'] for r in ok)}-{max(r['registers'] for r in ok)}"
+                          if ok else "-"),
+            "tensor_cores": "/".join(sorted({r["tensor_cores"] for r in ok})) or "-",
+            "cp_async": f"{sum(r['cp_async'] for r in ok)}/{len(ok)}"})
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("gpu_compile_check: TRITON_INTERPRET=1 would interpret the kernels; the "
+                         "check compiles them for real GPUs: run it without TRITON_INTERPRET")
+    from benchmarks.gpu_report import prepare_imports
+    prepare_imports()
+    import triton
+
+    started = time.monotonic()
+    install_compile_only_driver()
+    launches = record_steps(args.archs, args.dtypes)
+    jobs = plan_jobs(launches)
+    print(f"# GPU compile check: triton {triton.__version__}, torch {torch.__version__}; "
+          f"{', '.join(args.archs)}; {', '.join(args.dtypes)}; steps "
+          f"{', '.join(f'{s} px b{b}' for s, b in STEPS)}; {len(launches)} distinct launches, "
+          f"{len(jobs)} compiles on {args.jobs} processes", flush=True)
+    with ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
+        rows = list(pool.map(compile_job, jobs, chunksize=1))
+    if args.rows != "none":
+        print("\n| launch | kernel | dtype | config | arch | registers | spill st/ld B | shared B | "
+              "tensor cores | cp.async |\n|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if args.rows == "all" or r["error"] or spills(r):
+                print(_row_line(r))
+    summary = summarize(rows)
+    print("\n| kernel | dtype | arch | compiles | failed | spilling | worst spill B | registers | "
+          "tensor cores | cp.async |\n|---|---|---|---|---|---|---|---|---|---|")
+    for s in summary:
+        print(f"| {s['kernel']} | {s['dtype']} | {s['arch']} | {s['compiles']} | {s['failed']} | "
+              f"{s['spilling']} | {s['worst_spill']} | {s['registers']} | {s['tensor_cores']} | "
+              f"{s['cp_async']} |")
+    failed = sum(bool(r["error"]) for r in rows)
+    spilling = sum(spills(r) for r in rows if not r["error"])
+    line = (f"compile check: {len(rows)} compiles of {len(launches)} launches, {failed} failed, "
+            f"{spilling} spilling ({', '.join(args.archs)}; {', '.join(args.dtypes)}; "
+            f"triton {triton.__version__}) in {time.monotonic() - started:.0f} s")
+    print(f"\n{line}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"summary_line": line, "summary": summary, "rows": rows},
+                                        indent=1, default=str))
+    return 1 if failed or spilling else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
