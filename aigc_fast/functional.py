@@ -9,6 +9,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .kernels import TRITON_AVAILABLE, interpreting
@@ -61,6 +62,19 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     if blocker:  # NotImplementedError is a RuntimeError
         raise NotImplementedError(f"impl='triton' cannot run: {blocker}; use impl='ref'")
     return impl
+
+
+def _differentiable_grads(recompute, inputs, needs, grad_outputs):
+    """The gradients of ``recompute(*inputs)`` (the op in PyTorch's own ops) for a backward under
+    ``create_graph=True``: built as a graph, so that they can be differentiated again (double
+    backward: an R1 or path-length penalty). Exact, at the price of one more forward in PyTorch.
+    Each input that needs a gradient enters through a fresh view, so the gradient is this op's own
+    derivative, not one that also flows back into the input's history (a weight used twice)."""
+    entries = [t.view_as(t) if need else t for t, need in zip(inputs, needs)]
+    wanted = [t for t, need in zip(entries, needs) if need]
+    grads = iter(torch.autograd.grad(recompute(*entries), wanted, grad_outputs, create_graph=True,
+                                     allow_unused=True))
+    return [next(grads) if need else None for need in needs]
 
 
 # --- ConvTranspose2d + BatchNorm2d + ReLU -------------------------------------------------------
@@ -155,9 +169,26 @@ def _check_conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, r
     return stride, padding, output_padding
 
 
+def _conv_transpose_bn_relu_graph(x, weight, bias, bn_weight, bn_bias, mean, invstd, geometry):
+    """The fused op's output in PyTorch's ops, for a backward that must itself be differentiable.
+    Training normalises with the batch statistics, recomputed here; eval with those the forward
+    used: ``mean`` = running_mean - bias and ``invstd`` as the eval kernel saved them."""
+    stride, padding, output_padding, training, eps = geometry
+    if training:
+        return reference.conv_transpose_bn_relu(
+            x, weight, bn_weight, bn_bias, None, None, bias=bias, stride=stride, padding=padding,
+            output_padding=output_padding, training=True, eps=eps)
+    y = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+    running_mean = mean if bias is None else mean + bias.detach()
+    per_channel = lambda v: v.view(-1, 1, 1)  # noqa: E731
+    z = (y - per_channel(running_mean)) * per_channel(invstd * bn_weight) + per_channel(bn_bias)
+    return torch.relu(z).to(x.dtype)
+
+
 class _ConvTransposeBNReLU(torch.autograd.Function):
     """Autograd binding of the Triton kernels. Saves x, y (the conv output before BN) and the
-    per-channel mean and invstd, nothing larger: xhat and the output are recomputed in backward."""
+    per-channel mean and invstd, nothing larger: xhat and the output are recomputed in backward.
+    Under ``create_graph=True`` the backward is PyTorch's, so it can be differentiated again."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum,
@@ -171,23 +202,27 @@ class _ConvTransposeBNReLU(torch.autograd.Function):
             out, y, mean, invstd = launchers.forward_eval(
                 x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                 output_padding, eps, keep_for_backward=grad_needed)
-        ctx.save_for_backward(x, weight, y, mean, invstd, bn_weight, bn_bias)
-        ctx.geometry = (stride, padding, training)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(x, weight, bias, y, mean, invstd, bn_weight, bn_bias)
+        ctx.geometry = (stride, padding, output_padding, training, eps)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, y, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
-        stride, padding, training = ctx.geometry
+        x, weight, bias, y, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _differentiable_grads(
+                lambda *inputs: _conv_transpose_bn_relu_graph(*inputs, mean, invstd, ctx.geometry),
+                (x, weight, bias, bn_weight, bn_bias), need[:5], grad_out)
+            return (*grads, None, None, None, None, None, None, None, None, None)
+        stride, padding, _, training, _ = ctx.geometry
         dx, dw, dbias, dgamma, dbeta = _ctbr_kernels().backward(
             grad_out, x, weight, y, mean, invstd, bn_weight, bn_bias, stride, padding, training,
             need_x=need[0], need_weight=need[1], need_bias=need[2], need_bn_weight=need[3],
             need_bn_bias=need[4])
-        as_dtype = lambda grad, dtype: None if grad is None else grad.to(dtype)  # noqa: E731
-        return (dx, dw, as_dtype(dbias, ctx.bias_dtype), as_dtype(dgamma, bn_weight.dtype),
-                as_dtype(dbeta, bn_bias.dtype), None, None, None, None, None, None, None, None, None)
+        as_dtype = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
+        return (dx, dw, as_dtype(dbias, bias), as_dtype(dgamma, bn_weight), as_dtype(dbeta, bn_bias),
+                None, None, None, None, None, None, None, None, None)
 
 
 def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None,
@@ -320,7 +355,9 @@ def _check_unit_interval(value, name):
 
 class _BCE(torch.autograd.Function):
     """Autograd binding of the BCE kernels (logits or probabilities). Saves the inputs only: the
-    backward is one elementwise launch that recomputes sigmoid/log terms from them."""
+    backward is one elementwise launch that recomputes sigmoid/log terms from them. Under
+    ``create_graph=True`` (an R1 penalty) the backward is PyTorch's, so it can be differentiated
+    again."""
 
     @staticmethod
     def forward(ctx, input, target, weight, pos_weight, reduction, from_logits):
@@ -331,6 +368,16 @@ class _BCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         input, target, weight, pos_weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            def loss(input, target):
+                if ctx.from_logits:
+                    return reference.bce_with_logits(input, target, weight=weight,
+                                                     pos_weight=pos_weight, reduction=ctx.reduction)
+                return reference.binary_cross_entropy(input, target, weight=weight,
+                                                      reduction=ctx.reduction)
+
+            grads = _differentiable_grads(loss, (input, target), ctx.needs_input_grad[:2], grad)
+            return (*grads, None, None, None, None)
         d_input, d_target = _bce_kernels().bce_backward(
             grad, input, target, weight, pos_weight, ctx.reduction, ctx.from_logits,
             need_dx=ctx.needs_input_grad[0], need_dt=ctx.needs_input_grad[1])
@@ -347,7 +394,7 @@ def bce_with_logits(logits, target, *, weight=None, pos_weight=None, reduction="
       as in PyTorch; it is computed in the wider of logits' and target's dtypes.
     - ``weight``, ``pos_weight``: optional, broadcast to logits' shape as in PyTorch.
     - ``reduction``: "none" | "mean" | "sum". ``impl``: "auto" | "triton" | "ref".
-    Gradients flow to logits and target. A weight or pos_weight
+    Gradients flow to logits and target, twice too (``create_graph=True``). A weight or pos_weight
     that needs a gradient runs the reference ("auto") or raises (impl="triton").
     """
     reduction = _check_bce(logits, "logits", target, weight, pos_weight, reduction)
