@@ -12,7 +12,8 @@ import sys
 import torch
 
 from .checkpoint import load_checkpoint
-from .cli import ArgumentParser, UsageError, positive_int, resolve_device, run_main
+from .cli import (ArgumentParser, UsageError, add_device_argument, positive_int,
+                  resolve_device, run_main)
 from .data import SHAPES, load_images, to_model_range
 from .ema import EMA_KEY
 from .metrics import DEFAULT_N, describe, swd
@@ -72,8 +73,7 @@ def build_parser():
     add("--no-ema", action="store_true",
         help="score the trained weights G, not their moving average G_ema (the default when the "
              "checkpoint has one)")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto",
-        help="where to generate and measure (default: cuda if available)")
+    add_device_argument(p, "generate and measure")
     add("--workers", type=int, default=0, metavar="N",
         help="processes that decode image files of a --data folder (default %(default)s)")
     return p

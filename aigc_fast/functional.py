@@ -9,12 +9,13 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .kernels import TRITON_AVAILABLE, launches_take
 
 IMPLS = ("auto", "triton", "ref")
-_warned_fallback = False
+_warned_fallbacks = set()  # the causes "auto" has already warned about: one warning per cause
 
 
 def _triton_blocker(device: torch.device, dtype: torch.dtype, dtypes) -> str:
@@ -36,10 +37,11 @@ def triton_can_run(device: torch.device, dtype: torch.dtype = torch.float32,
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                 dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> str:
+                 dtypes=(torch.float32, torch.float16, torch.bfloat16), unsupported: str = "") -> str:
     """Turn ``impl`` ("auto"|"triton"|"ref") into the implementation that will run, "triton" or
-    "ref", for inputs of ``device`` and ``dtype``; ``dtypes`` are those the op's kernels take."""
-    global _warned_fallback
+    "ref", for inputs of ``device`` and ``dtype``; ``dtypes`` are those the op's kernels take, and
+    ``unsupported`` (when not "") says what else about this call the kernels cannot do. "auto" then
+    falls back to the reference, warning once per cause; a forced "triton" raises."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -48,18 +50,31 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
             if forced not in ("triton", "ref"):
                 raise ValueError(f"AIGC_FAST_IMPL must be 'triton' or 'ref', got {forced!r}")
             impl = forced
-    blocker = _triton_blocker(device, dtype, dtypes) if impl != "ref" else ""
+    blocker = (_triton_blocker(device, dtype, dtypes) or unsupported) if impl != "ref" else ""
     if impl == "auto":
         if not blocker:
             return "triton"
-        if not _warned_fallback:
-            _warned_fallback = True
+        if blocker not in _warned_fallbacks:
+            _warned_fallbacks.add(blocker)
             warnings.warn(f"aigc_fast: Triton kernels cannot run here ({blocker}); using the "
                           "PyTorch reference.", stacklevel=3)
         return "ref"
-    if blocker:
-        raise RuntimeError(f"impl='triton' cannot run: {blocker}; use impl='ref'")
+    if blocker:  # NotImplementedError is a RuntimeError
+        raise NotImplementedError(f"impl='triton' cannot run: {blocker}; use impl='ref'")
     return impl
+
+
+def _differentiable_grads(recompute, inputs, needs, grad_outputs):
+    """The gradients of ``recompute(*inputs)`` (the op in PyTorch's own ops) for a backward under
+    ``create_graph=True``: built as a graph, so that they can be differentiated again (double
+    backward: an R1 or path-length penalty). Exact, at the price of one more forward in PyTorch.
+    Each input that needs a gradient enters through a fresh view, so the gradient is this op's own
+    derivative, not one that also flows back into the input's history (a weight used twice)."""
+    entries = [t.view_as(t) if need else t for t, need in zip(inputs, needs)]
+    wanted = [t for t, need in zip(entries, needs) if need]
+    grads = iter(torch.autograd.grad(recompute(*entries), wanted, grad_outputs, create_graph=True,
+                                     allow_unused=True))
+    return [next(grads) if need else None for need in needs]
 
 
 # --- ConvTranspose2d + BatchNorm2d + ReLU -------------------------------------------------------
@@ -101,8 +116,9 @@ def _check_conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, r
     """Validate every argument once; return the (h, w) pairs of stride, padding, output_padding."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dim() != 4 or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty 4-D tensor (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if x.dim() != 4 or min(x.shape[1:], default=0) < 1:
+        raise ValueError(f"x must be a 4-D tensor (N, C_in, H, W) with C_in, H, W >= 1 (N may be 0), "
+                         f"got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if not isinstance(weight, torch.Tensor):
@@ -146,14 +162,33 @@ def _check_conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, r
     elif not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
         raise TypeError("momentum must be a float or a 0-dim tensor (for nn.BatchNorm2d's momentum=None, "
                         f"pass 1 / num_batches_tracked as a tensor), got {momentum!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    # as F.batch_norm: eps > 0 in training; eval may take 0 (the running variance is the divisor)
+    if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0
+            or (training and eps == 0)):
+        raise ValueError(f"eps must be a float > 0 in training, >= 0 in eval, got {eps!r}")
     return stride, padding, output_padding
+
+
+def _conv_transpose_bn_relu_graph(x, weight, bias, bn_weight, bn_bias, mean, invstd, geometry):
+    """The fused op's output in PyTorch's ops, for a backward that must itself be differentiable.
+    Training normalises with the batch statistics, recomputed here; eval with those the forward
+    used: ``mean`` = running_mean - bias and ``invstd`` as the eval kernel saved them."""
+    stride, padding, output_padding, training, eps = geometry
+    if training:
+        return reference.conv_transpose_bn_relu(
+            x, weight, bn_weight, bn_bias, None, None, bias=bias, stride=stride, padding=padding,
+            output_padding=output_padding, training=True, eps=eps)
+    y = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+    running_mean = mean if bias is None else mean + bias.detach()
+    per_channel = lambda v: v.view(-1, 1, 1)  # noqa: E731
+    z = (y - per_channel(running_mean)) * per_channel(invstd * bn_weight) + per_channel(bn_bias)
+    return torch.relu(z).to(x.dtype)
 
 
 class _ConvTransposeBNReLU(torch.autograd.Function):
     """Autograd binding of the Triton kernels. Saves x, y (the conv output before BN) and the
-    per-channel mean and invstd, nothing larger: xhat and the output are recomputed in backward."""
+    per-channel mean and invstd, nothing larger: xhat and the output are recomputed in backward.
+    Under ``create_graph=True`` the backward is PyTorch's, so it can be differentiated again."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum,
@@ -167,23 +202,27 @@ class _ConvTransposeBNReLU(torch.autograd.Function):
             out, y, mean, invstd = launchers.forward_eval(
                 x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                 output_padding, eps, keep_for_backward=grad_needed)
-        ctx.save_for_backward(x, weight, y, mean, invstd, bn_weight, bn_bias)
-        ctx.geometry = (stride, padding, training)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(x, weight, bias, y, mean, invstd, bn_weight, bn_bias)
+        ctx.geometry = (stride, padding, output_padding, training, eps)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, y, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
-        stride, padding, training = ctx.geometry
+        x, weight, bias, y, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _differentiable_grads(
+                lambda *inputs: _conv_transpose_bn_relu_graph(*inputs, mean, invstd, ctx.geometry),
+                (x, weight, bias, bn_weight, bn_bias), need[:5], grad_out)
+            return (*grads, None, None, None, None, None, None, None, None, None)
+        stride, padding, _, training, _ = ctx.geometry
         dx, dw, dbias, dgamma, dbeta = _ctbr_kernels().backward(
             grad_out, x, weight, y, mean, invstd, bn_weight, bn_bias, stride, padding, training,
             need_x=need[0], need_weight=need[1], need_bias=need[2], need_bn_weight=need[3],
             need_bn_bias=need[4])
-        as_dtype = lambda grad, dtype: None if grad is None else grad.to(dtype)  # noqa: E731
-        return (dx, dw, as_dtype(dbias, ctx.bias_dtype), as_dtype(dgamma, bn_weight.dtype),
-                as_dtype(dbeta, bn_bias.dtype), None, None, None, None, None, None, None, None, None)
+        as_dtype = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
+        return (dx, dw, as_dtype(dbias, bias), as_dtype(dgamma, bn_weight), as_dtype(dbeta, bn_bias),
+                None, None, None, None, None, None, None, None, None)
 
 
 def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None,
@@ -212,7 +251,8 @@ def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_
         output_padding, training, momentum, eps)
     # the interpreter's tl.dot has no bfloat16 (numpy lacks it): no bfloat16 convolutions on the CPU
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if x.device.type != "cpu" else ())
-    if resolve_impl(impl, x.device, x.dtype, dtypes) == "ref":
+    # an empty batch is PyTorch's own business: an empty output, running stats untouched
+    if resolve_impl(impl, x.device, x.dtype, dtypes) == "ref" or x.shape[0] == 0:
         return reference.conv_transpose_bn_relu(
             x, weight, bn_weight, bn_bias, running_mean, running_var, bias=bias, stride=stride,
             padding=padding, output_padding=output_padding, training=training, momentum=momentum,
@@ -240,14 +280,15 @@ _BCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_broadcast_operand(value, name, input, input_name):
-    """``value`` (weight or pos_weight) must be None or a floating tensor on input's device whose
-    shape broadcasts to input's. Not broadcasting raises RuntimeError, as PyTorch does."""
+    """``value`` (weight or pos_weight) must be None or a floating or integer tensor (as in PyTorch)
+    on input's device whose shape broadcasts to input's. Not broadcasting raises RuntimeError, as
+    PyTorch does."""
     if value is None:
         return
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a floating-point or integer tensor, got {value.dtype}")
     if value.device != input.device:
         raise ValueError(f"{name} must be on {input.device} like {input_name}, got {value.device}")
     try:
@@ -260,7 +301,8 @@ def _check_broadcast_operand(value, name, input, input_name):
 
 
 def _check_bce(input, input_name, target, weight, pos_weight, reduction):
-    """Validate the arguments of both BCE ops once, with PyTorch's exception types."""
+    """Validate the arguments of both BCE ops once, with PyTorch's exception types; returns the
+    reduction, with PyTorch's deprecated alias "elementwise_mean" turned into "mean"."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{input_name} must be a tensor, got {type(input).__name__}")
     if input.dtype not in _BCE_DTYPES:
@@ -278,17 +320,29 @@ def _check_bce(input, input_name, target, weight, pos_weight, reduction):
         raise ValueError(f"target must be on {input.device} like {input_name}, got {target.device}")
     _check_broadcast_operand(weight, "weight", input, input_name)
     _check_broadcast_operand(pos_weight, "pos_weight", input, input_name)
+    if reduction == "elementwise_mean":
+        warnings.warn("reduction='elementwise_mean' is deprecated, please use reduction='mean' "
+                      "instead.", stacklevel=3)
+        return "mean"
     if reduction not in BCE_REDUCTIONS:
         raise ValueError(f"reduction must be one of {BCE_REDUCTIONS}, got {reduction!r}")
+    return reduction
 
 
-def _check_no_grad_wanted(weight, pos_weight):
-    """The kernels differentiate input and target only: say so rather than drop a gradient."""
-    if torch.is_grad_enabled():
-        for value, name in ((weight, "weight"), (pos_weight, "pos_weight")):
-            if value is not None and value.requires_grad:
-                raise NotImplementedError(f"impl='triton' does not differentiate with respect to "
-                                          f"{name}: detach it, or use impl='ref'")
+def _as_floating(value, dtype):
+    """An integer weight or pos_weight (PyTorch takes them) as ``dtype``; others as they are."""
+    return value if value is None or value.is_floating_point() else value.to(dtype)
+
+
+def _weights_needing_grad(weight, pos_weight):
+    """What the kernels cannot do for this call ("" if nothing): they differentiate input and
+    target only, so a weight that needs a gradient must not reach them (it would get none)."""
+    names = [name for value, name in ((weight, "weight"), (pos_weight, "pos_weight"))
+             if value is not None and value.requires_grad]
+    if not (names and torch.is_grad_enabled()):
+        return ""
+    return (f"the kernels do not differentiate with respect to {' and '.join(names)}, which "
+            "requires grad (detach it; PyTorch's own op does not differentiate it either)")
 
 
 def _check_unit_interval(value, name):
@@ -301,7 +355,9 @@ def _check_unit_interval(value, name):
 
 class _BCE(torch.autograd.Function):
     """Autograd binding of the BCE kernels (logits or probabilities). Saves the inputs only: the
-    backward is one elementwise launch that recomputes sigmoid/log terms from them."""
+    backward is one elementwise launch that recomputes sigmoid/log terms from them. Under
+    ``create_graph=True`` (an R1 penalty) the backward is PyTorch's, so it can be differentiated
+    again."""
 
     @staticmethod
     def forward(ctx, input, target, weight, pos_weight, reduction, from_logits):
@@ -312,6 +368,16 @@ class _BCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         input, target, weight, pos_weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            def loss(input, target):
+                if ctx.from_logits:
+                    return reference.bce_with_logits(input, target, weight=weight,
+                                                     pos_weight=pos_weight, reduction=ctx.reduction)
+                return reference.binary_cross_entropy(input, target, weight=weight,
+                                                      reduction=ctx.reduction)
+
+            grads = _differentiable_grads(loss, (input, target), ctx.needs_input_grad[:2], grad)
+            return (*grads, None, None, None, None)
         d_input, d_target = _bce_kernels().bce_backward(
             grad, input, target, weight, pos_weight, ctx.reduction, ctx.from_logits,
             need_dx=ctx.needs_input_grad[0], need_dt=ctx.needs_input_grad[1])
@@ -324,17 +390,22 @@ def bce_with_logits(logits, target, *, weight=None, pos_weight=None, reduction="
     to 1e4 and beyond.
 
     - ``target``: a floating tensor of logits' shape (hard or soft labels; broadcast views such as
-      ``torch.ones(()).expand_as(logits)`` are read without a copy).
+      ``torch.ones(()).expand_as(logits)`` are read without a copy). The loss has target's dtype,
+      as in PyTorch; it is computed in the wider of logits' and target's dtypes.
     - ``weight``, ``pos_weight``: optional, broadcast to logits' shape as in PyTorch.
     - ``reduction``: "none" | "mean" | "sum". ``impl``: "auto" | "triton" | "ref".
-    Gradients flow to logits and target (not to weight or pos_weight on the Triton path).
+    Gradients flow to logits and target, twice too (``create_graph=True``). A weight or pos_weight
+    that needs a gradient runs the reference ("auto") or raises (impl="triton").
     """
-    _check_bce(logits, "logits", target, weight, pos_weight, reduction)
-    if resolve_impl(impl, logits.device, logits.dtype, _BCE_DTYPES) == "ref":
+    reduction = _check_bce(logits, "logits", target, weight, pos_weight, reduction)
+    dtype = torch.promote_types(logits.dtype, target.dtype)
+    weight, pos_weight = _as_floating(weight, dtype), _as_floating(pos_weight, dtype)
+    if resolve_impl(impl, logits.device, dtype, _BCE_DTYPES,
+                    _weights_needing_grad(weight, pos_weight)) == "ref":
         return reference.bce_with_logits(logits, target, weight=weight, pos_weight=pos_weight,
                                          reduction=reduction)
-    _check_no_grad_wanted(weight, pos_weight)
-    return _BCE.apply(logits, target, weight, pos_weight, reduction, True)
+    loss = _BCE.apply(logits.to(dtype), target.to(dtype), weight, pos_weight, reduction, True)
+    return loss.to(target.dtype)  # PyTorch's loss is built from (1 - target) in place
 
 
 def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", impl="auto"):
@@ -345,11 +416,12 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", impl="
     the CUDA context as PyTorch's device-side assert, which impl="ref" keeps, does).
     Arguments as in :func:`bce_with_logits`, without ``pos_weight``.
     """
-    _check_bce(probs, "probs", target, weight, None, reduction)
+    reduction = _check_bce(probs, "probs", target, weight, None, reduction)
     if probs.device.type == "cpu":
         _check_unit_interval(probs, "probs")
         _check_unit_interval(target, "target")
-    if resolve_impl(impl, probs.device, probs.dtype, _BCE_DTYPES) == "ref":
+    weight = _as_floating(weight, probs.dtype)
+    if resolve_impl(impl, probs.device, probs.dtype, _BCE_DTYPES,
+                    _weights_needing_grad(weight, None)) == "ref":
         return reference.binary_cross_entropy(probs, target, weight=weight, reduction=reduction)
-    _check_no_grad_wanted(weight, None)
     return _BCE.apply(probs, target, weight, None, reduction, False)

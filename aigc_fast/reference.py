@@ -15,7 +15,7 @@ def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_
     that case normalises with batch statistics and updates the running stats here, without a sync."""
     y = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
     if isinstance(momentum, torch.Tensor):
-        if training and running_mean is not None:
+        if training and running_mean is not None and y.shape[0] > 0:  # F.batch_norm skips empty ones
             with torch.no_grad():
                 var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=1)
                 running_mean.mul_(1 - momentum).add_(momentum * mean)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_checkpoint, load_state_checked
-from .cli import ArgumentParser, UsageError, positive_int, resolve_device, run_main
+from .cli import (ArgumentParser, UsageError, add_device_argument, positive_int,
+                  resolve_device, run_main)
 from .ema import EMA_KEY
 from .models import Generator, cpu_channels_last
 
@@ -106,8 +107,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same images (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=256,
                    help="images generated per forward pass (default 256)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to run the Generator (default: cuda if available)")
+    add_device_argument(p, "run the Generator")
     p.add_argument("--no-ema", action="store_true",
                    help="use the trained weights G, not their moving average G_ema (the default "
                         "when the checkpoint has one)")

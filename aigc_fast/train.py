@@ -11,6 +11,7 @@ A run folder holds config.json, metrics.jsonl (one row per --log-every steps, pl
 "swd" per evaluation), samples/real.png, samples/step_NNNNNN.png (fixed noise),
 checkpoints/last.pt + step_NNNNNN.pt and curves.png (with matplotlib).
 """
+import argparse
 import importlib.util
 import json
 import math
@@ -33,8 +34,8 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import (load_checkpoint, load_state_checked, rng_states, save_checkpoint,
                          set_rng_states, write_bytes_atomic)
-from .cli import (EXIT_INTERRUPTED, ArgumentParser, UsageError, positive_float, positive_int,
-                  resolve_device, run_main)
+from .cli import (EXIT_INTERRUPTED, ArgumentParser, UsageError, add_device_argument,
+                  positive_float, positive_int, resolve_device, run_main)
 from .functional import bce_with_logits, triton_can_run
 from .curves import write_curves
 from .data import SHAPES, BatchOrder, batch_stream, load_images, to_model_range
@@ -153,7 +154,8 @@ BACKENDS = {
                 _prepare_eager, _always),
         Backend("compile", "torch.compile of G and D (inductor)", _prepare_compile,
                 _compile_unavailable),
-        Backend("fused", "our Triton kernels: aigc_fast.fuse(G, D) and the fused BCE loss",
+        Backend("fused", "our Triton kernels: aigc_fast.fuse() on G and on D, and the fused BCE "
+                         "loss",
                 _prepare_fused, _fused_unavailable),
     )
 }
@@ -213,11 +215,35 @@ def _beta(text):
 _beta.__name__ = "number in [0, 1)"
 
 
+# pytorch/examples dcgan/main.py's spellings of our flags, accepted so that its users' commands run:
+# (their flag, our flag's dest, argparse keywords). Hidden from --help's list; its epilog names them.
+EXAMPLES_ALIASES = (
+    ("--dataroot", "data", {}),
+    ("--imageSize", "image_size", {"type": int, "choices": SUPPORTED_IMAGE_SIZES}),
+    ("--batchSize", "batch_size", {"type": positive_int}),
+    ("--manualSeed", "seed", {"type": int}),
+    ("--outf", "out", {}),
+    ("--cuda", "device", {"action": "store_const", "const": "cuda"}),
+)
+
+
+def _add_examples_aliases(parser, length_group):
+    for flag, dest, kwargs in EXAMPLES_ALIASES:
+        parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                            **kwargs)
+    length_group.add_argument("--niter", dest="epochs", type=positive_int,
+                              default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def build_parser():
     p = ArgumentParser(
         prog="python -m aigc_fast.train",
         description="Train a DCGAN. With no arguments: 32 px images of the embedded 'shapes' data set "
-                    "on the best available device, outputs in a new folder under runs/.")
+                    "on the best available device, outputs in a new folder under runs/.",
+        epilog="pytorch/examples' dcgan/main.py flags work too: "
+               + ", ".join(flag for flag, _, _ in EXAMPLES_ALIASES)
+               + " and --niter mean --data, --image-size, --batch-size, --seed, --out, --device cuda "
+                 "and --epochs.")
     add = p.add_argument
     add("--data", default=SHAPES, metavar="shapes|DIR|FILE.npz",
         help="training images: 'shapes' (the embedded procedural set, default), a folder (every "
@@ -246,8 +272,7 @@ def build_parser():
         help="image channels: 3 (RGB) or 1 (grayscale) (default %(default)s)")
     add("--seed", type=int, default=0, metavar="N",
         help="seed of the weights, the noise and the data order (default %(default)s)")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto",
-        help="where to train (default auto: cuda if available)")
+    add_device_argument(p, "train")
     add("--backend", choices=("auto",) + tuple(BACKENDS), default="auto",
         help="how the step runs: " + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values())
              + " (default auto: the fastest available on the device)")
@@ -285,6 +310,7 @@ def build_parser():
              "python -m aigc_fast.eval)")
     add("--dry-run", action="store_true",
         help="run a single step and write every output (a smoke test)")
+    _add_examples_aliases(p, length)
     return p
 
 
@@ -511,6 +537,12 @@ def prepare_outputs(run):
 # --- the loop's parts -----------------------------------------------------------------------------
 
 
+def format_rate(per_second):
+    """A throughput for people: whole numbers from 100 up, three significant digits below, so a
+    slow run (Triton interpreted on a CPU: well under one image a second) does not print 0."""
+    return f"{per_second:.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
 class Diverged(Exception):
     """A loss or weight became NaN/inf: the run stops and keeps its last good checkpoint."""
 
@@ -563,7 +595,7 @@ def log_metrics(run, meter, bar, t_start):
             f.write(json.dumps(row) + "\n")
     bar.set_postfix_str(f"loss_d {means['loss_d']:.3f} loss_g {means['loss_g']:.3f} "
                         f"D(x) {means['d_real']:.2f} D(G(z)) {means['d_fake']:.2f} "
-                        f"{row['images_per_s']:.0f} img/s", refresh=False)
+                        f"{format_rate(row['images_per_s'])} img/s", refresh=False)
 
 
 def sampling_generator(run):
@@ -715,8 +747,8 @@ def fit(run):
     elapsed = time.perf_counter() - t_start
     rate = (run.step - start_step) * c["batch_size"] * run.world.world_size / (elapsed - eval_seconds)
     evals = f", {eval_seconds:.1f} s of it SWD evaluation" if eval_seconds else ""
-    print(f"done: step {run.step}/{total}, {elapsed:.1f} s in this run{evals} ({rate:.0f} images/s "
-          f"of training) | samples "
+    print(f"done: step {run.step}/{total}, {elapsed:.1f} s in this run{evals} ({format_rate(rate)} "
+          f"images/s of training) | samples "
           f"{run.out / 'samples' / f'step_{run.step:06d}.png'} | checkpoint {run.last_checkpoint}")
     return 0
 

@@ -323,13 +323,91 @@ def test_bad_input_raises_what_pytorch_raises_naming_the_argument(case, impl):
         ours(x, p, t, impl)
 
 
-def test_weight_needing_a_gradient_is_refused_not_dropped(device):
-    x = torch.randn(SHAPE, device=device)
-    weight = torch.rand(7, device=device, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="weight"):
-        functional.bce_with_logits(x, torch.rand(SHAPE, device=device), weight=weight, impl="triton")
-    with torch.no_grad():  # nothing to differentiate: fine
-        functional.bce_with_logits(x, torch.rand(SHAPE, device=device), weight=weight, impl="triton")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # log(0) in the numpy interpreter
+@pytest.mark.parametrize("op, weights", [("bce_with_logits", ("weight",)),
+                                         ("bce_with_logits", ("pos_weight",)),
+                                         ("binary_cross_entropy", ("weight",))])
+def test_weight_needing_a_gradient_runs_the_reference_under_auto(op, weights, device, monkeypatch):
+    """The kernels do not differentiate weight or pos_weight: "auto" falls back to the reference,
+    saying why, and so does what PyTorch does (today: refuse, as its op has no such gradient); a
+    forced "triton" refuses, naming the argument. No gradient is silently dropped."""
+    monkeypatch.setattr(functional, "_warned_fallbacks", set())
+    gen = seeded(op + weights[0])
+    x, t = wide_logits(SHAPE, gen).to(device), make_target("soft", SHAPE, gen).to(device)
+    if op == "binary_cross_entropy":
+        x = torch.sigmoid(x)
+    kwargs = {name: make_positive((7,), gen).to(device).requires_grad_() for name in weights}
+    theirs = {"bce_with_logits": F.binary_cross_entropy_with_logits,
+              "binary_cross_entropy": F.binary_cross_entropy}[op]
+    ours = getattr(functional, op)
+    try:
+        expected = theirs(x, t, **kwargs)
+    except Exception as error:  # noqa: BLE001 - whatever PyTorch does, auto does
+        expected = error
+    with pytest.warns(UserWarning, match=f"differentiate with respect to {weights[0]}"):
+        try:
+            got = ours(x, t, impl="auto", **kwargs)
+        except Exception as error:  # noqa: BLE001
+            got = error
+    assert type(got) is type(expected)
+    if isinstance(expected, Exception):
+        assert str(got) == str(expected)
+    else:
+        assert max_rel_err(got, expected) <= TOL[torch.float32]
+    with pytest.raises(NotImplementedError, match=f"impl='triton' cannot run: .* {weights[0]}"):
+        ours(x, t, impl="triton", **kwargs)
+    with torch.no_grad():  # nothing to differentiate: the kernels run
+        ours(x, t, impl="triton", **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("x_dtype, t_dtype", [(torch.float32, torch.float64),
+                                              (torch.float64, torch.float32),
+                                              (torch.float16, torch.float32)])
+def test_loss_dtype_follows_pytorch(x_dtype, t_dtype, impl, device):
+    """PyTorch's loss has target's dtype (float32 logits, float64 target -> float64); ours too, and
+    each gradient the dtype of its input."""
+    gen = seeded("promotion")
+    x, t = torch.randn(SHAPE, generator=gen) * 3, make_target("soft", SHAPE, gen)
+
+    def run(fn, x, t, **kwargs):
+        x, t = x.clone().requires_grad_(), t.clone().requires_grad_()
+        loss = fn(x, t, reduction="sum", **kwargs)
+        loss.backward()
+        return loss, x.grad, t.grad
+
+    ours = run(functional.bce_with_logits, x.to(device, x_dtype), t.to(device, t_dtype), impl=impl)
+    want = run(F.binary_cross_entropy_with_logits, x.to(x_dtype), t.to(t_dtype))
+    exact = run(F.binary_cross_entropy_with_logits, x.to(x_dtype).double(), t.to(t_dtype).double())
+    assert [v.dtype for v in ours] == [v.dtype for v in want]
+    narrowest = torch.float16 if torch.float16 in (x_dtype, t_dtype) else torch.float32
+    for a, b in zip(ours, exact):
+        assert max_rel_err(a, b) <= TOL[narrowest]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # log(0) in the numpy interpreter
+@pytest.mark.parametrize("impl", IMPLS)
+def test_what_pytorch_accepts_is_accepted(impl, device):
+    """reduction="elementwise_mean" (PyTorch's deprecated "mean", with its warning) and integer
+    weight and pos_weight."""
+    gen = seeded("accepted")
+    x, t = wide_logits(SHAPE, gen).to(device), make_target("soft", SHAPE, gen).to(device)
+    w, pw = torch.tensor([1, 2, 3, 1, 2, 3, 1]).to(device), torch.tensor([[2], [1], [3], [1], [4]]).to(device)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        ours = functional.bce_with_logits(x, t, weight=w, pos_weight=pw, reduction="elementwise_mean",
+                                          impl=impl)
+    want = F.binary_cross_entropy_with_logits(x.double(), t.double(), weight=w, pos_weight=pw)
+    assert max_rel_err(ours, want) <= TOL[torch.float32]
+    p = torch.sigmoid(x)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        ours = functional.binary_cross_entropy(p, t, weight=w, reduction="elementwise_mean", impl=impl)
+    want = F.binary_cross_entropy(p.double(), t.double(), weight=w.double())
+    assert max_rel_err(ours, want) <= TOL[torch.float32]
+    module = fused_nn.BCEWithLogitsLoss(pos_weight=pw, reduction="elementwise_mean", impl=impl)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        ours = module(x, t)
+    assert max_rel_err(ours, F.binary_cross_entropy_with_logits(x.double(), t.double(),
+                                                                pos_weight=pw)) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

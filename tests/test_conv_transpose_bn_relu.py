@@ -163,6 +163,34 @@ def test_eval_matches_float64(bias, impl, device, request):
     assert torch.equal(result["running_var"], case["running_var"])
 
 
+def test_eval_with_eps_zero_matches_float64(device, poisoned):
+    """BatchNorm2d(eps=0.0) is legal in PyTorch's eval mode (the running variances here are >= 0.5);
+    in training F.batch_norm refuses it, and so do we."""
+    cfg = CONFIGS["dcgan-4x4-s2"]
+    case = make_case(cfg, device, bias=True)
+    kwargs = dict(training=False, eps=0.0, **geometry(cfg))
+    assert_close(run_op(case, impl="triton", **kwargs), float64_reference(case, **kwargs))
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("training, momentum", [(True, 0.1), (True, "tensor"), (False, 0.1)])
+def test_empty_batch_is_what_pytorch_returns(training, momentum, impl, device):
+    """N = 0: an empty output of the right shape, zero gradients, running stats untouched (as
+    F.batch_norm leaves them), whatever the momentum."""
+    cfg = CONFIGS["k3-s2-outpad"]
+    case = make_case(cfg, device, bias=True)
+    case["x"] = case["x"][:0]
+    if momentum == "tensor":
+        momentum = torch.tensor(0.5, device=device)
+    result = run_op(case, impl=impl, training=training, momentum=momentum, **geometry(cfg))
+    expected = float64_reference(case, training=training, **geometry(cfg))
+    assert result["out"].shape == expected["out"].shape == (0, 7, 6, 10)
+    for key, value in expected.items():
+        assert torch.equal(result[key].double(), value), key
+    assert torch.equal(result["running_mean"], case["running_mean"])
+    assert torch.equal(result["running_var"], case["running_var"])
+
+
 @pytest.mark.parametrize("impl", ["triton", "ref"])
 def test_statistics_exact_when_mean_dwarfs_std(impl, device):
     """x = 1e3 + small integers, weights positive multiples of 1/4: every y is exact in float32 and
@@ -252,7 +280,8 @@ def test_nan_input_propagates(impl, device):
 
 
 BAD_INPUTS = [
-    (dict(x=torch.randn(3, 5, 4)), ValueError, "x must be a non-empty 4-D"),
+    (dict(x=torch.randn(3, 5, 4)), ValueError, "x must be a 4-D tensor"),
+    (dict(x=torch.randn(2, 3, 0, 4)), ValueError, "with C_in, H, W >= 1 (N may be 0)"),
     (dict(x=torch.randn(2, 3, 5, 4).double()), TypeError, "weight must have x's dtype"),
     (dict(x=torch.randn(2, 4, 5, 4)), ValueError, "weight must have shape (C_in=4"),
     (dict(x=torch.randn(2, 3, 5, 4).int()), TypeError, "x must be float32"),
@@ -271,7 +300,8 @@ BAD_INPUTS = [
      "required when training=False"),
     (dict(x=torch.randn(1, 3, 1, 1), stride=1, padding=1, weight=torch.randn(3, 5, 3, 3)), ValueError,
      "Expected more than 1 value per channel when training"),
-    (dict(eps=0.0), ValueError, "eps must be a positive float"),
+    (dict(eps=-1e-5), ValueError, "eps must be a float > 0 in training, >= 0 in eval"),
+    (dict(eps=0.0), ValueError, "eps must be a float > 0 in training"),
     (dict(impl="cuda"), ValueError, "impl must be one of"),
 ]
 

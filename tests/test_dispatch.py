@@ -17,9 +17,24 @@ def test_auto_picks_triton_under_the_interpreter():
 
 
 def test_auto_falls_back_for_dtypes_the_kernel_lacks(monkeypatch):
-    monkeypatch.setattr(functional, "_warned_fallback", False)
+    monkeypatch.setattr(functional, "_warned_fallbacks", set())
     with pytest.warns(UserWarning, match="float64"):
         assert functional.resolve_impl("auto", torch.device("cpu"), torch.float64) == "ref"
+
+
+def test_fallback_warns_once_per_cause(monkeypatch, recwarn, device):
+    """A second cause gets its own warning; a cause already reported gets none."""
+    monkeypatch.setattr(functional, "_warned_fallbacks", set())
+    for _ in range(2):
+        assert functional.resolve_impl("auto", device, torch.float64) == "ref"
+        assert functional.resolve_impl("auto", device, unsupported="a reason of the op's") == "ref"
+    assert [str(w.message) for w in recwarn] == [
+        "aigc_fast: Triton kernels cannot run here (this kernel takes torch.float32, torch.float16, "
+        "torch.bfloat16, got torch.float64); using the PyTorch reference.",
+        "aigc_fast: Triton kernels cannot run here (a reason of the op's); using the PyTorch "
+        "reference."]
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run: a reason of the op's"):
+        functional.resolve_impl("triton", device, unsupported="a reason of the op's")
 
 
 def test_forced_triton_that_cannot_run_raises():

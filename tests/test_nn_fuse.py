@@ -5,7 +5,9 @@ Fused float32 models are compared with float64 eager copies: relative error (Fro
 The fused op runs through "auto": the Triton kernels here (interpreted on CPU), the reference elsewhere.
 """
 import copy
+import inspect
 import io
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -185,13 +187,82 @@ def test_module_with_non_tracking_batch_norm_behaves_as_pytorch(device):
     torch.manual_seed(1)
     eager = eager_run(4, 5, kernel_size=4, stride=2, padding=1, bias=False)
     eager[1] = nn.BatchNorm2d(5, track_running_stats=False)
-    module = ConvTransposeBNReLU(4, 5, 4, stride=2, padding=1)
+    module = ConvTransposeBNReLU(4, 5, 4, stride=2, padding=1, bias=False)
     module.conv.load_state_dict(eager[0].state_dict())
     module.bn = copy.deepcopy(eager[1])
     # eval mode too normalises with batch statistics, as PyTorch does without running stats
     assert_matches_reference(module, copy.deepcopy(eager).double(), lambda: torch.randn(2, 4, 3, 3),
                              device, train_steps=1)
     assert dict(module.named_buffers()) == {}
+
+
+def weights_init(m):
+    """pytorch/examples dcgan/main.py's initialisation, verbatim."""
+    classname = m.__class__.__name__
+    if classname.find('Conv') != -1:
+        torch.nn.init.normal_(m.weight, 0.0, 0.02)
+    elif classname.find('BatchNorm') != -1:
+        torch.nn.init.normal_(m.weight, 1.0, 0.02)
+        torch.nn.init.zeros_(m.bias)
+
+
+def test_module_takes_conv_transpose2ds_arguments_in_its_order():
+    """nn.ConvTranspose2d's parameters (names, order, defaults: bias=True), then BatchNorm2d's as
+    keywords with BatchNorm2d's defaults."""
+    conv = list(inspect.signature(nn.ConvTranspose2d).parameters.values())
+    bn = inspect.signature(nn.BatchNorm2d).parameters
+    ours = list(inspect.signature(ConvTransposeBNReLU).parameters.values())
+    assert [(p.name, p.default, p.kind) for p in ours[:len(conv)]] == [
+        (p.name, p.default, p.kind) for p in conv]
+    assert {p.name: p.default for p in ours[len(conv):]} == {
+        name: bn[name].default for name in ("eps", "momentum", "affine", "track_running_stats")}
+    assert all(p.kind is p.KEYWORD_ONLY for p in ours[len(conv):])
+
+
+def test_module_is_a_drop_in_for_the_examples_code(fused_calls, device):
+    """Positional arguments as nn.ConvTranspose2d's, pytorch/examples' weights_init, forward's
+    output_size: it still runs fused and matches the eager run."""
+    torch.manual_seed(12)
+    module = ConvTransposeBNReLU(4, 6, 3, 2, 1, 0, 1, False)  # ..., output_padding, groups, bias
+    assert module.conv.bias is None and module.weight is module.conv.weight and module.bias is None
+    module.apply(weights_init)
+    assert 0.015 < module.conv.weight.std().item() < 0.025
+    assert (module.bn.weight - 1).abs().max().item() < 0.1 and not module.bn.bias.any()
+    randomize_batch_norms_(module)
+    eager = nn.Sequential(copy.deepcopy(module.conv), copy.deepcopy(module.bn), nn.ReLU()).double()
+    assert_matches_reference(module, eager, lambda: torch.randn(2, 4, 3, 2), device, train_steps=1)
+    x = torch.randn(2, 4, 3, 2, device=device)
+    module.train()
+    eager.train().to(device)
+    out = module(x, output_size=[6, 4])  # output_padding (1, 1)
+    want = eager[2](eager[1](eager[0](x.double(), output_size=[6, 4])))
+    assert out.shape == want.shape == (2, 6, 6, 4)
+    assert_close(out, want, "output with output_size")
+    assert fused_calls == [True, False, True]
+
+
+def test_module_accepts_device_dtype_and_what_it_cannot_fuse(device):
+    """device=, dtype= build both children there; dilation or groups the fused op lacks are accepted
+    as PyTorch accepts them: a warning says the module runs eagerly, and it matches PyTorch."""
+    torch.manual_seed(13)
+    module = ConvTransposeBNReLU(2, 3, 3, device=device, dtype=torch.float64)
+    assert {t.dtype for name, t in module.state_dict().items()
+            if not name.endswith("num_batches_tracked")} == {torch.float64}
+    assert {t.device for t in module.state_dict().values()} == {torch.device(device)}
+    eager = nn.Sequential(copy.deepcopy(module.conv), copy.deepcopy(module.bn), nn.ReLU())
+    x = torch.randn(2, 2, 3, 3, device=device, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "auto" falls back to the reference for float64
+        assert_close(module(x), eager(x), "float64 output")
+    for args in (dict(dilation=2), dict(groups=2)):
+        with pytest.warns(UserWarning, match=f"ConvTransposeBNReLU: ConvTranspose2d has "
+                                             f"{next(iter(args))}=.*runs eagerly"):
+            module = ConvTransposeBNReLU(4, 6, 3, stride=2, **args)
+        eager = nn.Sequential(copy.deepcopy(module.conv), copy.deepcopy(module.bn), nn.ReLU())
+        x = torch.randn(2, 4, 3, 3)
+        assert torch.equal(module(x), eager(x))
+    with pytest.raises(ValueError, match='"zeros" padding mode'):  # nn.ConvTranspose2d's error
+        ConvTransposeBNReLU(4, 6, 3, padding_mode="reflect")
 
 
 # --- fuse() on whole models -----------------------------------------------------------------------
@@ -353,6 +424,8 @@ def test_verbose_report_on_generator_and_package_entry_points(capsys):
         "  fused main.6 -> main.7 -> main.8",
         "  fused main.9 -> main.10 -> main.11",
         "  left  main.12: followed by Tanh, not BatchNorm2d -> ReLU",
+        "  (a fused run runs fused when its nn.Sequential is called; if its modules are called one "
+        "by one, it runs unfused and warns)",
     ]
     assert type(aigc_fast.unfuse(model).main) is nn.Sequential
     for bad in (fuse, unfuse):
@@ -440,3 +513,108 @@ def test_fused_generator_saves_no_more_for_backward_than_eager(monkeypatch, devi
     print(f"saved for backward: eager {eager_bytes} B, fused {fused_bytes} B, "
           f"ratio {fused_bytes / eager_bytes:.3f}")
     assert fused_bytes <= eager_bytes
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_empty_batch_after_fuse_is_what_eager_gives(momentum, fused_calls, device):
+    """N = 0: PyTorch returns an empty output, advances num_batches_tracked and leaves the running
+    stats; the fused model does the same."""
+    torch.manual_seed(14)
+    model = randomize_batch_norms_(nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2),
+                                                 nn.BatchNorm2d(4, momentum=momentum), nn.ReLU()))
+    eager = copy.deepcopy(model).to(device)
+    fuse(model).to(device)
+    for training in (True, False):
+        model.train(training)
+        eager.train(training)
+        x = torch.randn(0, 3, 2, 5, device=device)
+        out, grad_x, grads, grad_out = forward_backward(eager, x)
+        out2, grad_x2, grads2, _ = forward_backward(model, x, grad_out)
+        assert out2.shape == out.shape == (0, 4, 5, 11) and grad_x2.shape == grad_x.shape
+        assert all(torch.equal(g, g2) for (_, g), (_, g2) in zip(grads, grads2))
+        for (key, a), b in zip(eager.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), key
+    assert model[1].num_batches_tracked.item() == 1
+    assert fused_calls == [True, False]
+
+
+def test_a_rejected_call_changes_no_state(device):
+    """Bad input raises before num_batches_tracked or a running statistic changes."""
+    model = fuse(nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None),
+                               nn.ReLU())).to(device)
+    model(torch.randn(2, 3, 2, 2, device=device))
+    before = copy.deepcopy(model.state_dict())
+    for bad in (torch.randint(0, 4, (2, 3, 2, 2)), torch.randn(3, 2, 2), torch.randn(2, 5, 2, 2)):
+        with pytest.raises((TypeError, ValueError)):
+            model(bad.to(device))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+class IteratingNetG(nn.Module):
+    """A generator whose forward walks its Sequential, as many user models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Sequential(nn.ConvTranspose2d(nz, 4, 4, 1, 0, bias=False), nn.BatchNorm2d(4),
+                                  nn.ReLU(True), nn.ConvTranspose2d(4, nc, 4, 2, 1), nn.Tanh())
+
+    def forward(self, x):
+        for m in self.main:
+            x = m(x)
+        return x
+
+
+def test_a_run_that_never_runs_fused_is_not_left_claimed(capsys, fused_calls, device):
+    """fuse() cannot see how a parent calls its Sequential: its report says a fused run runs fused
+    when the Sequential is called, and a run whose modules are called one by one warns, once."""
+    model = fuse(IteratingNetG(), verbose=True).to(device)
+    report = capsys.readouterr().out
+    assert "  fused main.0 -> main.1 -> main.2\n" in report
+    assert "a fused run runs fused when its nn.Sequential is called; if its modules are called " \
+           "one by one, it runs unfused and warns" in report
+    z = torch.randn(2, nz, 1, 1, device=device)
+    with pytest.warns(UserWarning, match=r"main\.0 -> main\.1 -> main\.2, reported fused, ran "
+                                         r"unfused: its modules were called one by one"):
+        model(z)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(z)                     # warned once
+        model.main(z)                # the Sequential itself: fused, and no warning
+    assert fused_calls == [True]
+    unfuse(model)
+    assert not model.main[0]._forward_pre_hooks
+
+
+def test_lazy_run_fuses_from_its_second_call(capsys, fused_calls, device):
+    """A lazy ConvTranspose2d/BatchNorm2d is fused before its first forward: that forward
+    initialises it eagerly (silently), the following ones run fused."""
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.LazyConvTranspose2d(5, 3, stride=2), nn.LazyBatchNorm2d(), nn.ReLU())
+    fuse(model, verbose=True).to(device)
+    assert "  fused 0 -> 1 -> 2 (from its second call: the first initialises its lazy modules)" in (
+        capsys.readouterr().out)
+    assert type(model) is FusedSequential
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 4, 3, 3, device=device))
+    assert fused_calls == [] and type(model[0]) is nn.ConvTranspose2d
+    randomize_batch_norms_(model)
+    reference = unfuse(copy.deepcopy(model)).double()
+    assert_matches_reference(model, reference, lambda: torch.randn(2, 4, 3, 3), device, train_steps=2)
+    assert fused_calls == [True, True, False]
+
+
+def test_a_run_split_across_nested_sequentials_says_so(capsys):
+    model = nn.Sequential(OrderedDict(
+        head=nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4)), act=nn.ReLU(),
+        conv=nn.ConvTranspose2d(4, 4, 3), tail=nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())))
+    fuse(model, verbose=True)
+    report = capsys.readouterr().out
+    rule = ("(a run fuses only when ConvTranspose2d, BatchNorm2d and ReLU are consecutive children "
+            "of one nn.Sequential)")
+    for line in ["left  head.0: followed by BatchNorm2d, then the end of its nn.Sequential, not "
+                 "BatchNorm2d -> ReLU " + rule,
+                 "left  conv: followed by a nested Sequential, then the end of its nn.Sequential, "
+                 "not BatchNorm2d -> ReLU " + rule]:
+        assert line in report, f"{line!r} not in:\n{report}"

@@ -2,16 +2,18 @@
 import copy
 import json
 import os
+import re
 import signal
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from aigc_fast import __version__, train
-from aigc_fast.cli import UsageError
+from aigc_fast.cli import UsageError, resolve_device
 from aigc_fast.models import build_models
 from aigc_fast.train import BACKENDS, Backend, Prepared, main, resolve_backend, train_step
 from cli_helpers import assert_one_line_error, run_cli
@@ -155,6 +157,59 @@ def test_help_documents_every_flag(capsys):
                  "--resume", "--sample-every", "--checkpoint-every", "--workers", "--dry-run",
                  "--ema", "--eval-every", "--eval-n"):
         assert flag in out
+
+
+def test_version_and_the_backend_help(capsys):
+    status, out, _ = _cli(["--version"], capsys)
+    assert status == 0 and out == f"aigc_fast {__version__}\n"
+    status, out, _ = _cli(["--help"], capsys)
+    assert "fuse(G, D)" not in out  # fuse() takes one model
+    assert "aigc_fast.fuse() on G and on D" in " ".join(out.split())
+
+
+def test_device_takes_any_torch_device_string(capsys):
+    for name in ("cuda:1", "cuda", "cpu", "cpu:0", "auto"):
+        assert train.parse_args(["--device", name])[0].device == name
+    assert resolve_device("cpu:0") == torch.device("cpu:0")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = "no CUDA device is available" if not count else f"this machine has {count} CUDA"
+    with pytest.raises(UsageError, match=f"--device cuda:{count}: {missing}"):
+        resolve_device(f"cuda:{count}")
+    status, _, err = _cli(["--device", "bogus"], capsys)
+    assert_one_line_error(status, err, "--device", "bogus", "cuda:N")
+
+
+def test_pytorch_examples_flags_are_hidden_aliases(capsys):
+    """dcgan/main.py's spellings set our settings; --help names them once, after the list."""
+    args, explicit = train.parse_args(["--dataroot", "imgs", "--imageSize", "64", "--batchSize", "16",
+                                       "--manualSeed", "7", "--outf", "o", "--niter", "3", "--cuda"])
+    assert (args.data, args.image_size, args.batch_size, args.seed, args.out, args.epochs,
+            args.device) == ("imgs", 64, 16, 7, "o", 3, "cuda")
+    assert {"data", "image_size", "batch_size", "seed"} <= explicit
+    defaults = vars(train.parse_args([])[0])  # the aliases leave our defaults alone
+    assert (defaults["data"], defaults["device"], defaults["epochs"], defaults["out"]) == (
+        "shapes", "auto", None, None)
+    status, out, _ = _cli(["--help"], capsys)
+    listing, epilog = out.split("pytorch/examples' dcgan/main.py flags work too")
+    for flag, _, _ in train.EXAMPLES_ALIASES + (("--niter", None, None),):
+        assert flag not in listing and epilog.count(flag) == 1, flag
+    status, _, err = _cli(["--imageSize", "48"], capsys)
+    assert_one_line_error(status, err, "--imageSize", "48", "32, 64")
+    status, _, err = _cli(["--niter", "2", "--steps", "5"], capsys)
+    assert_one_line_error(status, err, "--niter", "--steps")
+
+
+def test_a_slow_run_reports_its_rate_not_zero(tmp_path, capsys, monkeypatch):
+    """A dry run of the fused backend, interpreted on a CPU, makes well under one image a second:
+    it printed "0 images/s". A clock that advances 50 s at each reading makes any run that slow."""
+    clock = iter(range(0, 10**6, 50))
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    status, out, _ = _cli(["--dry-run", "--out", str(tmp_path / "run")] + TINY, capsys)
+    assert status == 0
+    rate = re.search(r"\(([0-9.e+-]+) images/s of training\)", out).group(1)
+    assert 0 < float(rate) < 1, rate
+    assert [train.format_rate(r) for r in (0.01234, 12.345, 99.94, 1234.4)] == [
+        "0.0123", "12.3", "99.9", "1234"]
 
 
 def test_dry_run_writes_every_output(tmp_path, capsys):
