@@ -6,23 +6,26 @@
 
 It records the Triton launches of one fused training step (the benchmark suite's ``fused`` train
 step: D on real and fake, G, both Adam updates) of the 32 px network at batch 64 and the 64 px
-network at batch 512 (pytorch/examples' ngf = ndf = 64), per dtype and per target GPU (split-K
-factors follow its SM count), on meta tensors: shapes, no data, nothing runs. Then, with no
-interpreter, it compiles each distinct launch under every autotune config that CUDA would try (the
-autotuner's own pruning applied), fp32 GEMMs both with tf32 and with ieee products, for each target,
-through Triton's launch path (``JITFunction.run(warmup=True)``) twice, so that its launch-time checks
-run (Triton >= 3.8 compares the globals a kernel used with their compile-time values at every
-launch). ptxas, the one Triton bundles, reports registers and spills.
+network at batch 512 (pytorch/examples' ngf = ndf = 64), of the trainer's eval-mode G (samples,
+SWD) and of both BCE losses on a batch large enough for their two-launch reduction, per dtype and
+per target GPU (split-K factors follow its SM count), on meta tensors: shapes, no data, nothing
+runs. Then, with no interpreter, it compiles each distinct launch under every autotune config that
+CUDA would try (the autotuner's own pruning applied), fp32 GEMMs both with tf32 and with ieee
+products, for each target, through Triton's launch path (``JITFunction.run(warmup=True)``), whose
+launch-time checks run after the compile (Triton, 3.6 included, compares the globals a kernel used
+with their compile-time values) and again on the cached path by a second call. ptxas, the one
+Triton bundles, reports registers and spills.
 
 It prints one row per compile (launch, kernel, dtype, products, config, arch, registers, spill bytes,
 shared memory, tensor-core instruction, cp.async), a summary per kernel x dtype x arch, and one line:
 ``compile check: N compiles, F failed, S spilling ... (triton X)``. It exits 1 on any failure: a
 compile error, a launch-time check that raises, shared memory beyond the target's per-block limit,
-or a config that spills (spilling configs are pruned from the autotune lists in kernels/, so every
+registers x threads beyond the 64K registers of an SM, or a config that spills (spilling configs are pruned from the autotune lists in kernels/, so every
 config a GPU would try is spill-free).
 
-It proves that this Triton builds every kernel we launch for those GPUs and that the builds fit.
-It does not time anything, check numerics on a GPU, or load a binary into a driver: only a GPU can.
+It proves that this Triton builds every launch recorded here for those GPUs and that the builds fit;
+other shapes give other integer specialisations (a value of 1, multiples of 16), which it has not
+built. It does not time anything, check numerics on a GPU, or load a binary into a driver: only a GPU can.
 """
 import argparse
 import collections
@@ -36,6 +39,7 @@ import re
 import sys
 import tempfile
 import time
+from functools import partial
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = {"sm_90": (90, 132, 232448), "sm_80": (80, 108, 166912)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STEPS = ((32, 64), (64, 512))  # (image size, batch)
+LOSS_N = 4096  # logits for the losses: past one program (1024), so the partial sums get their own launch
 PRODUCTS = {"tf32": None, "ieee": "ieee"}  # tl.dot's input_precision for float32 operands
 
 
@@ -59,7 +64,8 @@ def parse_args(argv):
                    help="sm_90 and fp32 only (tf32 and ieee products), every config: the test suite's form")
     p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated targets (default: all)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes (default: all)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                   help="compiler processes (default: the CPUs this process may use)")
     p.add_argument("--json", type=Path, help="also write every row and the summary to this file")
     p.add_argument("--rows", choices=("all", "bad", "none"), default="all",
                    help="which per-compile rows to print (default all)")
@@ -155,8 +161,9 @@ class Launch:
                 tuple(sorted((k, repr(v)) for k, v in self.kwargs.items())))
 
 
-def _base_function(kernel):
-    while not inspect.isfunction(kernel):
+def _unwrap(kernel, until):
+    """The object under an Autotuner / Heuristics wrapper (``.fn`` chain) for which ``until`` holds."""
+    while not until(kernel):
         kernel = kernel.fn
     return kernel
 
@@ -173,18 +180,12 @@ def recording_launches(multiprocessors):
 
     launches = []
 
-    def record(kernel, args, kwargs):
-        base = _base_function(kernel)
+    def record(kernel, *args, grid, warmup, **kwargs):
+        base = _unwrap(kernel, inspect.isfunction)
         launches.append((base.__module__, base.__name__, args, kwargs))
 
-    def jit_run(self, *args, grid, warmup, **kwargs):
-        record(self, args, kwargs)
-
-    def autotuned_run(self, *args, grid, warmup, **kwargs):
-        record(self, args, kwargs)
-
     saved = (JITFunction.run, Autotuner.run, os.environ.get("AIGC_FAST_IMPL"))
-    JITFunction.run, Autotuner.run = jit_run, autotuned_run
+    JITFunction.run = Autotuner.run = record
     META_LAUNCHES.enabled, META_LAUNCHES.multiprocessors = True, multiprocessors
     os.environ["AIGC_FAST_IMPL"] = "triton"
     try:
@@ -204,20 +205,54 @@ def _as_recorded(value):
     return value
 
 
-def record_steps(archs, dtypes):
-    """The distinct launches of one fused training step per (step, dtype, arch), in first-seen order."""
+META = torch.device("meta")
+
+
+def _training_step(image_size, batch, dtype):
+    """The benchmark suite's fused training step: what ``--backend fused`` runs."""
     from benchmarks.cases import DCGAN, TrainStepCase
     from benchmarks.providers import _train_step
 
+    _train_step(TrainStepCase(image_size, batch, DCGAN), "fused", META, dtype)()
+
+
+def _sampling(image_size, batch, dtype):
+    """Samples and SWD: the fused G (the trainer's EMA copy of it) in eval mode, without grad."""
+    from benchmarks.cases import DCGAN
+
+    import aigc_fast
+    from aigc_fast.models import Generator
+
+    G = aigc_fast.fuse(Generator(image_size, DCGAN.nz, DCGAN.ngf, DCGAN.nc).to(META, dtype)).eval()
+    with torch.no_grad():
+        G(torch.randn(batch, DCGAN.nz, device=META, dtype=dtype))
+
+
+def _losses(n, dtype):
+    """Both fused BCE losses, forward and backward, on more values than one program reduces."""
+    from aigc_fast import functional
+
+    logits = torch.randn(n, device=META, dtype=dtype, requires_grad=True)
+    target = torch.rand(n, device=META, dtype=dtype)
+    functional.bce_with_logits(logits, target).backward()
+    functional.binary_cross_entropy(torch.sigmoid(logits), target).backward()
+
+
+def workloads():
+    """(label, call(dtype)) of everything recorded."""
+    return ([(f"{s} px b{b} step", partial(_training_step, s, b)) for s, b in STEPS]
+            + [(f"{s} px b{b} eval G", partial(_sampling, s, b)) for s, b in STEPS]
+            + [(f"BCE n={LOSS_N}", partial(_losses, LOSS_N))])
+
+
+def record_launches(archs, dtypes):
+    """The distinct launches of :func:`workloads` per (dtype, arch), in first-seen order."""
     distinct = {}
     for arch in archs:
         for dtype in dtypes:
-            for image_size, batch in STEPS:
-                where = f"{image_size}px b{batch}"
+            for where, call in workloads():
                 with recording_launches(ARCHS[arch][1]) as launches:
-                    step = _train_step(TrainStepCase(image_size, batch, DCGAN), "fused",
-                                       torch.device("meta"), DTYPES[dtype])
-                    step()
+                    call(DTYPES[dtype])
                 for module, name, args, kwargs in launches:
                     launch = Launch(module, name, tuple(map(_as_recorded, args)),
                                     {k: _as_recorded(v) for k, v in kwargs.items()}, dtype, arch)
@@ -276,10 +311,12 @@ _PTXAS = {"registers": re.compile(r"Used (\d+) registers"),
           "spill_loads": re.compile(r"(\d+) bytes spill loads")}
 
 
-def _init_worker():
-    """Each compiler process: its own empty Triton cache (so ptxas runs and logs every build), the
-    compile-only driver, ptxas's log on stdout."""
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aigc_fast_compile_check_")
+def _init_worker(cache_root):
+    """Each compiler process: its own empty Triton cache under ``cache_root`` (so ptxas runs and logs
+    every build), the project importable, the compile-only driver, ptxas's log on stdout."""
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=cache_root)
+    from benchmarks.gpu_report import prepare_imports
+    prepare_imports()
     from triton import knobs
 
     knobs.nvidia.dump_ptxas_log = True
@@ -292,9 +329,7 @@ def compile_job(job):
     from triton.runtime.jit import JITFunction
 
     launch = job.launch
-    jit = _kernel(launch)
-    while not isinstance(jit, JITFunction):  # an Autotuner or Heuristics wraps it
-        jit = jit.fn
+    jit = _unwrap(_kernel(launch), lambda k: isinstance(k, JITFunction))
     _DRIVER.device = list(ARCHS).index(launch.arch)
     kwargs = {**_kwargs(launch, job.products), **job.config}
     row = {"launch": job.launch_id, "kernel": launch.name, "dtype": launch.dtype,
@@ -323,8 +358,11 @@ def compile_job(job):
                            else "-")
     row["cp_async"] = "cp.async" in ptx
     limit = ARCHS[launch.arch][2]
+    threads = 32 * compiled.metadata.num_warps
     if row["shared"] > limit:
         row["error"] = f"shared memory {row['shared']} B > {limit} B per block on {launch.arch}"
+    elif row["registers"] * threads > 65536:
+        row["error"] = f"{row['registers']} registers x {threads} threads > the 65536 of an SM"
     return row
 
 
@@ -355,7 +393,7 @@ def summarize(rows):
         out.append({
             "kernel": kernel, "dtype": dtype, "arch": arch, "compiles": len(rs),
             "failed": len(rs) - len(ok), "spilling": sum(map(spills, ok)),
-            "worst_spill": max((r["spill_stores"] for r in ok), default=0),
+            "worst_spill": max((r["spill_stores"] + r["spill_loads"] for r in ok), default=0),
             "registers": (f"{min(r['registers'] for r in ok)}-{max(r['registers'] for r in ok)}"
                           if ok else "-"),
             "tensor_cores": "/".join(sorted({r["tensor_cores"] for r in ok})) or "-",
@@ -374,13 +412,14 @@ def main(argv=None):
 
     started = time.monotonic()
     install_compile_only_driver()
-    launches = record_steps(args.archs, args.dtypes)
+    launches = record_launches(args.archs, args.dtypes)
     jobs = plan_jobs(launches)
     print(f"# GPU compile check: triton {triton.__version__}, torch {torch.__version__}; "
-          f"{', '.join(args.archs)}; {', '.join(args.dtypes)}; steps "
-          f"{', '.join(f'{s} px b{b}' for s, b in STEPS)}; {len(launches)} distinct launches, "
+          f"{', '.join(args.archs)}; {', '.join(args.dtypes)}; {', '.join(w for w, _ in workloads())}; "
+          f"{len(launches)} distinct launches, "
           f"{len(jobs)} compiles on {args.jobs} processes", flush=True)
-    with ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
+    with tempfile.TemporaryDirectory(prefix="aigc_fast_compile_check_") as caches, \
+            ProcessPoolExecutor(args.jobs, initializer=partial(_init_worker, caches)) as pool:
         rows = list(pool.map(compile_job, jobs, chunksize=1))
     if args.rows != "none":
         print("\n| launch | kernel | dtype | config | arch | registers | spill st/ld B | shared B | "

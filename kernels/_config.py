@@ -32,17 +32,20 @@ def gemm_tuning(block_names, tensor_cores, exact, interpreter_blocks):
     without spills for its launches on sm_90 and sm_80 with Triton 3.6 and 3.9: the GPU compile
     check (benchmarks/gpu_compile_check.py) says so, and fails when one does not."""
     specs = list(dict.fromkeys(tensor_cores + exact))
-    configs = [triton.Config(dict(zip(block_names, s[:-2])), num_warps=s[-2], num_stages=s[-1])
-               for s in specs]
-    groups = {precision: {id(c) for c, s in zip(configs, specs) if s in members}
-              for precision, members in (("ieee", exact), (None, tensor_cores))}
+    spec_of = lambda c: (*(c.kwargs[n] for n in block_names), c.num_warps, c.num_stages)  # noqa: E731
+    groups = {"ieee": set(exact), None: set(tensor_cores)}
 
     def prune(configs, named_args, **kwargs):
+        """By value, not identity: torch's user-defined-Triton path prunes copies of the configs.
+        Configs from no group (the interpreter's one) pass."""
         wanted = groups["ieee" if kwargs.get("DOT_PRECISION") == "ieee" else None]
-        return [c for c in configs if id(c) in wanted]
+        kept = [c for c in configs if spec_of(c) in wanted]
+        return kept or configs
 
     interpreter = triton.Config(dict(zip(block_names, interpreter_blocks)), num_warps=4,
                                 num_stages=1)
+    configs = [triton.Config(dict(zip(block_names, s[:-2])), num_warps=s[-2], num_stages=s[-1])
+               for s in specs]
     return {"configs": autotune_configs(configs, interpreter),
             "prune_configs_by": {"early_config_prune": prune}}
 

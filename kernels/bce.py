@@ -60,8 +60,8 @@ def _loss(x, t, pw, FROM_LOGITS: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr):
         loss = -(t * _clamp_log(tl.log(x)) + (1.0 - t) * _clamp_log(_log1p(-x)))
         # On CUDA nothing checks the range on the host (that would sync): a target outside [0, 1]
         # gives NaN, as does a probability outside it (through the logs). The NaN is a literal: a
-        # global tl.constexpr(nan) never equals itself, and Triton >= 3.8 compares every global a
-        # kernel used with its compile-time value at each launch.
+        # global tl.constexpr(nan) never equals itself, and Triton (3.6 too) compares every global
+        # a kernel used with its compile-time value at each launch.
         loss = tl.where((t >= 0.0) & (t <= 1.0), loss, float("nan"))
     return loss
 

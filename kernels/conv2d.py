@@ -25,7 +25,8 @@ _WEIGHT_GRAD_TUNING = gemm_tuning(
     interpreter_blocks=(64, 32, 32))
 
 
-@triton.autotune(key=["N", "C_in", "H", "W", "C_out", "OH", "OW"], **_CONV_TUNING)
+@triton.autotune(key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "DOT_PRECISION"],
+                 **_CONV_TUNING)
 @triton.jit
 def _conv2d_kernel(x_ptr, w_ptr, out_ptr,
                    N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W,
@@ -67,7 +68,8 @@ def _conv2d_kernel(x_ptr, w_ptr, out_ptr,
              mask=row_ok[:, None] & co_ok[None, :])
 
 
-@triton.autotune(key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT"],
+@triton.autotune(key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT",
+                      "DOT_PRECISION"],
                  **_WEIGHT_GRAD_TUNING)
 @triton.jit
 def _conv2d_weight_grad_kernel(x_ptr, g_ptr, part_ptr,

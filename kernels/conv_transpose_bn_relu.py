@@ -18,13 +18,13 @@ from .conv2d import conv2d, conv2d_weight_grad
 
 # BLOCK_M is set by the launcher, not tuned: the statistics partials have one row per row tile.
 # (BLOCK_N, BLOCK_K, num_warps, num_stages), spill-free where used (see gemm_tuning); with
-# BLOCK_M = 128, 4-warp or 32-wide-K tiles spilled up to 4.6 KB.
-_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
-                      tensor_cores=[(32, 16, 8, 2), (32, 16, 8, 3), (64, 16, 8, 2), (64, 16, 8, 3)],
+# BLOCK_M = 128, 4-warp or 32-wide-K tiles spilled up to 4.6 KB, and BLOCK_N = 64 in eval (16 B).
+_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"), tensor_cores=[(32, 16, 8, 2), (32, 16, 8, 3)],
                       exact=[(32, 16, 8, 2)], interpreter_blocks=(32, 32))
 
 
-@triton.autotune(key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M"], **_TUNING)
+@triton.autotune(key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "DOT_PRECISION"],
+                 **_TUNING)
 @triton.jit
 def _conv_transpose_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
                            bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr,

@@ -33,12 +33,14 @@ def quick_check(tmp_path_factory):
 def test_quick_check_passes_with_its_summary_line(quick_check):
     proc, report = quick_check
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert report is not None, "the check wrote no JSON report"
     assert report["summary_line"] in proc.stdout
     assert ", 0 failed, 0 spilling (sm_90; fp32; triton " in report["summary_line"]
 
 
 def test_every_launch_compiled_and_fits(quick_check):
     _, report = quick_check
+    assert report is not None, "the check wrote no JSON report"
     rows = report["rows"]
     assert FUSED_STEP_KERNELS <= {r["kernel"] for r in rows}
     assert {r["arch"] for r in rows} == {"sm_90"} and {r["dtype"] for r in rows} == {"fp32"}
@@ -59,7 +61,7 @@ def _compile_one(tmp_path, kernel):
         import json, sys, torch
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
         from benchmarks import gpu_compile_check as check
-        check._init_worker()
+        check._init_worker({str(tmp_path)!r})
         launch = check.Launch("compile_check_kernels", {kernel!r}, (check.Pointer(torch.float32, 0),),
                               {{"BLOCK": 64}}, "fp32", "sm_90")
         print(json.dumps(check.compile_job(check.Job("L01", launch, {{}}, ""))))
