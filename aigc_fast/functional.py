@@ -64,6 +64,27 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     return impl
 
 
+# --- torch.autocast ---------------------------------------------------------------------------------
+# Our ops are autograd Functions, which autocast's dispatch never sees: each public op does at its
+# boundary what autocast does for the PyTorch ops it replaces (casting there rather than registering
+# autocast kernels through torch.library, since our ops are not torch.library operators yet).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
+
+
+def _autocast_dtype(device: torch.device):
+    """The dtype ``torch.autocast`` runs convolutions in on ``device`` here, or None when it is off."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _cast_for_autocast(dtype, *tensors):
+    """``tensors`` as autocast casts an op's arguments: the float32/float16/bfloat16 ones to ``dtype``
+    (differentiably, so gradients reach float32 master weights in float32), the rest unchanged."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+                 for t in tensors)
+
+
 def _differentiable_grads(recompute, inputs, needs, grad_outputs):
     """The gradients of ``recompute(*inputs)`` (the op in PyTorch's own ops) for a backward under
     ``create_graph=True``: built as a graph, so that they can be differentiated again (double
@@ -244,8 +265,14 @@ def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_
       float16 (bfloat16 on CUDA only), with float32 statistics and accumulation; any strides, no
       copies. It returns contiguous NCHW tensors. Float32 products use tf32 on CUDA exactly when
       ``torch.backends.cudnn.allow_tf32`` is set, as PyTorch's own convolutions do.
+    - Under ``torch.autocast`` it does what autocast does for conv_transpose2d followed by batch_norm:
+      x, weight and bias in autocast's dtype (a float16/bfloat16 output), BN's parameters and running
+      statistics as they are (float32), statistics and accumulation in float32.
     Gradients flow to x, weight, bias, bn_weight and bn_bias.
     """
+    autocast = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if autocast is not None:
+        x, weight, bias = _cast_for_autocast(autocast, x, weight, bias)
     stride, padding, output_padding = _check_conv_transpose_bn_relu(
         x, weight, bn_weight, bn_bias, running_mean, running_var, bias, stride, padding,
         output_padding, training, momentum, eps)
@@ -396,7 +423,12 @@ def bce_with_logits(logits, target, *, weight=None, pos_weight=None, reduction="
     - ``reduction``: "none" | "mean" | "sum". ``impl``: "auto" | "triton" | "ref".
     Gradients flow to logits and target, twice too (``create_graph=True``). A weight or pos_weight
     that needs a gradient runs the reference ("auto") or raises (impl="triton").
+    Under ``torch.autocast`` the loss is computed and returned in float32, as autocast does for
+    F.binary_cross_entropy_with_logits.
     """
+    if isinstance(logits, torch.Tensor) and _autocast_dtype(logits.device) is not None:
+        logits, target, weight, pos_weight = _cast_for_autocast(torch.float32, logits, target,
+                                                                weight, pos_weight)
     reduction = _check_bce(logits, "logits", target, weight, pos_weight, reduction)
     dtype = torch.promote_types(logits.dtype, target.dtype)
     weight, pos_weight = _as_floating(weight, dtype), _as_floating(pos_weight, dtype)
@@ -415,7 +447,14 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", impl="
     CUDA the Triton path gives a NaN loss instead (a check would synchronise with the host, or kill
     the CUDA context as PyTorch's device-side assert, which impl="ref" keeps, does).
     Arguments as in :func:`bce_with_logits`, without ``pos_weight``.
+    Under ``torch.autocast`` the loss is computed and returned in float32, as CPU autocast does
+    (CUDA autocast refuses F.binary_cross_entropy, because probabilities from a half-precision
+    sigmoid may have saturated; prefer :func:`bce_with_logits`).
     """
+    if isinstance(probs, torch.Tensor) and _autocast_dtype(probs.device) is not None:
+        probs, target, weight = _cast_for_autocast(torch.float32, probs, target, weight)
+        with torch.autocast(probs.device.type, enabled=False):  # CUDA's would refuse the reference
+            return binary_cross_entropy(probs, target, weight=weight, reduction=reduction, impl=impl)
     reduction = _check_bce(probs, "probs", target, weight, None, reduction)
     if probs.device.type == "cpu":
         _check_unit_interval(probs, "probs")

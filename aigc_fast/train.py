@@ -45,6 +45,7 @@ from .eval import Evaluator
 from .metrics import DEFAULT_N
 from .models import SUPPORTED_IMAGE_SIZES, build_models, cpu_channels_last
 from .nn import fuse
+from .precision import PRECISIONS, Precision, resolve_precision, set_tf32
 from .sample import eval_mode, save_grid
 
 
@@ -53,34 +54,38 @@ def _set_requires_grad(module, flag):
         p.requires_grad_(flag)
 
 
-def train_step(G, D, opt_g, opt_d, real, z, loss_fn):
-    """One non-saturating GAN step; returns 0-dim tensors loss_d, loss_g, d_real, d_fake.
+def train_step(G, D, opt_g, opt_d, real, z, loss_fn, precision=None):
+    """One non-saturating GAN step; returns 0-dim float32 tensors loss_d, loss_g, d_real, d_fake.
 
-    D sees the real batch (target 1) and the detached fakes (target 0) in two forwards (so its
+    The forward passes and losses run under ``precision.autocast()``, the backward passes and
+    optimiser steps through ``precision.backward_and_step`` (:mod:`aigc_fast.precision`; None:
+    float32). D sees the real batch (target 1) and the detached fakes (target 0) in two forwards (so its
     BatchNorm never mixes real and fake statistics) and takes one backward; then G is trained with
     target 1 on D(G(z)) against the updated D. D's parameters are frozen during G's backward so no
-    weight gradient is computed for them. Nothing here synchronises with the host.
+    weight gradient is computed for them. Nothing here synchronises with the host (but fp16's
+    GradScaler.step, which reads its overflow flag: PyTorch's own sync).
     """
-    fake = G(z)
-    logits_real = D(real)
-    logits_fake = D(fake.detach())
-    ones = torch.ones_like(logits_real)
-    loss_d = loss_fn(logits_real, ones) + loss_fn(logits_fake, torch.zeros_like(logits_fake))
+    precision = precision or Precision()
+    with precision.autocast():
+        fake = G(z)
+        logits_real = D(real)
+        logits_fake = D(fake.detach())
+        ones = torch.ones_like(logits_real)
+        loss_d = loss_fn(logits_real, ones) + loss_fn(logits_fake, torch.zeros_like(logits_fake))
     opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
+    precision.backward_and_step("D", loss_d, opt_d)
 
     _set_requires_grad(D, False)
-    loss_g = loss_fn(D(fake), ones)
+    with precision.autocast():
+        loss_g = loss_fn(D(fake), ones)
     opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
+    precision.backward_and_step("G", loss_g, opt_g)
     _set_requires_grad(D, True)
     return {
         "loss_d": loss_d.detach(),
         "loss_g": loss_g.detach(),
-        "d_real": torch.sigmoid(logits_real.detach()).mean(),
-        "d_fake": torch.sigmoid(logits_fake.detach()).mean(),
+        "d_real": torch.sigmoid(logits_real.detach().float()).mean(),
+        "d_fake": torch.sigmoid(logits_fake.detach().float()).mean(),
     }
 
 
@@ -276,6 +281,12 @@ def build_parser():
     add("--backend", choices=("auto",) + tuple(BACKENDS), default="auto",
         help="how the step runs: " + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values())
              + " (default auto: the fastest available on the device)")
+    add("--precision", choices=PRECISIONS, default=None,
+        help="what the training step computes in: fp32 (float32, no tf32), tf32 (float32 storage, "
+             "tf32 tensor-core products; CUDA only), bf16 or fp16 (torch.autocast for every "
+             "backend, float32 master weights, optimiser state, BN statistics and losses; fp16 adds a "
+             "gradient scaler per network). Samples, SWD and checkpoints stay float32. A resumed run "
+             "keeps its own unless this is given (default: tf32 on CUDA, fp32 on CPU)")
     add("--sync-bn", action="store_true",
         help="under torchrun with more than one process: BatchNorm statistics of the global batch "
              "(synchronised across processes) instead of each process's own; eager backend only")
@@ -350,6 +361,8 @@ class Run:
     seconds_before: float = 0.0  # training time spent before this process (resumed runs)
     data_desc: str = ""
     backend_reason: str = ""
+    precision: Optional[Precision] = None  # --precision: autocast and the fp16 gradient scalers of the step
+    precision_reason: str = ""
     last_checkpoint: Optional[Path] = None
     ema: Optional[EMA] = None  # the moving average of G (--ema), the generator samples and SWD use
     eval_every: int = 0  # --eval-every, 0 in a --dry-run
@@ -447,6 +460,8 @@ def setup(args, explicit, world=None):
     cfg = make_config(args, explicit, saved)
     try:
         backend, backend_reason = resolve_backend(args.backend, device)
+        precision, precision_reason = resolve_precision(
+            args.precision, device, saved.get("precision") if saved else None)
     except ValueError as err:
         raise UsageError(str(err))
     sync_bn = args.sync_bn and world.enabled  # one process: BatchNorm2d is already synchronised
@@ -461,7 +476,7 @@ def setup(args, explicit, world=None):
     start = ckpt["step"] if ckpt else 0
     cfg.update(steps=total_steps(args, saved, order.steps_per_epoch, start), backend=backend,
                device=device.type, workers=args.workers, version=__version__)
-    cfg.update(world_size=world.world_size, sync_bn=sync_bn)
+    cfg.update(world_size=world.world_size, sync_bn=sync_bn, precision=precision)
 
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2**32)
@@ -472,6 +487,7 @@ def setup(args, explicit, world=None):
         load_state_checked(D, ckpt["D"], f"checkpoint {resume} (D)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    set_tf32(precision, device)
     if sync_bn:
         for module in (G, D):
             convert_sync_bn(module)
@@ -487,6 +503,7 @@ def setup(args, explicit, world=None):
     ema = EMA(model.G, cfg["ema"]) if cfg["ema"] else None
     run = Run(cfg, out, device, images, order, model, opt_g, opt_d, noise, fixed_noise, world,
               data_desc=data_desc, backend_reason=backend_reason, ema=ema,
+              precision=Precision(precision, device), precision_reason=precision_reason,
               eval_every=0 if args.dry_run else cfg["eval_every"])
     if ckpt:
         restore(run, ckpt, resume)
@@ -512,6 +529,8 @@ def restore(run, ckpt, path):
               f"{run.device.type}, so this resume is not bitwise exact")
         run.noise.manual_seed(run.cfg["seed"] + 1 + run.step)
     set_rng_states(ckpt["rng"])
+    if ckpt.get("scalers") and run.precision.state_dict() is not None:
+        run.precision.load_state_dict(ckpt["scalers"])
 
 
 def prepare_outputs(run):
@@ -651,6 +670,7 @@ def checkpoint_state(run, seconds):
         "noise": {"device": run.device.type, "state": run.noise.get_state()},
         "rng": rng_states(), "config": run.cfg,
         **({EMA_KEY: run.ema.state_dict()} if run.ema is not None else {}),
+        **({"scalers": run.precision.state_dict()} if run.precision.state_dict() else {}),
     }
 
 
@@ -691,7 +711,8 @@ class GracefulInterrupt:
 def start_line(run):
     c = run.cfg
     return (f"aigc_fast {__version__}: DCGAN {c['image_size']}px on {run.data_desc} | device "
-            f"{run.device.type} | backend {c['backend']} ({run.backend_reason}) | steps "
+            f"{run.device.type} | backend {c['backend']} ({run.backend_reason}) | precision "
+            f"{c['precision']} ({run.precision_reason}) | steps "
             f"{run.step}->{c['steps']} x {run.world.describe_batch(c['batch_size'])} | out {run.out}")
 
 
@@ -717,7 +738,8 @@ def fit(run):
             # every rank draws the global batch's noise and keeps its own rows
             z = run.world.shard(torch.randn(run.world.world_size * c["batch_size"], c["nz"],
                                             device=run.device, generator=run.noise))
-            meter.add(train_step(p.G_run, p.D_run, run.opt_g, run.opt_d, real, z, p.loss_fn))
+            meter.add(train_step(p.G_run, p.D_run, run.opt_g, run.opt_d, real, z, p.loss_fn,
+                                 run.precision))
             run.step += 1
             if run.ema is not None:
                 run.ema.update(run.step)

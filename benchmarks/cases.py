@@ -25,6 +25,9 @@ IMAGE_SIZES = (32, 64)
 CUDA_BATCHES = (64, 256, 512)
 CPU_BATCHES = (8,)
 TINY_BATCH = 2
+# The training steps also measured under bf16 autocast (the trainer's --precision bf16), as
+# (image size, batch): the small and the large end of the float32 rows.
+CUDA_AUTOCAST_STEPS = ((32, 64), (64, 512))
 
 
 @dataclass(frozen=True)
@@ -85,16 +88,20 @@ class BCECase:
 
 @dataclass(frozen=True)
 class TrainStepCase:
-    """One :func:`aigc_fast.train.train_step` (D on real and fake, then G) with Adam."""
+    """One :func:`aigc_fast.train.train_step` (D on real and fake, then G) with Adam; ``autocast``
+    "bf16" runs it as ``--precision bf16`` does (float32 weights and inputs, bfloat16 autocast),
+    "" in the workload's own dtype."""
 
     image_size: int
     batch: int
     network: Network
+    autocast: str = ""
     group = "train_step"
 
     @property
     def name(self):
-        return f"{self.image_size}px N={self.batch}" + ("" if self.network == DCGAN else " tiny")
+        return (f"{self.image_size}px N={self.batch}" + ("" if self.network == DCGAN else " tiny")
+                + (f" autocast {self.autocast}" if self.autocast else ""))
 
     @property
     def shapes(self):
@@ -103,9 +110,11 @@ class TrainStepCase:
                 "nz": n.nz, "ngf": n.ngf, "ndf": n.ndf}
 
     def cost(self, itemsize):
+        """Under autocast the activations, which dominate the bytes, are 2-byte (the float32
+        weights are counted at 2 bytes too: a slight undercount)."""
         n = self.network
         return cost.train_step(self.batch, self.image_size, n.nz, n.ngf, n.ndf, n.nc,
-                               itemsize=itemsize)
+                               itemsize=2 if self.autocast else itemsize)
 
 
 def case_id(case):
@@ -126,11 +135,13 @@ def generator_layers(image_size, network, batch, backward):
         if isinstance(following.get(m), nn.BatchNorm2d)]
 
 
-def cases(batches, network=DCGAN, image_sizes=IMAGE_SIZES):
+def cases(batches, autocast_steps=(), network=DCGAN, image_sizes=IMAGE_SIZES):
     """All workloads, most telling first (the report measures in this order, so a run cut short by
-    its time budget loses the least): the training step, the fused layer forward+backward, the
-    loss, the fused layer's forward alone; each at every batch size, smallest first."""
-    steps = [TrainStepCase(s, b, network) for b in batches for s in image_sizes]
+    its time budget loses the least): the training step (then under bf16 autocast at
+    ``autocast_steps``, (image size, batch) pairs), the fused layer forward+backward, the loss, the
+    fused layer's forward alone; each at every batch size, smallest first."""
+    steps = ([TrainStepCase(s, b, network) for b in batches for s in image_sizes]
+             + [TrainStepCase(s, b, network, "bf16") for s, b in autocast_steps])
     layers = {backward: [c for b in batches for s in image_sizes
                          for c in generator_layers(s, network, b, backward)]
               for backward in (True, False)}
@@ -139,7 +150,8 @@ def cases(batches, network=DCGAN, image_sizes=IMAGE_SIZES):
 
 def tiny_cases():
     """The interpreter's sanity sizes: a tiny 32 px network at batch 2 (one fused layer, the loss, a
-    step), small enough for Triton's numpy interpreter."""
+    step, in float32 and under bf16 autocast), small enough for Triton's numpy interpreter."""
     layer = generator_layers(32, TINY, TINY_BATCH, backward=True)[1]
     forward_only = generator_layers(32, TINY, TINY_BATCH, backward=False)[1]
-    return [TrainStepCase(32, TINY_BATCH, TINY), layer, forward_only, BCECase(TINY_BATCH)]
+    return [TrainStepCase(32, TINY_BATCH, TINY), TrainStepCase(32, TINY_BATCH, TINY, "bf16"), layer,
+            forward_only, BCECase(TINY_BATCH)]

@@ -25,10 +25,11 @@ import aigc_fast
 from aigc_fast import functional
 from aigc_fast.kernels import interpreting
 from aigc_fast.models import build_models, dcgan_init_
+from aigc_fast.precision import Precision
 from aigc_fast.train import train_step
 
-from .cases import (CPU_BATCHES, CUDA_BATCHES, BCECase, ConvTransposeBNReLUCase, TrainStepCase,
-                    case_id, cases, tiny_cases)
+from .cases import (CPU_BATCHES, CUDA_AUTOCAST_STEPS, CUDA_BATCHES, IMAGE_SIZES, BCECase,
+                    ConvTransposeBNReLUCase, TrainStepCase, case_id, cases, tiny_cases)
 
 CUDA_PROVIDERS = ("eager", "eager-channels_last", "compile", "compile-reduce-overhead", "fused")
 CPU_PROVIDERS = ("eager", "eager-channels_last", "compile", "fused[ref]")
@@ -52,20 +53,25 @@ def pair_id(case, provider):
 
 
 def applies(case, provider):
-    """channels_last means nothing for the loss's 1-D logits."""
-    return not (isinstance(case, BCECase) and provider == "eager-channels_last")
+    """channels_last means nothing for the loss's 1-D logits; the interpreter cannot run bfloat16
+    convolutions (numpy has no bfloat16 dot)."""
+    return not ((isinstance(case, BCECase) and provider == "eager-channels_last")
+                or (isinstance(case, TrainStepCase) and case.autocast and provider == "fused[interpret]"))
 
 
 def plan(device, dry_run=False):
     """``[(case, provider)]`` to measure on ``device``: on CUDA every case at batch 64, 256, 512 for
-    every CUDA provider; on a CPU one small batch with the CPU providers, plus the interpreter's tiny
-    sanity sizes (eager beside fused[interpret]); a dry run: only the tiny sizes, all providers."""
+    every CUDA provider (and the training step under bf16 autocast at 32 px b64 and 64 px b512);
+    on a CPU one small batch with the CPU providers (the steps under bf16 autocast too), plus the
+    interpreter's tiny sanity sizes (eager beside fused[interpret]); a dry run: only the tiny sizes,
+    all providers."""
     if device.type == "cuda":
-        pairs = [(c, p) for c in cases(CUDA_BATCHES) for p in CUDA_PROVIDERS]
+        pairs = [(c, p) for c in cases(CUDA_BATCHES, CUDA_AUTOCAST_STEPS) for p in CUDA_PROVIDERS]
     elif dry_run:
         pairs = [(c, p) for c in tiny_cases() for p in INTERPRET_PROVIDERS]
     else:
-        pairs = ([(c, p) for c in cases(CPU_BATCHES) for p in CPU_PROVIDERS]
+        cpu_autocast = [(s, b) for b in CPU_BATCHES for s in IMAGE_SIZES]
+        pairs = ([(c, p) for c in cases(CPU_BATCHES, cpu_autocast) for p in CPU_PROVIDERS]
                  + [(c, p) for c in tiny_cases() for p in ("eager", "fused[interpret]")])
     return [(c, p) for c, p in pairs if applies(c, p)]
 
@@ -194,7 +200,8 @@ def _train_step(case, provider, device, dtype):
         loss_fn = functools.partial(functional.bce_with_logits, impl=FUSED_IMPL[provider])
     elif provider.startswith("compile"):
         G, D = _compile(G, provider), _compile(D, provider)
-    return lambda: train_step(G, D, opt_g, opt_d, real, z, loss_fn)
+    precision = Precision(case.autocast or "fp32", device)  # "fp32": no autocast, no scaler
+    return lambda: train_step(G, D, opt_g, opt_d, real, z, loss_fn, precision)
 
 
 def _forcing_impl(impl, fn):

@@ -231,7 +231,7 @@ def test_dry_run_writes_every_output(tmp_path, capsys):
 
 def _states(path):
     ckpt = torch.load(path, weights_only=True)
-    return ckpt, {k: ckpt[k] for k in ("G", "D", "opt_g", "opt_d", "G_ema")}
+    return ckpt, {k: ckpt[k] for k in ("G", "D", "opt_g", "opt_d", "G_ema", "scalers") if k in ckpt}
 
 
 def _assert_bitwise_equal(a, b, where=""):
@@ -249,10 +249,11 @@ def _assert_bitwise_equal(a, b, where=""):
         assert a == b, where
 
 
-def test_resume_is_bitwise_exact(tmp_path, npz):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_is_bitwise_exact(tmp_path, npz, precision):
     # 32 images / batch 4 = 8 steps per epoch: the run crosses an epoch after the resume point (5)
     common = ["--data", npz, "--log-every", "1", "--sample-every", "4", "--checkpoint-every", "4",
-              "--eval-every", "3", "--eval-n", "16"] + TINY
+              "--eval-every", "3", "--eval-n", "16", "--precision", precision] + TINY
     assert main(common + ["--steps", "10", "--out", str(tmp_path / "straight")]) == 0
     assert main(common + ["--steps", "5", "--out", str(tmp_path / "split")]) == 0
     last = tmp_path / "split" / "checkpoints" / "last.pt"
@@ -261,6 +262,11 @@ def test_resume_is_bitwise_exact(tmp_path, npz):
     straight, a = _states(tmp_path / "straight" / "checkpoints" / "last.pt")
     split, b = _states(last)
     assert straight["step"] == split["step"] == 10
+    # fp16: each network's gradient scaler, whose growth tracker counts unskipped steps since the
+    # last overflow (a scaler restarted at the resume would count from 0 there)
+    assert ("scalers" in a) == (precision == "fp16")
+    if precision == "fp16":
+        assert all(a["scalers"][net]["_growth_tracker"] > 0 for net in ("G", "D"))
     _assert_bitwise_equal(a, b)
     _assert_bitwise_equal(straight["noise"], split["noise"])
 
