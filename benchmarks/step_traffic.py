@@ -4,16 +4,16 @@ Counting: one :class:`TorchDispatchMode` sees every aten op; each op that comput
 an allocation) counts as one launch, and its bytes are those of the unique tensors it reads and
 writes. Each Triton launch counts as one launch, its bytes those of the unique tensors passed to it.
 Both are upper bounds of real traffic: a kernel that reads only part of a tensor is charged all of it.
-With ``execute=False`` the Triton kernels are counted but not run, so full-size steps count in
-seconds under the interpreter: the ops have no data-dependent control flow, so the launches and
-bytes are the same. The optimisers are Adam with ``foreach=True``, as PyTorch picks on CUDA.
+With ``execute=False`` the Triton kernels are counted but not run: the ops have no data-dependent
+control flow, so the launches and bytes are the same, and on meta tensors (shapes, no data; the
+fused ops are let through to their launchers) the full-size steps of both backends count in seconds.
+The optimisers are Adam with ``foreach=True``, as PyTorch picks on CUDA.
 
-    TRITON_INTERPRET=1 python -m benchmarks.step_traffic [--image-size 32] [--batch 64]
+    python -m benchmarks.step_traffic [--image-size 32] [--batch 64] [--width 64]
 """
 import argparse
 import collections
 import contextlib
-import os
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,10 +29,12 @@ def _tensors(tree):
 
 
 def _unique_bytes(tensors):
-    """Bytes of the unique tensors (views of one buffer with the same extent count once)."""
+    """Bytes of the unique tensors (views of one buffer with the same extent count once; meta
+    tensors, which have no addresses, are told apart by their storages)."""
     seen = {}
     for t in tensors:
-        seen[(t.data_ptr(), t.shape, t.stride(), t.dtype)] = t.numel() * t.element_size()
+        key = (t.untyped_storage()._cdata, t.storage_offset(), t.shape, t.stride(), t.dtype)
+        seen[key] = t.numel() * t.element_size()
     return sum(seen.values())
 
 
@@ -57,10 +59,12 @@ class AtenTraffic(TorchDispatchMode):
 def triton_traffic(execute=True):
     """Counts Triton launches and their bytes (Counters by kernel name); ``execute=False`` skips
     running them."""
+    from triton.runtime.autotuner import Autotuner
+
     from aigc_fast.kernels import conv_gemm
 
     kernel_class = type(conv_gemm._sum_splits_kernel)  # JITFunction, or InterpretedFunction
-    real_run = kernel_class.run
+    real_run, real_tuned_run = kernel_class.run, Autotuner.run
     found = {"launches": collections.Counter(), "bytes": collections.Counter()}
 
     def counting_run(self, *args, **kwargs):
@@ -68,11 +72,32 @@ def triton_traffic(execute=True):
         found["bytes"][self.__name__] += _unique_bytes(_tensors((args, kwargs)))
         return real_run(self, *args, **kwargs) if execute else None
 
-    kernel_class.run = counting_run
+    def tuned_run(self, *args, **kwargs):
+        """Executed, an autotuned kernel's launches are counted by the kernel it wraps."""
+        if execute:
+            return real_tuned_run(self, *args, **kwargs)
+        return counting_run(self.fn, *args, **kwargs)
+
+    kernel_class.run, Autotuner.run = counting_run, tuned_run
     try:
         yield found
     finally:
-        kernel_class.run = real_run
+        kernel_class.run, Autotuner.run = real_run, real_tuned_run
+
+
+@contextlib.contextmanager
+def _launchers_take_meta(device):
+    """Let the fused ops take meta tensors to their launchers (whose launches are only counted)."""
+    from aigc_fast import functional
+
+    real = functional._triton_blocker
+    if torch.device(device).type == "meta":
+        functional._triton_blocker = lambda dev, dtype, dtypes: (
+            "" if dev.type == "meta" and dtype in dtypes else real(dev, dtype, dtypes))
+    try:
+        yield
+    finally:
+        functional._triton_blocker = real
 
 
 def step_traffic(backend, *, image_size=32, batch=64, nz=100, ngf=64, ndf=64, execute=False,
@@ -94,10 +119,11 @@ def step_traffic(backend, *, image_size=32, batch=64, nz=100, ngf=64, ndf=64, ex
     opts = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=True) for m in (G, D)]
     real = torch.randn(batch, 3, image_size, image_size, device=device)
     z = torch.randn(batch, nz, device=device)
-    with triton_traffic(execute):
-        train_step(G, D, *opts, real, z, loss_fn)
-    with triton_traffic(execute) as triton_found, AtenTraffic() as aten:
-        train_step(G, D, *opts, real, z, loss_fn)
+    with _launchers_take_meta(device):
+        with triton_traffic(execute):
+            train_step(G, D, *opts, real, z, loss_fn)
+        with triton_traffic(execute) as triton_found, AtenTraffic() as aten:
+            train_step(G, D, *opts, real, z, loss_fn)
     launches = sum(aten.ops.values()) + sum(triton_found["launches"].values())
     nbytes = aten.bytes + triton_found["bytes"]
     return {"aten_ops": aten.ops, "triton_launches": triton_found["launches"], "launches": launches,
@@ -112,9 +138,8 @@ def main(argv=None):
     parser.add_argument("--sms", type=int, default=132,
                         help="streaming multiprocessors the split-K factors fill (default: H100's 132)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        parser.error("set TRITON_INTERPRET=1 (before start-up) to count the fused step on a CPU")
-    shape = dict(image_size=args.image_size, batch=args.batch, ngf=args.width, ndf=args.width)
+    shape = dict(image_size=args.image_size, batch=args.batch, ngf=args.width, ndf=args.width,
+                 device="meta")
     from aigc_fast.kernels import conv_gemm
 
     conv_gemm.multiprocessor_count = lambda device: args.sms
