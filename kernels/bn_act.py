@@ -1,6 +1,7 @@
 """BatchNorm2d (training statistics or eval affine) and ReLU/LeakyReLU around a producer of the
-pre-BN tensor y: the activations, statistics finalize, the normalise+activate apply, and the
-backward reductions and input gradient.
+pre-BN tensor y: the activations, statistics finalize, the normalise+activate apply, the backward
+reductions, and the backward itself as a prologue that the gradient GEMMs run on their operand loads
+(so dy is never stored).
 
 y is channels-last, a contiguous (M, C) matrix with M = N*H*W (its producer, the convolution core,
 allocates it); grad_out may have any strides. Statistics and reductions are float32 partials combined
@@ -120,23 +121,17 @@ def _apply_kernel(y_ptr, affine_ptr, out_ptr, M, C, slope, ACT: tl.constexpr,
 
 
 @triton.jit
-def _act_grad_and_xhat(g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, M, C, OHW, OW,
-                       sgn, sgh, sgw, sgc, slope, ACT: tl.constexpr, AFFINE: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """For a (pixels, channels) tile: dz = g * act'(z) and xhat, recomputed from y exactly as the
-    forward computed z (same scale and shift, same rounding), this tile's channels' scale, and the
-    tile's offsets and masks. Without AFFINE, z = y, xhat = 0 and scale = 1 (and y is not read
-    without an activation either)."""
-    p, c, c_ok, ok, offs = _pixel_channel_tile(M, C, BLOCK_P, BLOCK_C)
-    p64 = p.to(tl.int64)
-    g_offs = ((p64 // OHW) * sgn + ((p64 % OHW) // OW) * sgh + (p64 % OW) * sgw)[:, None] \
-        + c.to(tl.int64)[None, :] * sgc
-    g = tl.load(g_ptr + g_offs, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.full((BLOCK_C,), 1.0, tl.float32)
+def bn_act_grad(g, y_ptr, y_offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, slope,
+                ACT: tl.constexpr, AFFINE: tl.constexpr):
+    """For a [pixels, channels] tile of the output gradient g (float32; y at ``y_offs``, channels
+    ``c``): dz = g * act'(z), xhat and the channels' scale, with z recomputed from y exactly as the
+    forward computed it (same scale and shift, same rounding). Without AFFINE, z = y, xhat = 0 and
+    scale = 1 (and y is not read without an activation either)."""
+    scale = tl.zeros_like(c).to(tl.float32) + 1.0
     xhat = tl.zeros_like(g)
     dz = g
     if AFFINE:
-        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
         invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.0)
         scale, shift = scale_shift(tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32),
@@ -145,8 +140,24 @@ def _act_grad_and_xhat(g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, 
         dz = activate_grad(y * scale[None, :] + shift[None, :], g, ACT, slope)
         xhat = (y - mean[None, :]) * invstd[None, :]
     elif ACT != 0:
-        dz = activate_grad(tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32), g, ACT, slope)
-    return dz, xhat, scale, c, c_ok, ok, offs
+        dz = activate_grad(tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32), g, ACT, slope)
+    return dz, xhat, scale
+
+
+@triton.jit
+def input_grad_prologue(g, y_ptr, y_offs, ok, c, c_ok, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                        coef_ptr, slope, ACT: tl.constexpr, AFFINE: tl.constexpr,
+                        TRAINING: tl.constexpr):
+    """dy = scale * dz (+ coef0 + coef1 * xhat in training) for a [pixels, channels] tile of the
+    output gradient g: what the input- and weight-gradient GEMMs load in place of a stored dy (the
+    BN and activation backward in their operand prologue). 0 outside ``ok`` (padding)."""
+    dz, xhat, scale = bn_act_grad(g, y_ptr, y_offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr,
+                                  beta_ptr, slope, ACT, AFFINE)
+    dy = scale[None, :] * dz
+    if TRAINING:
+        dy += (tl.load(coef_ptr + c, mask=c_ok, other=0.0)[None, :]
+               + tl.load(coef_ptr + C + c, mask=c_ok, other=0.0)[None, :] * xhat)
+    return tl.where(ok, dy, 0.0)
 
 
 @triton.jit
@@ -154,9 +165,13 @@ def _grad_partials_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_pt
                           M, C, OHW, OW, sgn, sgh, sgw, sgc, slope, ACT: tl.constexpr,
                           AFFINE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per (pixel block, channel): sum(dz) and sum(dz * xhat) into part[0|1, block, channel]."""
-    dz, xhat, _, c, c_ok, ok, _ = _act_grad_and_xhat(
-        g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, M, C, OHW, OW, sgn, sgh, sgw, sgc,
-        slope, ACT, AFFINE, BLOCK_P, BLOCK_C)
+    p, c, c_ok, ok, offs = _pixel_channel_tile(M, C, BLOCK_P, BLOCK_C)
+    p64 = p.to(tl.int64)
+    g_offs = ((p64 // OHW) * sgn + ((p64 % OHW) // OW) * sgh + (p64 % OW) * sgw)[:, None] \
+        + c.to(tl.int64)[None, :] * sgc
+    g = tl.load(g_ptr + g_offs, mask=ok, other=0.0).to(tl.float32)
+    dz, xhat, _ = bn_act_grad(g, y_ptr, offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                              slope, ACT, AFFINE)
     dz = tl.where(ok, dz, 0.0)
     offs = tl.program_id(0).to(tl.int64) * C + c
     tl.store(part_ptr + offs, tl.sum(dz, axis=0), mask=c_ok)
@@ -195,22 +210,6 @@ def _grad_finish_kernel(part_ptr, T, C, gamma_ptr, invstd_ptr, inv_count,
             tl.store(dbias_ptr + c, (dbeta + dgamma) * 0.0, mask=c_ok)
     elif HAS_BIAS:
         tl.store(dbias_ptr + c, scale * dbeta, mask=c_ok)
-
-
-@triton.jit
-def _grad_input_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, coef_ptr, dy_ptr,
-                       M, C, OHW, OW, sgn, sgh, sgw, sgc, slope, ACT: tl.constexpr,
-                       AFFINE: tl.constexpr, TRAINING: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dy = scale * (dz - (dbeta + xhat * dgamma) / M) in training, scale * dz otherwise."""
-    dz, xhat, scale, c, c_ok, ok, offs = _act_grad_and_xhat(
-        g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, M, C, OHW, OW, sgn, sgh, sgw, sgc,
-        slope, ACT, AFFINE, BLOCK_P, BLOCK_C)
-    dy = scale[None, :] * dz
-    if TRAINING:
-        dy += (tl.load(coef_ptr + c, mask=c_ok, other=0.0)[None, :]
-               + tl.load(coef_ptr + C + c, mask=c_ok, other=0.0)[None, :] * xhat)
-    tl.store(dy_ptr + offs, dy, mask=ok)
 
 
 def _channel_block(c: int) -> int:
@@ -259,12 +258,12 @@ def apply(y, affine, activation, slope):
     return out
 
 
-def backward(grad_out, y, bn, activation, slope, training, has_bias, need_dy, need_params):
-    """Gradients of act(bn(y)) given grad_out: (dy, dgamma, dbeta, dbias), dy channels-last in y's
-    dtype or None unless ``need_dy``; the rest float32 (C,), or None unless ``need_params`` (dbias:
-    unless ``has_bias`` too). ``bn``: (mean, invstd, gamma, beta), the statistics the forward
-    normalised with and BN's parameters, or None for a layer without BN (then y is the output of
-    act, or None without an activation, and dgamma, dbeta are None)."""
+def grad_reductions(grad_out, y, bn, activation, slope, training, has_bias):
+    """The per-channel sums of the backward of act(bn(y)) given grad_out: (dgamma, dbeta, dbias,
+    coef), float32 (C,) each (dgamma, dbeta None without BN; dbias None unless ``has_bias``) and
+    ``coef`` (2, C), the coefficients of dy = scale * dz + coef0 + coef1 * xhat in training.
+    ``bn``: (mean, invstd, gamma, beta), the statistics the forward normalised with and BN's
+    parameters, or None for a layer without BN (then y is the output of act, or None without one)."""
     n, c, h, w = grad_out.shape
     m = n * h * w
     dev = grad_out.device
@@ -272,25 +271,28 @@ def backward(grad_out, y, bn, activation, slope, training, has_bias, need_dy, ne
     y = y if y is not None else grad_out  # placeholder, never read
     mean, invstd, gamma, beta = bn if affine else (y,) * 4  # placeholders, never read
     block_p, block_c, grid = _tiles(m, c)
-    common = dict(ACT=ACTIVATIONS[activation], AFFINE=affine, BLOCK_P=block_p, BLOCK_C=block_c)
-    geometry = (m, c, h * w, w, *(grad_out.stride(i) for i in (0, 2, 3, 1)), slope)
     sums = torch.empty((5, c), device=dev, dtype=torch.float32)  # dgamma, dbeta, dbias, coef0, coef1
-    training = training and affine
-    if need_params or (need_dy and training):
-        partials = torch.empty((2, grid[0], c), device=dev, dtype=torch.float32)
-        _grad_partials_kernel[grid](grad_out, y, mean, invstd, gamma, beta, partials, *geometry,
-                                    **common)
-        _grad_finish_kernel[(triton.cdiv(c, block_c),)](
-            partials, grid[0], c, gamma, invstd, 1.0 / m, sums[0], sums[1], sums[2], sums[3:],
-            TRAINING=training, HAS_BIAS=has_bias, AFFINE=affine,
-            BLOCK_T=pow2_block(grid[0], 16, 128), BLOCK_C=block_c)
-    dy = None
-    if need_dy:
-        dy = torch.empty((n, c, h, w), device=dev, dtype=grad_out.dtype,
-                         memory_format=torch.channels_last)
-        _grad_input_kernel[grid](grad_out, y, mean, invstd, gamma, beta, sums[3:], dy, *geometry,
-                                 TRAINING=training, **common)
-    if not need_params:
-        return dy, None, None, None
-    return (dy, sums[0] if affine else None, sums[1] if affine else None,
-            sums[2] if has_bias else None)
+    partials = torch.empty((2, grid[0], c), device=dev, dtype=torch.float32)
+    _grad_partials_kernel[grid](grad_out, y, mean, invstd, gamma, beta, partials, m, c, h * w, w,
+                                *(grad_out.stride(i) for i in (0, 2, 3, 1)), slope,
+                                ACT=ACTIVATIONS[activation], AFFINE=affine, BLOCK_P=block_p,
+                                BLOCK_C=block_c)
+    _grad_finish_kernel[(triton.cdiv(c, block_c),)](
+        partials, grid[0], c, gamma, invstd, 1.0 / m, sums[0], sums[1], sums[2], sums[3:],
+        TRAINING=training and affine, HAS_BIAS=has_bias, AFFINE=affine,
+        BLOCK_T=pow2_block(grid[0], 16, 128), BLOCK_C=block_c)
+    return (sums[0] if affine else None, sums[1] if affine else None,
+            sums[2] if has_bias else None, sums[3:])
+
+
+def prologue_args(y, bn, coef, activation, slope, training):
+    """What a GEMM needs to load dy = (the backward of act(bn(y)))(g) through
+    :func:`input_grad_prologue`: its tensors (y, mean, invstd, gamma, beta, coef; placeholders where
+    unused) and constexprs; None when dy is g itself (no BN, no activation)."""
+    affine = bn is not None
+    if not affine and activation is None:
+        return None
+    mean, invstd, gamma, beta = bn if affine else (y,) * 4  # placeholders, never read
+    return dict(tensors=(y, mean, invstd, gamma, beta, coef if coef is not None else y),
+                slope=slope, PRO_ACT=ACTIVATIONS[activation], PRO_AFFINE=affine,
+                PRO_TRAINING=training and affine)

@@ -4,8 +4,10 @@ launchers of the whole fused op over the channels-last implicit-GEMM core.
 Training forward with BN, 3 launches: the GEMM (writes y and per-(tile, channel) statistics
 partials), finalize (Chan's combine, running-stat update), apply (act(y*scale+shift)). Eval with BN,
 or no BN: 1 launch (the GEMM's epilogue applies the affine map or the bias, and the activation).
-Backward: the BN/activation reductions, finish and dy (none for a layer without BN, activation or
-bias, where dy is the output gradient), then dx (the other direction's forward) and dW (split-K).
+Backward: the BN/activation reductions and their finish (none without BN, or in eval, unless a
+parameter wants its gradient), then dx (the other direction's forward) and dW (split-K), whose
+operand loads compute dy from the output gradient and y (the BN + activation backward as a GEMM
+prologue: dy is never stored).
 Only the GEMM kernels are autotuned, and they only overwrite fresh buffers, so the repeated runs of
 tuning are harmless; the running-stat update lives in the untuned finalize, applied exactly once.
 Every activation tensor is channels-last (NHWC strides).
@@ -65,24 +67,25 @@ def forward(x, weight, bias, bn, *, transposed, stride, padding, output_padding,
 def backward(grad_out, saved, bn_params, *, transposed, stride, padding, activation, slope,
              training, need_x, need_weight, need_bias, need_bn_weight, need_bn_bias):
     """(dx, dW, dbias, dgamma, dbeta), each None unless asked for; the last three float32.
-    ``saved``: :func:`forward`'s; ``bn_params``: (gamma, beta), or None for a layer without BN."""
+    ``saved``: :func:`forward`'s; ``bn_params``: (gamma, beta), or None for a layer without BN.
+    The backward of BN and the activation runs inside the two gradient GEMMs' operand loads, after
+    the per-channel reductions it needs (none without BN or in eval, unless a parameter wants its
+    gradient)."""
     x, packed, y, mean, invstd = saved
     grad_out = channels_last(grad_out)
-    has_bn = bn_params is not None
-    dy, dgamma, dbeta, dbias = grad_out, None, None, None
-    identity = not has_bn and activation is None  # dy is grad_out
-    if not identity or need_bias:
-        need_params = need_bias or need_bn_weight or need_bn_bias
-        dy_, dgamma, dbeta, dbias = bn_act.backward(
-            grad_out, y, (mean, invstd, *bn_params) if has_bn else None, activation, slope,
-            training, has_bias=need_bias, need_dy=not identity and (need_x or need_weight),
-            need_params=need_params)
-        dy = grad_out if identity else dy_
+    bn = (mean, invstd, *bn_params) if bn_params is not None else None
+    training = training and bn is not None
+    dgamma = dbeta = dbias = coef = None
+    if need_bias or need_bn_weight or need_bn_bias or (training and (need_x or need_weight)):
+        dgamma, dbeta, dbias, coef = bn_act.grad_reductions(grad_out, y, bn, activation, slope,
+                                                            training, has_bias=need_bias)
+    prologue = bn_act.prologue_args(y, bn, coef, activation, slope, training)
     dx = dw = None
     if need_x:
-        dx = input_grad(dy, packed, transposed=transposed, stride=stride, padding=padding,
-                        in_hw=x.shape[2:])
+        dx = input_grad(grad_out, packed, transposed=transposed, stride=stride, padding=padding,
+                        in_hw=x.shape[2:], prologue=prologue)
     if need_weight:
-        inp, gout = (dy, x) if transposed else (x, dy)
-        dw = conv2d_weight_grad(inp, gout, tuple(packed.shape[:2]), stride, padding)
+        inp, gout = (grad_out, x) if transposed else (x, grad_out)
+        dw = conv2d_weight_grad(inp, gout, tuple(packed.shape[:2]), stride, padding,
+                                prologue=prologue, prologue_operand=2 if transposed else 1)
     return (dx, dw, dbias, dgamma if need_bn_weight else None, dbeta if need_bn_bias else None)

@@ -16,28 +16,30 @@ import triton
 import triton.language as tl
 
 from ._config import autotune_configs, dot_precision, multiprocessor_count, pow2_block
-from .bn_act import activate, scale_shift
+from .bn_act import activate, input_grad_prologue, scale_shift
 
 # BLOCK_M is set by the launcher, not tuned: the statistics partials have one row per row tile.
-# Compiled for sm_90 and sm_80 (Triton 3.9) for the 32 px DCGAN's layers in float16, bfloat16 and
-# float32 (tf32), these did not spill; (64, 64, 4 warps, 3 stages) spilled on both, (64, 32, 4, 3),
-# (32, 32, 4, 4) and (32, 32, 4, 3) on sm_80 in 16 bits.
+# Compiled without a GPU (Triton 3.9, sm_90 and sm_80, float16, bfloat16 and float32/tf32) for
+# representative layers of the 32 px DCGAN, with and without the input-gradient prologue, every
+# config below is spill-free; those that spilled somewhere were dropped: conv (64, 64, 4, 3),
+# (64, 32, 4, 3), (32, 32, 4, 4), (32, 32, 4, 3), (128, 64, 8, 3); weight gradient (64, 128, 32,
+# 4, 3), (64, 64, 32, 4, 4), (32, 64, 64, 4, 3).
 _CONV_CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bn, bk, w, s in [(128, 32, 8, 3), (64, 32, 8, 3), (16, 32, 4, 4), (128, 64, 8, 3)]],
+     for bn, bk, w, s in [(128, 32, 8, 3), (64, 32, 8, 3), (16, 32, 4, 4)]],
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1),
 )
 _WGRAD_CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                              (64, 64, 32, 4, 4), (64, 32, 64, 4, 3), (32, 64, 64, 4, 3),
+     for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 32, 64, 4, 3),
                               (16, 64, 64, 4, 3)]],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
 )
 
 
 @triton.autotune(configs=_CONV_CONFIGS,
-                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "DOT_PRECISION"])
+                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "STATS",
+                      "AFFINE", "PROLOGUE", "DOT_PRECISION"])
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
                  bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr,
@@ -46,7 +48,8 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
                  KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                  TRANSPOSED: tl.constexpr, STATS: tl.constexpr, AFFINE: tl.constexpr,
                  WRITE_Y: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr,
+                 PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_TRAINING: tl.constexpr,
+                 PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[n, oh, ow, co] = sum over taps and ci of x[n, ih, iw, ci] * w[kh, kw, ci, co], where
     ih = oh*SH - PAD_H + kh (Conv2d), or oh = ih*SH - PAD_H + kh (TRANSPOSED). w's strides: per tap,
@@ -57,7 +60,11 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
     contribute are kh = ph + jh*SH with ih = qh - jh, so the loop visits only those, never a zero.
     Epilogues: STATS writes y and this row tile's (count, mean, M2) per channel into
     part[:, pid_m, :]; AFFINE writes act(y*scale+shift) with BN's running stats (and, with WRITE_Y,
-    y and the mean/invstd backward needs); otherwise out = act(y + bias)."""
+    y and the mean/invstd backward needs); otherwise out = act(y + bias).
+    PROLOGUE (input gradients, whose epilogue is plain): x is the output gradient g of a layer
+    act(bn(y)), and the A operand is its backward dy (:func:`input_grad_prologue`), reading that
+    layer's y, mean, invstd, gamma, beta through the same-named pointers, its dy coefficients
+    through part_ptr and its slope through slope."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if TRANSPOSED:
@@ -111,7 +118,14 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
         ci_ok = ci < C_in
         ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_rows = x_ptr + n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=ok[:, None] & ci_ok[None, :], other=0.0)
+        a_ok = ok[:, None] & ci_ok[None, :]
+        a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=a_ok, other=0.0)
+        if PROLOGUE:
+            pix = (n * H + ih) * W + iw
+            a = input_grad_prologue(
+                a.to(tl.float32), y_ptr, pix[:, None] * C_in + ci[None, :], a_ok, ci, ci_ok, C_in,
+                mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, part_ptr, slope, PRO_ACT, PRO_AFFINE,
+                PRO_TRAINING).to(x_ptr.dtype.element_ty)
         w_tap = w_ptr + (kh * KW + kw) * swt
         b = tl.load(w_tap + ci[:, None] * swk + co[None, :] * swn,
                     mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
@@ -157,17 +171,21 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
 
 
 @triton.autotune(configs=_WGRAD_CONFIGS,
-                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT", "DOT_PRECISION"])
+                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT", "PROLOGUE",
+                      "DOT_PRECISION"])
 @triton.jit
-def _weight_grad_kernel(x_ptr, g_ptr, part_ptr,
-                        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT,
+def _weight_grad_kernel(x_ptr, g_ptr, part_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                        coef_ptr, N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT, slope,
                         sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc,
                         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr,
+                        PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_TRAINING: tl.constexpr,
+                        PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[split, co, ci, kh, kw] = sum over the split's output pixels p = (n, oh, ow) of
     g[n, oh, ow, co] * x[n, oh*SH-PAD_H+kh, ow*SW-PAD_W+kw, ci] (Conv2d geometry): one GEMM per tap,
-    K = pixels; both operand tiles are rows of contiguous channels."""
+    K = pixels; both operand tiles are rows of contiguous channels. PROLOGUE 1 (2): the g (x)
+    operand is the output gradient of a layer act(bn(y)) and is loaded as its backward dy
+    (:func:`input_grad_prologue`, from that layer's y, mean, invstd, gamma, beta and coef)."""
     pid_mn = tl.program_id(0)
     tap = tl.program_id(1)
     split = tl.program_id(2)
@@ -192,10 +210,21 @@ def _weight_grad_kernel(x_ptr, g_ptr, part_ptr,
         x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         g_pix = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
         x_pix = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        g = tl.load(g_ptr + g_pix[:, None] + co[None, :] * sgc, mask=p_ok[:, None] & co_ok[None, :],
-                    other=0.0)
-        b = tl.load(x_ptr + x_pix[:, None] + ci[None, :] * sxc, mask=x_ok[:, None] & ci_ok[None, :],
-                    other=0.0)
+        g_ok = p_ok[:, None] & co_ok[None, :]
+        g = tl.load(g_ptr + g_pix[:, None] + co[None, :] * sgc, mask=g_ok, other=0.0)
+        b_ok = x_ok[:, None] & ci_ok[None, :]
+        b = tl.load(x_ptr + x_pix[:, None] + ci[None, :] * sxc, mask=b_ok, other=0.0)
+        if PROLOGUE == 1:
+            g = input_grad_prologue(
+                g.to(tl.float32), y_ptr, p.to(tl.int64)[:, None] * C_out + co[None, :], g_ok, co,
+                co_ok, C_out, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, coef_ptr, slope, PRO_ACT,
+                PRO_AFFINE, PRO_TRAINING).to(g_ptr.dtype.element_ty)
+        elif PROLOGUE == 2:
+            pix = (n * H + ih) * W + iw
+            b = input_grad_prologue(
+                b.to(tl.float32), y_ptr, pix[:, None] * C_in + ci[None, :], b_ok, ci, ci_ok, C_in,
+                mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, coef_ptr, slope, PRO_ACT, PRO_AFFINE,
+                PRO_TRAINING).to(x_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(g), b, acc, input_precision=DOT_PRECISION)
     taps = KH * KW
     offs = ((split * C_out + co.to(tl.int64))[:, None] * C_in + ci[None, :]) * taps + tap
@@ -263,14 +292,23 @@ def row_tiling(n, out_hw, stride, transposed):
     return block_m, triton.cdiv(rows, block_m), phases
 
 
+_NO_PROLOGUE = dict(PRO_ACT=0, PRO_AFFINE=False, PRO_TRAINING=False)
+
+
+def _prologue_constexprs(prologue):
+    return {k: prologue[k] for k in _NO_PROLOGUE} if prologue is not None else _NO_PROLOGUE
+
+
 def conv(x, packed, kernel, *, transposed, stride, padding, out_hw, out=None, y=None, partials=None,
-         bias=None, bn=(None,) * 4, stats=(None, None), eps=0.0, activation=0, slope=0.0):
+         bias=None, bn=(None,) * 4, stats=(None, None), eps=0.0, activation=0, slope=0.0,
+         prologue=None):
     """One launch of the core into ``out`` / ``y`` / ``partials`` (channels-last (N, C, OH, OW)
     tensors and the float32 (3, tiles, C) partials; unused ones None): with ``partials`` the STATS
     epilogue, with ``bn`` = (gamma, beta, running_mean, running_var) the AFFINE one (``stats``:
     mean/invstd outputs, with ``y``), else out = act(y + bias). ``x``: NHWC-strided, ``packed``: a
     ``[kH, kW, C_in, C_out]`` operand of :func:`pack_weight` or :func:`swap_kn`, its taps
-    contiguous blocks; ``activation``: an ACT code."""
+    contiguous blocks; ``activation``: an ACT code. ``prologue`` (input gradients, with ``out``
+    only): x is an output gradient loaded as its layer's backward (bn_act.prologue_args)."""
     n, c_in, h, w = x.shape
     c_out = packed.shape[3]
     (sh, sw), (pad_h, pad_w) = stride, padding
@@ -278,13 +316,20 @@ def conv(x, packed, kernel, *, transposed, stride, padding, out_hw, out=None, y=
     any_buf = next(t for t in (out, y) if t is not None)
     fill = lambda t: t if t is not None else any_buf  # noqa: E731 (placeholders for unused pointers)
     grid = lambda meta: (phases * tiles, triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
+    pointers = (fill(y), fill(out), fill(partials), fill(bias), *map(fill, bn), *map(fill, stats))
+    if prologue is not None:  # the pointers a plain epilogue leaves unused carry the prologue's
+        pro_y, pro_mean, pro_invstd, pro_gamma, pro_beta, pro_coef = prologue["tensors"]
+        pointers = (pro_y, out, pro_coef, fill(bias), pro_gamma, pro_beta, out, out, pro_mean,
+                    pro_invstd)
+        slope = prologue["slope"]
     _conv_kernel[grid](
-        x, packed, fill(y), fill(out), fill(partials), fill(bias), *map(fill, bn), *map(fill, stats),
+        x, packed, *pointers,
         n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles, eps, slope, *_nhwc_strides(x),
         packed.stride(1), packed.stride(2), packed.stride(3),
         KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed, STATS=partials is not None,
         AFFINE=bn[0] is not None, WRITE_Y=y is not None and partials is None,
-        HAS_BIAS=bias is not None, ACT=activation, DOT_PRECISION=dot_precision(x.dtype, x.device),
+        HAS_BIAS=bias is not None, ACT=activation, PROLOGUE=prologue is not None,
+        **_prologue_constexprs(prologue), DOT_PRECISION=dot_precision(x.dtype, x.device),
         BLOCK_M=block_m)
 
 
@@ -294,13 +339,13 @@ def empty_nhwc(n, c, hw, like):
                        memory_format=torch.channels_last)
 
 
-def input_grad(grad, packed, *, transposed, stride, padding, in_hw):
+def input_grad(grad, packed, *, transposed, stride, padding, in_hw, prologue=None):
     """The input gradient of a Conv2d (``transposed=False``) or ConvTranspose2d whose forward read
-    the operand ``packed``, given the (NHWC-strided) output gradient: the other direction's
-    forward, on the same operand."""
+    the operand ``packed``, given the (NHWC-strided) gradient ``grad`` of its output (of its BN and
+    activation's output with ``prologue``): the other direction's forward, on the same operand."""
     dx = empty_nhwc(grad.shape[0], packed.shape[2], in_hw, grad)
     conv(grad, swap_kn(packed), tuple(packed.shape[:2]), transposed=not transposed, stride=stride,
-         padding=padding, out_hw=tuple(in_hw), out=dx)
+         padding=padding, out_hw=tuple(in_hw), out=dx, prologue=prologue)
     return dx
 
 
@@ -312,11 +357,14 @@ def _split_count(pixels: int, tiles: int, operands: int, weights: int, device: t
     return max(1, min(wanted, pixels // 512, operands // weights))
 
 
-def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None):
+def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, prologue=None,
+                       prologue_operand=0):
     """The gradient of ``F.conv2d(x, w, None, stride, padding)`` w.r.t. w, given ``grad_out`` (both
     NHWC-strided): shape (C_out, C_in, kH, kW), contiguous, in x's dtype. The pixel sum is split into
     ``splits`` contiguous ranges (default: a heuristic) whose float32 partials are added in a fixed
-    order. A ConvTranspose2d's weight gradient is this with x and grad_out swapped."""
+    order. A ConvTranspose2d's weight gradient is this with x and grad_out swapped. With
+    ``prologue`` (bn_act.prologue_args), grad_out (``prologue_operand=1``) or x (2) is loaded as the
+    backward of its layer's BN and activation."""
     n, c_in, h, w = x.shape
     _, c_out, oh, ow = grad_out.shape
     kh, kw = kernel_size
@@ -333,8 +381,12 @@ def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None):
                                                dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]),  # noqa: E731
                          kh * kw, splits)
-    _weight_grad_kernel[grid](x, grad_out, part, n, c_in, h, w, c_out, oh, ow, ph, pw, per_split,
+    pro_tensors = prologue["tensors"] if prologue is not None else (x,) * 6  # placeholders
+    _weight_grad_kernel[grid](x, grad_out, part, *pro_tensors, n, c_in, h, w, c_out, oh, ow, ph, pw,
+                              per_split, prologue["slope"] if prologue is not None else 0.0,
                               *_nhwc_strides(x), *_nhwc_strides(grad_out), KH=kh, KW=kw, SH=sh, SW=sw,
+                              PROLOGUE=prologue_operand if prologue is not None else 0,
+                              **_prologue_constexprs(prologue),
                               DOT_PRECISION=dot_precision(x.dtype, x.device))
     if splits > 1:
         block = 1024
