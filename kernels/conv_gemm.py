@@ -15,29 +15,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, dot_precision, multiprocessor_count, pow2_block
+from ._config import dot_precision, gemm_tuning, multiprocessor_count, pow2_block
 from .bn_act import activate, input_grad_prologue, scale_shift
 
 # BLOCK_M is set by the launcher, not tuned: the statistics partials have one row per row tile.
-# Compiled without a GPU (Triton 3.9, sm_90 and sm_80, float16, bfloat16 and float32/tf32) for
-# representative layers of the 32 px DCGAN, with and without the input-gradient prologue, every
-# config below is spill-free; those that spilled somewhere were dropped: conv (64, 64, 4, 3),
-# (64, 32, 4, 3), (32, 32, 4, 4), (32, 32, 4, 3), (128, 64, 8, 3); weight gradient (64, 128, 32,
-# 4, 3), (64, 64, 32, 4, 4), (32, 64, 64, 4, 3).
-_CONV_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bn, bk, w, s in [(128, 32, 8, 3), (64, 32, 8, 3), (16, 32, 4, 4)]],
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1),
-)
-_WGRAD_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 32, 64, 4, 3),
-                              (16, 64, 64, 4, 3)]],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)
+# Configs (block sizes, num_warps, num_stages) per product kind, each spill-free for every launch
+# of a fused 32 px b64 and 64 px b512 step on sm_90 and sm_80 (benchmarks/gpu_compile_check.py;
+# see gemm_tuning). Spilled somewhere and dropped (tf32 / float16 / bfloat16, with or without the
+# input-gradient prologue, or with unaligned channels such as C_in = 3 or 100): conv (128, 32, 8, 3),
+# (128, 16, 8, 2), (16, 32, 4, 4), (64, 16, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+# (32, 32, 4, 4), (32, 32, 4, 3); exact conv (64, 16, 8, 2), (32, 16, 4, 2), (16, 16, 8, 2); weight
+# gradient (16, 64, 64, 4, 3), (32, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
+# (32, 64, 64, 4, 3).
+_CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
+                           tensor_cores=[(64, 32, 8, 3), (32, 32, 8, 3), (64, 16, 8, 3), (16, 16, 4, 3)],
+                           exact=[(32, 16, 8, 2), (64, 16, 8, 1), (16, 16, 4, 2)],
+                           interpreter_blocks=(32, 16))
+_WEIGHT_GRAD_TUNING = gemm_tuning(
+    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    tensor_cores=[(128, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 32, 64, 4, 3),
+                  (64, 64, 16, 4, 2)],
+    exact=[(128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (128, 32, 32, 8, 3), (64, 32, 16, 4, 2)],
+    interpreter_blocks=(32, 32, 32))
 
 
-@triton.autotune(configs=_CONV_CONFIGS,
+@triton.autotune(**_CONV_TUNING,
                  key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "STATS",
                       "AFFINE", "PROLOGUE", "DOT_PRECISION"])
 @triton.jit
@@ -170,7 +172,7 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
         tl.store(out_ptr + y_offs, activate(y, ACT, slope), mask=ok2)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS,
+@triton.autotune(**_WEIGHT_GRAD_TUNING,
                  key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT", "PROLOGUE",
                       "DOT_PRECISION"])
 @triton.jit
