@@ -238,9 +238,9 @@ def _conv_bn_act_graph(x, weight, bias, bn_weight, bn_bias, mean, invstd, layer)
 
 
 class _ConvBNAct(torch.autograd.Function):
-    """Autograd binding of the Triton kernels. Saves x (as the kernels read it), the packed weight,
-    y (the conv output before BN; the output itself without BN, nothing without an activation either)
-    and the per-channel mean and invstd, nothing larger: xhat and the activation's input are
+    """Autograd binding of the Triton kernels. Saves x (as given, and as the kernels read it when
+    that is a copy), the weight, y (the conv output before BN; the output itself without BN, nothing
+    without an activation either) and the per-channel mean and invstd, nothing larger: xhat and the activation's input are
     recomputed in backward. Under ``create_graph=True`` the backward is PyTorch's, so it can be
     differentiated again."""
 
@@ -267,7 +267,7 @@ class _ConvBNAct(torch.autograd.Function):
             return (*grads, None, None, None, None, None)
         layer = {k: v for k, v in ctx.layer.items() if k not in ("output_padding", "eps")}
         dx, dw, dbias, dgamma, dbeta = _conv_kernels().backward(
-            grad_out, saved, (bn_weight, bn_bias) if bn_weight is not None else None,
+            grad_out, weight, saved, (bn_weight, bn_bias) if bn_weight is not None else None,
             need_x=need[0], need_weight=need[1], need_bias=need[2], need_bn_weight=need[3],
             need_bn_bias=need[4], **layer)
         as_dtype = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731

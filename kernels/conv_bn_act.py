@@ -29,8 +29,9 @@ def _geometry(x, weight, transposed, stride, padding, output_padding):
 
 def forward(x, weight, bias, bn, *, transposed, stride, padding, output_padding, activation, slope,
             training, momentum, eps, keep_for_backward):
-    """(out, saved): ``out`` channels-last; ``saved`` what :func:`backward` needs, (x, packed weight,
-    y, mean, invstd) with x in the layout the kernels read, or None unless ``keep_for_backward``.
+    """(out, saved): ``out`` channels-last; ``saved`` what :func:`backward` needs besides the
+    weight, (x, y, mean, invstd) with x in the layout the kernels read, or None unless
+    ``keep_for_backward``.
     ``bn``: (gamma, beta, running_mean, running_var) or None (no BN: out = act(conv + bias)).
     In training y is the conv output without the bias (BN removes it; it only enters running_mean)
     and the running stats, when given, are updated in place. Without BN, y is ``out`` itself (None
@@ -61,17 +62,20 @@ def forward(x, weight, bias, bn, *, transposed, stride, padding, output_padding,
             invstd = torch.empty_like(mean)
         conv(x, packed, kernel, out=out, y=y, bias=bias, bn=bn, stats=(mean, invstd), eps=eps,
              activation=act, slope=slope, **geo)
-    return out, ((x, packed, y, mean, invstd) if keep_for_backward else None)
+    return out, ((x, y, mean, invstd) if keep_for_backward else None)
 
 
-def backward(grad_out, saved, bn_params, *, transposed, stride, padding, activation, slope,
+def backward(grad_out, weight, saved, bn_params, *, transposed, stride, padding, activation, slope,
              training, need_x, need_weight, need_bias, need_bn_weight, need_bn_bias):
     """(dx, dW, dbias, dgamma, dbeta), each None unless asked for; the last three float32.
     ``saved``: :func:`forward`'s; ``bn_params``: (gamma, beta), or None for a layer without BN.
+    The weight is packed again here rather than kept from the forward: a copy of every weight held
+    until backward would cost more memory than eager PyTorch saves.
     The backward of BN and the activation runs inside the two gradient GEMMs' operand loads, after
     the per-channel reductions it needs (none without BN or in eval, unless a parameter wants its
     gradient)."""
-    x, packed, y, mean, invstd = saved
+    x, y, mean, invstd = saved
+    packed = pack_weight(weight, transposed)
     grad_out = channels_last(grad_out)
     bn = (mean, invstd, *bn_params) if bn_params is not None else None
     training = training and bn is not None
