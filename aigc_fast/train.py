@@ -154,8 +154,8 @@ BACKENDS = {
                 _prepare_eager, _always),
         Backend("compile", "torch.compile of G and D (inductor)", _prepare_compile,
                 _compile_unavailable),
-        Backend("fused", "our Triton kernels: aigc_fast.fuse(G, D) (every convolution, BatchNorm2d "
-                         "and ReLU / LeakyReLU) and the fused BCE loss",
+        Backend("fused", "our Triton kernels: aigc_fast.fuse() on G and on D (every convolution, "
+                         "BatchNorm2d and ReLU / LeakyReLU) and the fused BCE loss",
                 _prepare_fused, _fused_unavailable),
     )
 }

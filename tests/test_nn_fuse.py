@@ -18,7 +18,7 @@ import aigc_fast
 from aigc_fast import functional
 from aigc_fast import nn as fused_nn
 from aigc_fast.models import Discriminator, Generator
-from aigc_fast.nn import ConvTransposeBNReLU, FusedSequential, fuse, unfuse
+from aigc_fast.nn import ConvBNAct, ConvTransposeBNReLU, FusedSequential, fuse, unfuse
 
 RTOL = 1e-4  # float32 without tf32
 
@@ -217,6 +217,22 @@ def test_module_matches_eager_sequential(bias, momentum, fused_calls, device):
                              device)
     assert module.bn.num_batches_tracked.item() == 3
     assert fused_calls == [True, True, True, False]
+
+
+def test_conv_bn_act_module_matches_eager_sequential(fused_calls, device):
+    """ConvBNAct, a Discriminator layer's drop-in: nn.Conv2d's arguments, its children's state
+    loads from the eager run's, and it behaves as that run."""
+    torch.manual_seed(17)
+    eager = randomize_batch_norms_(nn.Sequential(nn.Conv2d(3, 5, 4, 2, 1, bias=False),
+                                                 nn.BatchNorm2d(5), nn.LeakyReLU(0.2)))
+    module = ConvBNAct(3, 5, 4, 2, 1, bias=False, negative_slope=0.2)
+    module.conv.load_state_dict(eager[0].state_dict(), strict=True)
+    module.bn.load_state_dict(eager[1].state_dict(), strict=True)
+    assert_matches_reference(module, copy.deepcopy(eager).double(), lambda: torch.randn(2, 3, 6, 5),
+                             device, train_steps=2)
+    assert fused_calls == [True, True, False]
+    with pytest.raises(ValueError, match="activation must be 'relu' or 'leaky_relu'"):
+        ConvBNAct(3, 5, 4, activation="gelu")
 
 
 def test_module_with_non_tracking_batch_norm_behaves_as_pytorch(device):
