@@ -1,7 +1,7 @@
 """aigc_fast: a DCGAN trainer whose hot path is hand-written Triton kernels.
 
-``aigc_fast.fuse(model)`` makes an existing model run its ConvTranspose2d -> BatchNorm2d -> ReLU
-runs (and BCE losses) through the fused kernels, with its state_dict unchanged.
+``aigc_fast.fuse(model)`` makes an existing model run its Conv2d / ConvTranspose2d [-> BatchNorm2d]
+[-> ReLU / LeakyReLU] runs (and BCE losses) through the fused kernels, with its state_dict unchanged.
 """
 __version__ = "0.1.0"
 

@@ -98,14 +98,17 @@ def _differentiable_grads(recompute, inputs, needs, grad_outputs):
     return [next(grads) if need else None for need in needs]
 
 
-# --- ConvTranspose2d + BatchNorm2d + ReLU -------------------------------------------------------
+# --- Conv2d / ConvTranspose2d [+ BatchNorm2d] [+ ReLU / LeakyReLU] --------------------------------
 
 
-def _ctbr_kernels():
+def _conv_kernels():
     """The launcher module, imported on first use so that a CPU-only install never imports triton."""
-    from .kernels import conv_transpose_bn_relu as launchers
+    from .kernels import conv_bn_act as launchers
 
     return launchers
+
+
+ACTIVATIONS = ("relu", "leaky_relu", None)
 
 
 def _int_pair(value, name, minimum):
@@ -132,9 +135,8 @@ def _check_channel_vector(value, name, channels, x, optional):
         raise TypeError(f"{name} must be {allowed} (x's dtype, or float32), got {value.dtype}")
 
 
-def _check_conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, bias,
-                                  stride, padding, output_padding, training, momentum, eps):
-    """Validate every argument once; return the (h, w) pairs of stride, padding, output_padding."""
+def _check_x_and_weight(x, weight, transposed):
+    """x (N, C_in, H, W) and a weight in its module's layout; returns C_out."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() != 4 or min(x.shape[1:], default=0) < 1:
@@ -142,35 +144,56 @@ def _check_conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, r
                          f"got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if not isinstance(transposed, bool):
+        raise TypeError(f"transposed must be a bool, got {type(transposed).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
-    if weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.numel() == 0:
-        raise ValueError(f"weight must have shape (C_in={x.shape[1]}, C_out, kH, kW) as in "
-                         f"nn.ConvTranspose2d, got {tuple(weight.shape)}")
+    in_dim, layout = (0, f"(C_in={x.shape[1]}, C_out, kH, kW) as in nn.ConvTranspose2d") if transposed \
+        else (1, f"(C_out, C_in={x.shape[1]}, kH, kW) as in nn.Conv2d")
+    if weight.dim() != 4 or weight.shape[in_dim] != x.shape[1] or weight.numel() == 0:
+        raise ValueError(f"weight must have shape {layout}, got {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
-    c_out = weight.shape[1]
-    _check_channel_vector(bn_weight, "bn_weight", c_out, x, optional=False)
-    _check_channel_vector(bn_bias, "bn_bias", c_out, x, optional=False)
-    _check_channel_vector(bias, "bias", c_out, x, optional=True)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
-    _check_channel_vector(running_mean, "running_mean", c_out, x, optional=True)
-    _check_channel_vector(running_var, "running_var", c_out, x, optional=True)
-    stride = _int_pair(stride, "stride", 1)
-    padding = _int_pair(padding, "padding", 0)
-    output_padding = _int_pair(output_padding, "output_padding", 0)
-    if any(op >= s for op, s in zip(output_padding, stride)):
-        raise ValueError(f"output_padding must be smaller than stride {stride}, got {output_padding}")
-    out_hw = [(size - 1) * s - 2 * p + k + op for size, s, p, k, op in
-              zip(x.shape[2:], stride, padding, weight.shape[2:], output_padding)]
+    return weight.shape[1 - in_dim]
+
+
+def _check_output_size(x, weight, transposed, stride, padding, output_padding):
+    """The (OH, OW) of the convolution, which must be at least 1x1."""
+    kernel = weight.shape[2:]
+    if transposed:
+        out_hw = [(size - 1) * s - 2 * p + k + op for size, s, p, k, op in
+                  zip(x.shape[2:], stride, padding, kernel, output_padding)]
+    else:
+        out_hw = [(size + 2 * p - k) // s + 1 for size, s, p, k in zip(x.shape[2:], stride, padding, kernel)]
     if min(out_hw) < 1:
+        what = "large" if transposed else "small"
         raise ValueError(f"the output would be {out_hw[0]}x{out_hw[1]}: padding {padding} is too "
-                         f"large for input {tuple(x.shape[2:])}, kernel {tuple(weight.shape[2:])}")
+                         f"{what} for input {tuple(x.shape[2:])}, kernel {tuple(kernel)}")
+    return out_hw
+
+
+def _check_batch_norm(x, c_out, out_hw, bn_weight, bn_bias, running_mean, running_var, training,
+                      momentum, eps):
+    """Validate BN's arguments; returns whether there is a BN (bn_weight and bn_bias given)."""
+    if (bn_weight is None) != (bn_bias is None):
+        missing, given = ("bn_weight", "bn_bias") if bn_weight is None else ("bn_bias", "bn_weight")
+        raise TypeError(f"{missing} must be a tensor of shape ({c_out},) when {given} is (both, or "
+                        "neither for a layer without BatchNorm), got None")
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if bn_weight is None:
+        if running_mean is not None:
+            raise ValueError("running_mean and running_var must be None without BatchNorm "
+                             "(bn_weight=None and bn_bias=None)")
+        return False
+    _check_channel_vector(bn_weight, "bn_weight", c_out, x, optional=False)
+    _check_channel_vector(bn_bias, "bn_bias", c_out, x, optional=False)
+    _check_channel_vector(running_mean, "running_mean", c_out, x, optional=True)
+    _check_channel_vector(running_var, "running_var", c_out, x, optional=True)
     if training and x.shape[0] * out_hw[0] * out_hw[1] == 1:
         raise ValueError("Expected more than 1 value per channel when training, got output size "
                          f"{(x.shape[0], c_out, *out_hw)}")
@@ -187,109 +210,158 @@ def _check_conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, r
     if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0
             or (training and eps == 0)):
         raise ValueError(f"eps must be a float > 0 in training, >= 0 in eval, got {eps!r}")
-    return stride, padding, output_padding
+    return True
 
 
-def _conv_transpose_bn_relu_graph(x, weight, bias, bn_weight, bn_bias, mean, invstd, geometry):
+def _check_activation(activation, negative_slope):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool)
+            or not 0 <= negative_slope < float("inf")):
+        raise ValueError(f"negative_slope must be a finite float >= 0, got {negative_slope!r}")
+
+
+def _check_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, bias, transposed,
+                       stride, padding, output_padding, activation, negative_slope, training,
+                       momentum, eps):
+    """Validate every argument once; return (stride, padding, output_padding) as (h, w) pairs and
+    whether the layer has a BN."""
+    c_out = _check_x_and_weight(x, weight, transposed)
+    _check_channel_vector(bias, "bias", c_out, x, optional=True)
+    stride = _int_pair(stride, "stride", 1)
+    padding = _int_pair(padding, "padding", 0)
+    output_padding = _int_pair(output_padding, "output_padding", 0)
+    if any(op >= s for op, s in zip(output_padding, stride)) or (not transposed and any(output_padding)):
+        limit = f"smaller than stride {stride}" if transposed else "0 for a Conv2d"
+        raise ValueError(f"output_padding must be {limit}, got {output_padding}")
+    out_hw = _check_output_size(x, weight, transposed, stride, padding, output_padding)
+    has_bn = _check_batch_norm(x, c_out, out_hw, bn_weight, bn_bias, running_mean, running_var,
+                               training, momentum, eps)
+    _check_activation(activation, negative_slope)
+    return stride, padding, output_padding, has_bn
+
+
+def _conv_bn_act_graph(x, weight, bias, bn_weight, bn_bias, mean, invstd, layer):
     """The fused op's output in PyTorch's ops, for a backward that must itself be differentiable.
     Training normalises with the batch statistics, recomputed here; eval with those the forward
     used: ``mean`` = running_mean - bias and ``invstd`` as the eval kernel saved them."""
-    stride, padding, output_padding, training, eps = geometry
-    if training:
-        return reference.conv_transpose_bn_relu(
-            x, weight, bn_weight, bn_bias, None, None, bias=bias, stride=stride, padding=padding,
-            output_padding=output_padding, training=True, eps=eps)
-    y = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+    act = dict(activation=layer["activation"], negative_slope=layer["slope"])
+    geometry = dict(transposed=layer["transposed"], stride=layer["stride"], padding=layer["padding"],
+                    output_padding=layer["output_padding"])
+    if bn_weight is None or layer["training"]:
+        return reference.conv_bn_act(x, weight, bn_weight, bn_bias, None, None, bias=bias,
+                                     training=True, eps=layer["eps"], **geometry, **act)
+    y = reference.conv_bn_act(x, weight, bias=bias, activation=None, **geometry)
     running_mean = mean if bias is None else mean + bias.detach()
     per_channel = lambda v: v.view(-1, 1, 1)  # noqa: E731
     z = (y - per_channel(running_mean)) * per_channel(invstd * bn_weight) + per_channel(bn_bias)
-    return torch.relu(z).to(x.dtype)
+    return reference.activate(z, **act).to(x.dtype)
 
 
-class _ConvTransposeBNReLU(torch.autograd.Function):
-    """Autograd binding of the Triton kernels. Saves x, y (the conv output before BN) and the
-    per-channel mean and invstd, nothing larger: xhat and the output are recomputed in backward.
-    Under ``create_graph=True`` the backward is PyTorch's, so it can be differentiated again."""
+class _ConvBNAct(torch.autograd.Function):
+    """Autograd binding of the Triton kernels. Saves x (as given, and as the kernels read it when
+    that is a copy), the weight, y (the conv output before BN; the output itself without BN, nothing
+    without an activation either) and the per-channel mean and invstd, nothing larger: xhat and the activation's input are
+    recomputed in backward. Under ``create_graph=True`` the backward is PyTorch's, so it can be
+    differentiated again."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum,
-                stride, padding, output_padding, training, eps, grad_needed):
-        launchers = _ctbr_kernels()
-        if training:
-            out, y, mean, invstd = launchers.forward_train(
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                output_padding, momentum, eps)
-        else:
-            out, y, mean, invstd = launchers.forward_eval(
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                output_padding, eps, keep_for_backward=grad_needed)
-        ctx.save_for_backward(x, weight, bias, y, mean, invstd, bn_weight, bn_bias)
-        ctx.geometry = (stride, padding, output_padding, training, eps)
+                layer, grad_needed):
+        bn = (bn_weight, bn_bias, running_mean, running_var) if bn_weight is not None else None
+        out, saved = _conv_kernels().forward(x, weight, bias, bn, momentum=momentum,
+                                             keep_for_backward=grad_needed, **layer)
+        if grad_needed:
+            ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, *saved)
+        ctx.layer = layer
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, y, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
+        x, weight, bias, bn_weight, bn_bias, *saved = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True
+            mean, invstd = saved[-2:]
             grads = _differentiable_grads(
-                lambda *inputs: _conv_transpose_bn_relu_graph(*inputs, mean, invstd, ctx.geometry),
+                lambda *inputs: _conv_bn_act_graph(*inputs, mean, invstd, ctx.layer),
                 (x, weight, bias, bn_weight, bn_bias), need[:5], grad_out)
-            return (*grads, None, None, None, None, None, None, None, None, None)
-        stride, padding, _, training, _ = ctx.geometry
-        dx, dw, dbias, dgamma, dbeta = _ctbr_kernels().backward(
-            grad_out, x, weight, y, mean, invstd, bn_weight, bn_bias, stride, padding, training,
+            return (*grads, None, None, None, None, None)
+        layer = {k: v for k, v in ctx.layer.items() if k not in ("output_padding", "eps")}
+        dx, dw, dbias, dgamma, dbeta = _conv_kernels().backward(
+            grad_out, weight, saved, (bn_weight, bn_bias) if bn_weight is not None else None,
             need_x=need[0], need_weight=need[1], need_bias=need[2], need_bn_weight=need[3],
-            need_bn_bias=need[4])
+            need_bn_bias=need[4], **layer)
         as_dtype = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
         return (dx, dw, as_dtype(dbias, bias), as_dtype(dgamma, bn_weight), as_dtype(dbeta, bn_bias),
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None)
 
 
-def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None,
-                           stride=1, padding=0, output_padding=0, training=True, momentum=0.1,
-                           eps=1e-5, impl="auto"):
-    """``relu(batch_norm(conv_transpose2d(x, weight, bias, stride, padding, output_padding),
-    running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))`` as one fused op.
+def conv_bn_act(x, weight, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, *,
+                transposed, bias=None, stride=1, padding=0, output_padding=0, activation="relu",
+                negative_slope=0.01, training=True, momentum=0.1, eps=1e-5, impl="auto"):
+    """``act(batch_norm(conv(x, weight, bias, stride, padding), running_mean, running_var,
+    bn_weight, bn_bias, training, momentum, eps))`` as one fused op, where conv is
+    ``conv_transpose2d`` (with ``output_padding``) when ``transposed`` else ``conv2d``.
 
-    - ``weight``: (C_in, C_out, kH, kW) as in nn.ConvTranspose2d (groups=1, dilation=1); ``bias``:
-      optional (C_out,) conv bias (in training BN cancels it from the output, not from running_mean).
+    - ``weight``: the module's own layout, (C_in, C_out, kH, kW) for nn.ConvTranspose2d, (C_out,
+      C_in, kH, kW) for nn.Conv2d (groups=1, dilation=1, zero padding); ``bias``: optional (C_out,).
+    - ``bn_weight=None, bn_bias=None`` (and no running stats): no BatchNorm, ``act(conv(x) + bias)``.
+    - ``activation``: "relu", "leaky_relu" (``negative_slope`` >= 0) or None; NaN propagates.
     - ``training=True`` normalises with the batch statistics (biased variance) and, when the running
-      stats are tensors, updates them in place with the unbiased variance M/(M-1), M = N*OH*OW.
-      ``running_mean``/``running_var`` may be None in training; they are required in eval.
+      stats are tensors, updates them in place with the unbiased variance M/(M-1), M = N*OH*OW. In
+      training BN cancels a conv bias from the output, not from running_mean. ``running_mean`` /
+      ``running_var`` may be None in training; they are required in eval.
     - ``momentum``: the exponential-average factor, a float or a 0-dim tensor on x's device. For
       nn.BatchNorm2d's ``momentum=None`` (cumulative average) increment ``num_batches_tracked`` and pass
       the tensor ``1.0 / num_batches_tracked``: read on the device, so there is no host sync.
     - ``training=False`` folds the running statistics into one per-channel scale and shift.
     - ``impl``: "auto" | "triton" | "ref" (see module docstring). The Triton path takes float32 and
-      float16 (bfloat16 on CUDA only), with float32 statistics and accumulation; any strides, no
-      copies. It returns contiguous NCHW tensors. Float32 products use tf32 on CUDA exactly when
+      float16 (bfloat16 off the CPU, whose interpreter lacks it), with float32 statistics and accumulation. It reads x in any
+      layout whose channels are contiguous (channels_last) as it is, and copies any other (e.g.
+      contiguous NCHW) once; it returns channels_last tensors, as the reference does for
+      channels_last x. Float32 products use tf32 on CUDA exactly when
       ``torch.backends.cudnn.allow_tf32`` is set, as PyTorch's own convolutions do.
-    - Under ``torch.autocast`` it does what autocast does for conv_transpose2d followed by batch_norm:
+    - Under ``torch.autocast`` it does what autocast does for the convolution followed by batch_norm:
       x, weight and bias in autocast's dtype (a float16/bfloat16 output), BN's parameters and running
       statistics as they are (float32), statistics and accumulation in float32.
-    Gradients flow to x, weight, bias, bn_weight and bn_bias.
+    Gradients flow to x, weight, bias, bn_weight and bn_bias, twice too (``create_graph=True``).
     """
     autocast = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
     if autocast is not None:
         x, weight, bias = _cast_for_autocast(autocast, x, weight, bias)
-    stride, padding, output_padding = _check_conv_transpose_bn_relu(
-        x, weight, bn_weight, bn_bias, running_mean, running_var, bias, stride, padding,
-        output_padding, training, momentum, eps)
+    stride, padding, output_padding, has_bn = _check_conv_bn_act(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, bias, transposed, stride, padding,
+        output_padding, activation, negative_slope, training, momentum, eps)
     # the interpreter's tl.dot has no bfloat16 (numpy lacks it): no bfloat16 convolutions on the CPU
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if x.device.type != "cpu" else ())
     # an empty batch is PyTorch's own business: an empty output, running stats untouched
     if resolve_impl(impl, x.device, x.dtype, dtypes) == "ref" or x.shape[0] == 0:
-        return reference.conv_transpose_bn_relu(
-            x, weight, bn_weight, bn_bias, running_mean, running_var, bias=bias, stride=stride,
-            padding=padding, output_padding=output_padding, training=training, momentum=momentum,
-            eps=eps)
+        return reference.conv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, transposed=transposed,
+            bias=bias, stride=stride, padding=padding, output_padding=output_padding,
+            activation=activation, negative_slope=negative_slope, training=training,
+            momentum=momentum, eps=eps)
     # ctx.needs_input_grad ignores torch.no_grad(), so whether backward can happen is decided here
     grad_needed = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias))
-    return _ConvTransposeBNReLU.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                      momentum, stride, padding, output_padding, training, float(eps),
-                                      grad_needed)
+    layer = dict(transposed=transposed, stride=stride, padding=padding,
+                 output_padding=output_padding, activation=activation,
+                 slope=float(negative_slope), training=training and has_bn, eps=float(eps))
+    return _ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                            momentum, layer, grad_needed)
+
+
+def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None,
+                           stride=1, padding=0, output_padding=0, training=True, momentum=0.1,
+                           eps=1e-5, impl="auto"):
+    """``relu(batch_norm(conv_transpose2d(x, ...)))``: :func:`conv_bn_act` with
+    ``transposed=True, activation="relu"`` and a BatchNorm (bn_weight and bn_bias required)."""
+    for value, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias")):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor of shape (C_out,), got {type(value).__name__}")
+    return conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, transposed=True,
+                       bias=bias, stride=stride, padding=padding, output_padding=output_padding,
+                       activation="relu", training=training, momentum=momentum, eps=eps, impl=impl)
 
 
 # --- sigmoid + binary cross-entropy -------------------------------------------------------------

@@ -11,7 +11,10 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import functional
 
 
-# --- ConvTranspose2d + BatchNorm2d + ReLU -------------------------------------------------------
+# --- Conv2d / ConvTranspose2d [+ BatchNorm2d] [+ ReLU / LeakyReLU] --------------------------------
+
+_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)
 
 
 def _batch_norm_momentum(bn):
@@ -32,16 +35,30 @@ def _advance_batch_count(bn):
         bn.num_batches_tracked.add_(1)
 
 
-def _fused_forward(conv, bn, x, output_size=None):
-    """``relu(bn(conv(x, output_size)))`` through the fused op, reading the modules' parameters,
-    buffers and mode."""
-    output_padding = conv.output_padding if output_size is None else conv._output_padding(
-        x, output_size, conv.stride, conv.padding, conv.kernel_size, 2, conv.dilation)
-    out = functional.conv_transpose_bn_relu(
-        x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bias=conv.bias,
-        stride=conv.stride, padding=conv.padding, output_padding=output_padding,
-        training=bn.training, momentum=_batch_norm_momentum(bn), eps=bn.eps)
-    _advance_batch_count(bn)
+def _activation_kind(act):
+    """The fused op's ``activation`` for an nn.ReLU / nn.LeakyReLU module (or None)."""
+    if act is None:
+        return None
+    return "leaky_relu" if isinstance(act, nn.LeakyReLU) else "relu"
+
+
+def _fused_forward(conv, bn, activation, negative_slope, x, output_size=None):
+    """``act(bn(conv(x, output_size)))`` (bn: a module or None; ``activation``: "relu",
+    "leaky_relu" or None) through the fused op, reading the modules' parameters, buffers and mode."""
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    output_padding = 0
+    if transposed:
+        output_padding = conv.output_padding if output_size is None else conv._output_padding(
+            x, output_size, conv.stride, conv.padding, conv.kernel_size, 2, conv.dilation)
+    bn_args = () if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    bn_kwargs = {} if bn is None else dict(training=bn.training, momentum=_batch_norm_momentum(bn),
+                                           eps=bn.eps)
+    out = functional.conv_bn_act(
+        x, conv.weight, *bn_args, transposed=transposed, bias=conv.bias, stride=conv.stride,
+        padding=conv.padding, output_padding=output_padding, activation=activation,
+        negative_slope=negative_slope, **bn_kwargs)
+    if bn is not None:
+        _advance_batch_count(bn)
     return out
 
 
@@ -97,21 +114,25 @@ def _overrides_forward(module, base):
     return type(module).forward is not base.forward
 
 
-def _why_not_fusable(conv, bn, lazy_ok=False):
-    """None when ``relu(bn(conv(x)))`` can run as the fused op with the same result and state updates,
-    else the reason, for ``fuse(verbose=True)``. ``lazy_ok``: judge lazy modules by what they will be
-    once their first forward has initialised them (as fuse() does), not as they are now."""
-    lazy = _uninitialized_lazy(conv, bn)
-    if lazy and not lazy_ok:
-        return "a lazy module is not initialised yet (its first forward does it)"
-    if _overrides_forward(conv, nn.ConvTranspose2d):
-        return f"{type(conv).__name__} overrides ConvTranspose2d.forward"
+def _why_conv_not_fusable(conv):
+    kind = nn.ConvTranspose2d if isinstance(conv, nn.ConvTranspose2d) else nn.Conv2d
+    name = kind.__name__
+    if _overrides_forward(conv, kind):
+        return f"{type(conv).__name__} overrides {name}.forward"
     if conv.groups != 1:
-        return f"ConvTranspose2d has groups={conv.groups} (the fused op needs 1)"
+        return f"{name} has groups={conv.groups} (the fused op needs 1)"
     if tuple(conv.dilation) != (1, 1):
-        return f"ConvTranspose2d has dilation={tuple(conv.dilation)} (the fused op needs 1)"
+        return f"{name} has dilation={tuple(conv.dilation)} (the fused op needs 1)"
+    if conv.padding_mode != "zeros":
+        return f"{name} has padding_mode={conv.padding_mode!r} (the fused op pads with zeros)"
+    if isinstance(conv.padding, str):
+        return f"{name} has padding={conv.padding!r} (the fused op takes explicit padding)"
     if _has_hooks(conv):
-        return "the ConvTranspose2d has hooks"
+        return f"the {name} has hooks"
+    return None
+
+
+def _why_bn_not_fusable(conv, bn):
     if _overrides_forward(bn, nn.BatchNorm2d):
         return f"{type(bn).__name__} overrides BatchNorm2d.forward"
     if not bn.affine:
@@ -119,11 +140,33 @@ def _why_not_fusable(conv, bn, lazy_ok=False):
     if not bn.track_running_stats:
         return "BatchNorm2d has track_running_stats=False"
     if bn.num_features != conv.out_channels and not _uninitialized_lazy(bn):
-        return (f"BatchNorm2d has num_features={bn.num_features} but the ConvTranspose2d gives "
-                f"{conv.out_channels} channels")
+        return (f"BatchNorm2d has num_features={bn.num_features} but the {type(conv).__name__} "
+                f"gives {conv.out_channels} channels")
     if _has_hooks(bn):
         return "the BatchNorm2d has hooks"
     return None
+
+
+def _why_act_not_fusable(act):
+    kind = nn.LeakyReLU if isinstance(act, nn.LeakyReLU) else nn.ReLU
+    if _overrides_forward(act, kind):
+        return f"{type(act).__name__} overrides {kind.__name__}.forward"
+    if _has_hooks(act):
+        return f"the {kind.__name__} has hooks"
+    if kind is nn.LeakyReLU and not act.negative_slope >= 0:
+        return f"LeakyReLU has negative_slope={act.negative_slope} (the fused op needs >= 0)"
+    return None
+
+
+def _why_not_fusable(conv, bn, act, lazy_ok=False):
+    """None when ``act(bn(conv(x)))`` (bn, act: modules or None) can run as the fused op with the
+    same result and state updates, else the reason, for ``fuse(verbose=True)``. ``lazy_ok``: judge
+    lazy modules by what they will be once their first forward has initialised them (as fuse()
+    does), not as they are now."""
+    if _uninitialized_lazy(conv, bn) and not lazy_ok:
+        return "a lazy module is not initialised yet (its first forward does it)"
+    return (_why_conv_not_fusable(conv) or (bn is not None and _why_bn_not_fusable(conv, bn))
+            or (act is not None and _why_act_not_fusable(act)) or None)
 
 
 class _ConvBN(nn.Module):
@@ -173,12 +216,44 @@ class ConvTransposeBNReLU(_ConvBN):
                          track_running_stats=track_running_stats, device=device, dtype=dtype)
 
     def why_not_fused(self):
-        return _why_not_fusable(self.conv, self.bn)
+        return _why_not_fusable(self.conv, self.bn, None)
 
     def forward(self, x, output_size=None):
         if self.why_not_fused() is None:
-            return _fused_forward(self.conv, self.bn, x, output_size)
+            return _fused_forward(self.conv, self.bn, "relu", 0.0, x, output_size)
         return torch.relu(self.bn(self.conv(x, output_size)))
+
+
+class ConvBNAct(_ConvBN):
+    """Conv2d -> BatchNorm2d -> LeakyReLU (or ReLU) as one fused op, a drop-in for that
+    nn.Sequential (a Discriminator's layer). Its arguments are nn.Conv2d's, in its order and with its
+    defaults, then the activation's and BatchNorm2d's as keywords. Children that the fused op cannot
+    reproduce run eagerly."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 activation="leaky_relu", negative_slope=0.01, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True):
+        if activation not in ("relu", "leaky_relu"):
+            raise ValueError(f"activation must be 'relu' or 'leaky_relu', got {activation!r}")
+        self.activation, self.negative_slope = activation, negative_slope  # plain attributes
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device, dtype)
+        super().__init__(conv, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+
+    def why_not_fused(self):
+        if self.activation == "leaky_relu" and not self.negative_slope >= 0:
+            return f"negative_slope={self.negative_slope} (the fused op needs >= 0)"
+        return _why_not_fusable(self.conv, self.bn, None)
+
+    def forward(self, x):
+        if self.why_not_fused() is None:
+            return _fused_forward(self.conv, self.bn, self.activation, self.negative_slope, x)
+        z = self.bn(self.conv(x))
+        if self.activation == "relu":
+            return torch.relu(z)
+        return torch.nn.functional.leaky_relu(z, self.negative_slope)
 
 
 # --- sigmoid + binary cross-entropy -------------------------------------------------------------
@@ -219,40 +294,22 @@ class BCELoss(nn.BCELoss):
 
 # --- fuse / unfuse ------------------------------------------------------------------------------
 
-_RUN_RULE = ("a run fuses only when ConvTranspose2d, BatchNorm2d and ReLU are consecutive children "
-             "of one nn.Sequential")
+def _run_at(modules, i):
+    """``(conv, bn, act)`` of the run starting at the convolution ``modules[i]``: the BatchNorm2d (or
+    a lazy one) and the ReLU / LeakyReLU that follow it, each None when absent."""
+    following = modules[i + 1:i + 3] + [None, None]
+    bn = following[0] if _is_or_becomes(following[0], nn.BatchNorm2d) else None
+    act = following[1 if bn is not None else 0]
+    return modules[i], bn, act if isinstance(act, _ACTIVATIONS) else None
 
 
-def _not_a_run(rest):
-    """Why a ConvTranspose2d followed by ``rest`` (its next two siblings, fewer at the end of its
-    Sequential) is not a ConvTranspose2d -> BatchNorm2d -> ReLU run. A run split across nested
-    Sequentials (its rest in a child Sequential, or past the end of this one) says so."""
-    found = " -> ".join(("a nested " if isinstance(m, nn.Sequential) else "") + type(m).__name__
-                        for m in rest)
-    cut = len(rest) < 2 and all(isinstance(m, (nn.BatchNorm2d, nn.Sequential)) for m in rest)
-    if cut:
-        found += (", then " if found else "") + "the end of its nn.Sequential"
-    split = cut or any(isinstance(m, nn.Sequential) for m in rest)
-    return f"followed by {found}, not BatchNorm2d -> ReLU" + (f" ({_RUN_RULE})" if split else "")
-
-
-def _why_run_not_fusable(modules, i, lazy_ok=False):
-    """None when ``modules[i:i+3]`` (``modules[i]`` a ConvTranspose2d) is a ConvTranspose2d ->
-    BatchNorm2d -> ReLU run that runs fused, else the reason (``lazy_ok`` as in _why_not_fusable)."""
-    rest = modules[i + 1:i + 3]
-    if (len(rest) < 2 or not _is_or_becomes(rest[0], nn.BatchNorm2d)
-            or not isinstance(rest[1], nn.ReLU)):
-        return _not_a_run(rest)
-    if _overrides_forward(rest[1], nn.ReLU):
-        return f"{type(rest[1]).__name__} overrides ReLU.forward"
-    if _has_hooks(rest[1]):
-        return "the ReLU has hooks"
-    return _why_not_fusable(modules[i], rest[0], lazy_ok)
+def _run_length(run):
+    return sum(m is not None for m in run)
 
 
 class FusedSequential(nn.Sequential):
-    """An nn.Sequential that runs each fusable ConvTranspose2d -> BatchNorm2d -> ReLU run of its
-    children as one fused op. :func:`fuse` swaps a Sequential's class to this one, so the children,
+    """An nn.Sequential that runs each fusable Conv2d / ConvTranspose2d [-> BatchNorm2d] [-> ReLU /
+    LeakyReLU] run of its children as one fused op. :func:`fuse` swaps a Sequential's class to this one, so the children,
     hence the state_dict keys, stay where they were; :func:`unfuse` swaps it back. Fusability is
     checked at every call, so a hook or module added later is honoured (that run then runs eagerly),
     and a lazy run runs eagerly once, then fused."""
@@ -261,19 +318,23 @@ class FusedSequential(nn.Sequential):
         modules = list(self._modules.values())
         i = 0
         while i < len(modules):
-            if isinstance(modules[i], nn.ConvTranspose2d) and _why_run_not_fusable(modules, i) is None:
-                input = _fused_forward(modules[i], modules[i + 1], input)
-                i += 3
-            else:
-                input = modules[i](input)
-                i += 1
+            if isinstance(modules[i], _CONVS):
+                run = _run_at(modules, i)
+                if _why_not_fusable(*run) is None:
+                    conv, bn, act = run
+                    input = _fused_forward(conv, bn, _activation_kind(act),
+                                           getattr(act, "negative_slope", 0.0), input)
+                    i += _run_length(run)
+                    continue
+            input = modules[i](input)
+            i += 1
         return input
 
 
 @dataclass
 class _Run:
-    """A ConvTranspose2d in a model and what fuse() makes of it: ``reason`` None when fused, then
-    ``names``/``modules`` hold the whole run (else the ConvTranspose2d alone)."""
+    """A Conv2d / ConvTranspose2d in a model and what fuse() makes of it: ``reason`` None when
+    fused, then ``names``/``modules`` hold the whole run (else the convolution alone)."""
 
     names: list
     modules: list
@@ -284,23 +345,24 @@ class _Run:
         return " -> ".join(self.names)
 
 
-def _conv_transpose_runs(model):
-    """A :class:`_Run` for every ConvTranspose2d child in ``model``."""
+def _conv_runs(model):
+    """A :class:`_Run` for every Conv2d / ConvTranspose2d child in ``model``."""
     for parent_name, parent in model.named_modules():
         names, modules = list(parent._modules), list(parent._modules.values())
         for i, child in enumerate(modules):
-            if not isinstance(child, nn.ConvTranspose2d):
+            if not isinstance(child, _CONVS):
                 continue
+            run = _run_at(modules, i)
             if type(parent) in (nn.Sequential, FusedSequential):
-                reason = _why_run_not_fusable(modules, i, lazy_ok=True)
-            elif isinstance(parent, ConvTransposeBNReLU):
-                reason = "inside a ConvTransposeBNReLU, which is already fused"
+                reason = _why_not_fusable(*run, lazy_ok=True)
+            elif isinstance(parent, _ConvBN):
+                reason = f"inside a {type(parent).__name__}, which is already fused"
             elif isinstance(parent, nn.Sequential):
                 reason = (f"inside {type(parent).__name__}, a subclass of nn.Sequential (its forward "
                           "may differ; only plain nn.Sequential is rewritten)")
             else:
                 reason = f"inside {type(parent).__name__}, not an nn.Sequential"
-            end = i + 3 if reason is None else i + 1
+            end = i + _run_length(run) if reason is None else i + 1
             yield _Run([f"{parent_name}.{n}" if parent_name else n for n in names[i:end]],
                        modules[i:end], parent, reason)
 
@@ -329,8 +391,8 @@ def _losses(model):
 
 def _print_report(runs, losses):
     fused = [run for run in runs if run.reason is None]
-    print(f"aigc_fast.fuse: fused {len(fused)} ConvTranspose2d -> BatchNorm2d -> ReLU run(s) and "
-          f"{len(losses)} BCE loss(es); left {len(runs) - len(fused)} ConvTranspose2d as they are")
+    print(f"aigc_fast.fuse: fused {len(fused)} convolution run(s) and {len(losses)} BCE loss(es); "
+          f"left {len(runs) - len(fused)} convolution(s) as they are")
     for run in fused:
         lazy = _uninitialized_lazy(*run.modules)
         print(f"  fused {run.describe()}"
@@ -346,18 +408,19 @@ def _print_report(runs, losses):
 
 
 def fuse(model, verbose=False):
-    """Rewrite ``model`` in place, and return it, so that every ConvTranspose2d -> BatchNorm2d -> ReLU
-    run inside an nn.Sequential, at any depth, runs as the fused op when that Sequential is called,
+    """Rewrite ``model`` in place, and return it, so that every Conv2d / ConvTranspose2d [->
+    BatchNorm2d] [-> ReLU / LeakyReLU] run inside an nn.Sequential, at any depth (a lone convolution
+    too), runs as one fused op when that Sequential is called,
     and every nn.BCEWithLogitsLoss / nn.BCELoss module in it (or ``model`` itself being one) runs the
     fused loss. No module moves, so the state_dict keys are unchanged (checkpoints load both ways
-    with strict=True). Runs the fused op cannot reproduce exactly (groups or dilation != 1,
-    affine=False or non-tracking BatchNorm, mismatched channels, subclasses overriding forward,
-    modules with hooks) are left as they are; lazy modules fuse from their second call.
+    with strict=True). Runs the fused op cannot reproduce exactly (groups or dilation != 1, padding
+    modes other than zeros, affine=False or non-tracking BatchNorm, mismatched channels, LeakyReLU
+    with a negative slope, subclasses overriding forward, modules with hooks) are left as they are; lazy modules fuse from their second call.
     ``verbose=True`` prints what was fused and what was left, and why. A fused run whose modules are
     called one by one (a parent that iterates over the Sequential) runs unfused and warns once.
     Calling it twice is harmless."""
     _check_model(model)
-    runs = list(_conv_transpose_runs(model))
+    runs = list(_conv_runs(model))
     for run in runs:
         if run.reason is None:
             if type(run.parent) is nn.Sequential:

@@ -3,17 +3,13 @@ import torch
 import torch.nn.functional as F
 
 
-# --- ConvTranspose2d + BatchNorm2d + ReLU -------------------------------------------------------
+# --- Conv2d / ConvTranspose2d [+ BatchNorm2d] [+ ReLU / LeakyReLU] --------------------------------
 
 
-def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None,
-                           stride=1, padding=0, output_padding=0, training=True, momentum=0.1,
-                           eps=1e-5):
-    """``relu(batch_norm(conv_transpose2d(x)))`` in plain PyTorch; arguments as in
-    :func:`aigc_fast.functional.conv_transpose_bn_relu`. ``momentum`` may be a 0-dim tensor (the
-    exponential-average factor, e.g. ``1 / num_batches_tracked``): F.batch_norm only takes a float, so
-    that case normalises with batch statistics and updates the running stats here, without a sync."""
-    y = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+def _batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps):
+    """F.batch_norm, also for ``momentum`` as a 0-dim tensor (the exponential-average factor, e.g.
+    ``1 / num_batches_tracked``): F.batch_norm only takes a float, so that case normalises with batch
+    statistics and updates the running stats here, without a sync."""
     if isinstance(momentum, torch.Tensor):
         if training and running_mean is not None and y.shape[0] > 0:  # F.batch_norm skips empty ones
             with torch.no_grad():
@@ -22,8 +18,30 @@ def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_
                 running_var.mul_(1 - momentum).add_(momentum * var)
             running_mean = running_var = None
         momentum = 0.0
-    return F.relu(F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum,
-                               eps))
+    return F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+
+
+def conv_bn_act(x, weight, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, *,
+                transposed, bias=None, stride=1, padding=0, output_padding=0, activation="relu",
+                negative_slope=0.01, training=True, momentum=0.1, eps=1e-5):
+    """``act(batch_norm(conv(x)))`` in plain PyTorch; arguments as in
+    :func:`aigc_fast.functional.conv_bn_act` (no BatchNorm when bn_weight and bn_bias are None)."""
+    if transposed:
+        y = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+    else:
+        y = F.conv2d(x, weight, bias, stride, padding)
+    if bn_weight is not None:
+        y = _batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return activate(y, activation, negative_slope)
+
+
+def activate(y, activation, negative_slope=0.01):
+    """ReLU, LeakyReLU(negative_slope) or (None) nothing, as PyTorch computes them."""
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    return y
 
 
 # --- sigmoid + binary cross-entropy -------------------------------------------------------------

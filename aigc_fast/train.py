@@ -126,9 +126,9 @@ def _prepare_compile(G, D):
 
 
 def _prepare_fused(G, D):
-    """Our Triton kernels: fuse() makes G's ConvTranspose2d -> BatchNorm2d -> ReLU runs one fused op
-    (the modules and state_dict keys stay as they are, so checkpoints are the eager ones), and the
-    loss is the fused sigmoid + BCE."""
+    """Our Triton kernels: fuse() makes every convolution with its BatchNorm2d and ReLU / LeakyReLU
+    one fused op, in G and D (the modules and state_dict keys stay as they are, so checkpoints are the
+    eager ones), and the loss is the fused sigmoid + BCE."""
     fuse(G)
     fuse(D)
     return Prepared(G, D, G, D, bce_with_logits)
@@ -159,8 +159,8 @@ BACKENDS = {
                 _prepare_eager, _always),
         Backend("compile", "torch.compile of G and D (inductor)", _prepare_compile,
                 _compile_unavailable),
-        Backend("fused", "our Triton kernels: aigc_fast.fuse() on G and on D, and the fused BCE "
-                         "loss",
+        Backend("fused", "our Triton kernels: aigc_fast.fuse() on G and on D (every convolution, "
+                         "BatchNorm2d and ReLU / LeakyReLU) and the fused BCE loss",
                 _prepare_fused, _fused_unavailable),
     )
 }

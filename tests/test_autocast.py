@@ -108,8 +108,8 @@ def test_bfloat16_autocast_takes_the_bfloat16_path(device, monkeypatch):
     shape, geometry = LAYERS["dcgan-4x4-s2"]
     case = layer_case(*shape, seed=7, device=device)
     calls = []
-    ref_op = reference.conv_transpose_bn_relu
-    monkeypatch.setattr(reference, "conv_transpose_bn_relu",
+    ref_op = reference.conv_bn_act
+    monkeypatch.setattr(reference, "conv_bn_act",
                         lambda x, weight, *a, **k: calls.append((x.dtype, weight.dtype))
                         or ref_op(x, weight, *a, **k))
     got = run_layer(case, geometry, grad_seed=3, autocast=torch.bfloat16)

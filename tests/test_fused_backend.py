@@ -1,5 +1,5 @@
 """``--backend fused`` end to end, under the Triton interpreter on CPU (on CUDA when present): the
-fused Generator layers and the fused BCE train the DCGAN exactly as eager PyTorch does.
+fused layers of G and D and the fused BCE train the DCGAN exactly as eager PyTorch does.
 
 Convergence, as Liger-Kernel checks its kernels: the same seed, data and noise, 5 steps of a small
 DCGAN (ngf = ndf = 8, batch 4) through the CLI with each backend; every step's losses agree within
@@ -81,3 +81,25 @@ def test_dry_run_cli_and_switching_backend_on_resume(tmp_path, npz, capsys):
     assert main(SMALL + ["--data", npz, "--steps", "2", "--backend", "eager",
                          "--resume", str(out / "checkpoints" / "last.pt")]) == 0
     assert [r["step"] for r in _metrics(out)] == [1, 2]
+
+
+FORBIDDEN_PREFIXES = ("convolution", "native_batch_norm", "_native_batch_norm", "cudnn_batch_norm",
+                      "batch_norm", "leaky_relu", "relu", "threshold_backward")
+
+
+def test_fused_step_has_no_aten_convolution_batch_norm_or_activation(device):
+    """One fused training step (G and D forward and backward, both optimisers) seen by a
+    TorchDispatchMode: no convolution, BatchNorm or ReLU/LeakyReLU runs as an aten op (the eager step,
+    counted the same way, has every one of them)."""
+    from benchmarks.step_traffic import step_traffic
+
+    shape = dict(image_size=32, batch=2, nz=8, ngf=2, ndf=2, execute=True, device=device)
+    eager, fused = (step_traffic(backend, **shape) for backend in ("eager", "fused"))
+    assert {"convolution", "convolution_backward", "native_batch_norm", "native_batch_norm_backward",
+            "leaky_relu_", "leaky_relu_backward", "relu_", "threshold_backward"} <= set(eager["aten_ops"])
+    assert [op for op in fused["aten_ops"] if op.startswith(FORBIDDEN_PREFIXES)] == []
+    # forwards: G's 4 convolutions, D's 4 three times; input gradients: D's last 3 twice (real and
+    # detached fake), D's 4 for G's loss, G's last 3: 16 + 13 launches of the GEMM core
+    assert fused["triton_launches"]["_conv_kernel"] == 29
+    # weight gradients: D's 4 for each of loss_d's two forwards (D is frozen for G's loss), G's 4
+    assert fused["triton_launches"]["_weight_grad_kernel"] == 12

@@ -1,4 +1,4 @@
-"""aigc_fast.nn.ConvTransposeBNReLU and fuse()/unfuse(): the fused model must behave as the eager one
+"""aigc_fast.nn.ConvTransposeBNReLU / ConvBNAct and fuse()/unfuse(): the fused model must behave as the eager one
 (outputs, gradients, running statistics, num_batches_tracked, state_dict), in train and eval mode.
 
 Fused float32 models are compared with float64 eager copies: relative error (Frobenius norm) <= 1e-4.
@@ -17,8 +17,8 @@ from torch import nn
 import aigc_fast
 from aigc_fast import functional
 from aigc_fast import nn as fused_nn
-from aigc_fast.models import Generator
-from aigc_fast.nn import ConvTransposeBNReLU, FusedSequential, fuse, unfuse
+from aigc_fast.models import Discriminator, Generator
+from aigc_fast.nn import ConvBNAct, ConvTransposeBNReLU, FusedSequential, fuse, unfuse
 
 RTOL = 1e-4  # float32 without tf32
 
@@ -29,7 +29,7 @@ def no_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 # pytorch/examples dcgan/main.py reads these as globals; tiny here to keep the interpreter fast.
-nz, ngf, nc = 8, 2, 3
+nz, ngf, ndf, nc = 8, 2, 2, 3
 
 
 class DcganNetG(nn.Module):
@@ -69,6 +69,42 @@ class DcganNetG(nn.Module):
         return output
 
 
+class DcganNetD(nn.Module):
+    """netD exactly as pytorch/examples dcgan/main.py defines it (class ``Discriminator`` there)."""
+
+    def __init__(self, ngpu):
+        super(DcganNetD, self).__init__()
+        self.ngpu = ngpu
+        self.main = nn.Sequential(
+            # input is (nc) x 64 x 64
+            nn.Conv2d(nc, ndf, 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, inplace=True),
+            # state size. (ndf) x 32 x 32
+            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            # state size. (ndf*2) x 16 x 16
+            nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 4),
+            nn.LeakyReLU(0.2, inplace=True),
+            # state size. (ndf*4) x 8 x 8
+            nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 8),
+            nn.LeakyReLU(0.2, inplace=True),
+            # state size. (ndf*8) x 4 x 4
+            nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False),
+            nn.Sigmoid()
+        )
+
+    def forward(self, input):
+        if input.is_cuda and self.ngpu > 1:
+            output = nn.parallel.data_parallel(self.main, input, range(self.ngpu))
+        else:
+            output = self.main(input)
+
+        return output.view(-1, 1).squeeze(1)
+
+
 def randomize_batch_norms_(model):
     """Non-trivial BN state, so that gamma, beta and the running stats all matter."""
     with torch.no_grad():
@@ -99,7 +135,7 @@ def count_calls(monkeypatch, op_name):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    return count_calls(monkeypatch, "conv_transpose_bn_relu")
+    return count_calls(monkeypatch, "conv_bn_act")
 
 
 def forward_backward(model, x, grad_out=None):
@@ -181,6 +217,22 @@ def test_module_matches_eager_sequential(bias, momentum, fused_calls, device):
                              device)
     assert module.bn.num_batches_tracked.item() == 3
     assert fused_calls == [True, True, True, False]
+
+
+def test_conv_bn_act_module_matches_eager_sequential(fused_calls, device):
+    """ConvBNAct, a Discriminator layer's drop-in: nn.Conv2d's arguments, its children's state
+    loads from the eager run's, and it behaves as that run."""
+    torch.manual_seed(17)
+    eager = randomize_batch_norms_(nn.Sequential(nn.Conv2d(3, 5, 4, 2, 1, bias=False),
+                                                 nn.BatchNorm2d(5), nn.LeakyReLU(0.2)))
+    module = ConvBNAct(3, 5, 4, 2, 1, bias=False, negative_slope=0.2)
+    module.conv.load_state_dict(eager[0].state_dict(), strict=True)
+    module.bn.load_state_dict(eager[1].state_dict(), strict=True)
+    assert_matches_reference(module, copy.deepcopy(eager).double(), lambda: torch.randn(2, 3, 6, 5),
+                             device, train_steps=2)
+    assert fused_calls == [True, True, False]
+    with pytest.raises(ValueError, match="activation must be 'relu' or 'leaky_relu'"):
+        ConvBNAct(3, 5, 4, activation="gelu")
 
 
 def test_module_with_non_tracking_batch_norm_behaves_as_pytorch(device):
@@ -268,7 +320,8 @@ def test_module_accepts_device_dtype_and_what_it_cannot_fuse(device):
 # --- fuse() on whole models -----------------------------------------------------------------------
 
 
-# (model, fused runs, training steps); netG is Generator(64)'s architecture, so one step suffices
+# (model, fused runs with BN, training steps); netG is Generator(64)'s architecture, so one step
+# suffices. The last ConvTranspose2d (before Tanh) is fused too, as a lone convolution.
 GENERATORS = {
     "generator32": (lambda: Generator(32, nz=8, ngf=4), 3, 3),
     "generator64": (lambda: Generator(64, nz=8, ngf=2), 4, 2),
@@ -285,7 +338,28 @@ def test_fused_generator_matches_eager(name, fused_calls, device):
     assert fuse(model) is model
     assert type(model.main) is FusedSequential
     assert_matches_reference(model, reference, lambda: torch.randn(2, nz, 1, 1), device, train_steps)
-    assert fused_calls == [True] * train_steps * runs + [False] * runs
+    assert fused_calls == ([True] * runs + [None]) * train_steps + [False] * runs + [None]
+
+
+# (model, image size, fused runs with BN, training steps): the first and last convolutions have no BN
+DISCRIMINATORS = {
+    "discriminator32": (lambda: Discriminator(32, ndf=4), 32, 2, 2),
+    "discriminator64": (lambda: Discriminator(64, ndf=2), 64, 3, 1),
+    "dcgan_netD": (lambda: DcganNetD(ngpu=1), 64, 3, 1),
+}
+
+
+@pytest.mark.parametrize("name", DISCRIMINATORS)
+def test_fused_discriminator_matches_eager(name, fused_calls, device):
+    torch.manual_seed(10)
+    build, size, runs, train_steps = DISCRIMINATORS[name]
+    model = randomize_batch_norms_(build())
+    reference = copy.deepcopy(model).double()
+    fuse(model)
+    assert type(model.main) is FusedSequential
+    assert_matches_reference(model, reference, lambda: torch.randn(2, nc, size, size), device,
+                             train_steps)
+    assert fused_calls == ([None] + [True] * runs + [None]) * train_steps + [None] + [False] * runs + [None]
 
 
 def test_state_dict_round_trips_both_ways():
@@ -376,28 +450,32 @@ def test_unfusable_runs_are_left_and_still_work(capsys, fused_calls, device):
         subclass=run(container=MySequential),
         holder=Holder(),
         fusable=run(conv=nn.ConvTranspose2d(4, 4, 3, stride=2)),
+        reflect=nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU()),
+        negative=nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(-0.1)),
     )))
     reference = copy.deepcopy(model).double()
     hook_calls = []
     hooked[0].register_forward_hook(lambda *_: hook_calls.append(1))
     fuse(model, verbose=True)
     report = capsys.readouterr().out
-    assert [name for name, m in model.named_modules() if type(m) is FusedSequential] == ["fusable"]
+    assert [name for name, m in model.named_modules() if type(m) is FusedSequential] == [
+        "leaky", "fusable"]
     assert type(model) is nn.Sequential and type(model.subclass) is MySequential
-    for line in ["fused 1 ConvTranspose2d -> BatchNorm2d -> ReLU run(s) and 0 BCE loss(es); "
-                 "left 8 ConvTranspose2d",
+    for line in ["fused 2 convolution run(s) and 0 BCE loss(es); left 9 convolution(s)",
+                 "fused leaky.0 -> leaky.1 -> leaky.2",
                  "fused fusable.0 -> fusable.1 -> fusable.2",
                  "left  grouped.0: ConvTranspose2d has groups=2",
                  "left  dilated.0: ConvTranspose2d has dilation=(2, 2)",
                  "left  no_affine.0: BatchNorm2d has affine=False",
                  "left  no_tracking.0: BatchNorm2d has track_running_stats=False",
                  "left  hooked.0: the ConvTranspose2d has hooks",
-                 "left  leaky.0: followed by BatchNorm2d -> LeakyReLU, not BatchNorm2d -> ReLU",
+                 "left  reflect.0: Conv2d has padding_mode='reflect'",
+                 "left  negative.0: LeakyReLU has negative_slope=-0.1 (the fused op needs >= 0)",
                  "left  subclass.0: inside MySequential, a subclass of nn.Sequential",
                  "left  holder.conv: inside Holder, not an nn.Sequential"]:
         assert line in report, f"{line!r} not in:\n{report}"
     assert_matches_reference(model, reference, lambda: torch.randn(2, 4, 2, 2), device, train_steps=2)
-    assert fused_calls == [True, True, False]
+    assert fused_calls == [True, True, True, True, False, False]
     assert len(hook_calls) == 3  # the hooked run ran eagerly, hook and all
 
 
@@ -417,13 +495,13 @@ def test_mismatched_batch_norm_and_fused_module_are_left(capsys):
 def test_verbose_report_on_generator_and_package_entry_points(capsys):
     model = aigc_fast.fuse(Generator(64, nz=8, ngf=2), verbose=True)
     assert capsys.readouterr().out.splitlines() == [
-        "aigc_fast.fuse: fused 4 ConvTranspose2d -> BatchNorm2d -> ReLU run(s) and 0 BCE loss(es); "
-        "left 1 ConvTranspose2d as they are",
+        "aigc_fast.fuse: fused 5 convolution run(s) and 0 BCE loss(es); left 0 convolution(s) as "
+        "they are",
         "  fused main.0 -> main.1 -> main.2",
         "  fused main.3 -> main.4 -> main.5",
         "  fused main.6 -> main.7 -> main.8",
         "  fused main.9 -> main.10 -> main.11",
-        "  left  main.12: followed by Tanh, not BatchNorm2d -> ReLU",
+        "  fused main.12",
         "  (a fused run runs fused when its nn.Sequential is called; if its modules are called one "
         "by one, it runs unfused and warns)",
     ]
@@ -441,7 +519,7 @@ def test_fuse_swaps_bce_losses_and_unfuse_restores_them(capsys, monkeypatch, dev
         "probs": nn.BCELoss(weight=torch.rand(5), reduction="sum")}).to(device)
     eager = copy.deepcopy(losses)
     assert fuse(losses, verbose=True) is losses
-    assert "fused 0 ConvTranspose2d -> BatchNorm2d -> ReLU run(s) and 2 BCE loss(es)" in (
+    assert "fused 0 convolution run(s) and 2 BCE loss(es)" in (
         capsys.readouterr().out)
     assert type(losses.logits) is fused_nn.BCEWithLogitsLoss
     assert type(losses.probs) is fused_nn.BCELoss
@@ -581,7 +659,7 @@ def test_a_run_that_never_runs_fused_is_not_left_claimed(capsys, fused_calls, de
         warnings.simplefilter("error")
         model(z)                     # warned once
         model.main(z)                # the Sequential itself: fused, and no warning
-    assert fused_calls == [True]
+    assert fused_calls == [True, None]  # the BN run, then the last ConvTranspose2d alone
     unfuse(model)
     assert not model.main[0]._forward_pre_hooks
 
@@ -605,16 +683,18 @@ def test_lazy_run_fuses_from_its_second_call(capsys, fused_calls, device):
     assert fused_calls == [True, True, False]
 
 
-def test_a_run_split_across_nested_sequentials_says_so(capsys):
+def test_a_run_split_across_nested_sequentials_fuses_what_each_holds(capsys):
+    """fuse() rewrites runs of consecutive children of one nn.Sequential: a convolution whose BN or
+    activation sits in another Sequential is fused with what its own Sequential holds, and the
+    rest runs eagerly (the same result)."""
     model = nn.Sequential(OrderedDict(
         head=nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4)), act=nn.ReLU(),
         conv=nn.ConvTranspose2d(4, 4, 3), tail=nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())))
     fuse(model, verbose=True)
     report = capsys.readouterr().out
-    rule = ("(a run fuses only when ConvTranspose2d, BatchNorm2d and ReLU are consecutive children "
-            "of one nn.Sequential)")
-    for line in ["left  head.0: followed by BatchNorm2d, then the end of its nn.Sequential, not "
-                 "BatchNorm2d -> ReLU " + rule,
-                 "left  conv: followed by a nested Sequential, then the end of its nn.Sequential, "
-                 "not BatchNorm2d -> ReLU " + rule]:
+    for line in ["fused 2 convolution run(s)", "  fused head.0 -> head.1\n", "  fused conv\n"]:
         assert line in report, f"{line!r} not in:\n{report}"
+    torch.manual_seed(16)
+    x = torch.randn(2, 3, 3, 3)
+    eager = unfuse(copy.deepcopy(model)).double()
+    assert_close(model(x), eager(x.double()), "output")

@@ -1,0 +1,163 @@
+"""Launches and bytes of one DCGAN training step, eager against fused, counted without a GPU.
+
+Counting: one :class:`TorchDispatchMode` sees every aten op; each op that computes (not a view, not
+an allocation) counts as one launch, and its bytes are those of the unique tensors it reads and
+writes. Each Triton launch counts as one launch, its bytes those of the unique tensors passed to it.
+Both are upper bounds of real traffic: a kernel that reads only part of a tensor is charged all of it.
+With ``execute=False`` the Triton kernels are counted but not run: the ops have no data-dependent
+control flow, so the launches and bytes are the same, and on meta tensors (shapes, no data; the
+fused ops are let through to their launchers) the full-size steps of both backends count in seconds.
+The optimisers are Adam with ``foreach=True``, as PyTorch picks on CUDA.
+
+    python -m benchmarks.step_traffic [--image-size 32] [--batch 64] [--width 64]
+"""
+import argparse
+import collections
+import contextlib
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ops that launch no device kernel: allocations, aliasing, the profiler's markers, and reading a
+# CPU scalar (Adam's step count lives on the host unless capturable)
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "set_", "detach",
+              "_record_function_enter_new", "_record_function_exit", "_local_scalar_dense"}
+
+
+def _tensors(tree):
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _unique_bytes(tensors):
+    """Bytes of the unique tensors (views of one buffer with the same extent count once; meta
+    tensors, which have no addresses, are told apart by their storages)."""
+    seen = {}
+    for t in tensors:
+        key = (t.untyped_storage()._cdata, t.storage_offset(), t.shape, t.stride(), t.dtype)
+        seen[key] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+class AtenTraffic(TorchDispatchMode):
+    """Counts the aten ops that compute (views and allocations excluded) and their bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.bytes = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL:
+            self.ops[name] += 1
+            self.bytes[name] += _unique_bytes(_tensors((args, kwargs)) + _tensors(out))
+        return out
+
+
+@contextlib.contextmanager
+def triton_traffic(execute=True):
+    """Counts Triton launches and their bytes (Counters by kernel name); ``execute=False`` skips
+    running them."""
+    from triton.runtime.autotuner import Autotuner
+
+    from aigc_fast.kernels import conv_gemm
+
+    kernel_class = type(conv_gemm._sum_splits_kernel)  # JITFunction, or InterpretedFunction
+    real_run, real_tuned_run = kernel_class.run, Autotuner.run
+    found = {"launches": collections.Counter(), "bytes": collections.Counter()}
+
+    def counting_run(self, *args, **kwargs):
+        found["launches"][self.__name__] += 1
+        found["bytes"][self.__name__] += _unique_bytes(_tensors((args, kwargs)))
+        return real_run(self, *args, **kwargs) if execute else None
+
+    def tuned_run(self, *args, **kwargs):
+        """Executed, an autotuned kernel's launches are counted by the kernel it wraps."""
+        if execute:
+            return real_tuned_run(self, *args, **kwargs)
+        return counting_run(self.fn, *args, **kwargs)
+
+    kernel_class.run, Autotuner.run = counting_run, tuned_run
+    try:
+        yield found
+    finally:
+        kernel_class.run, Autotuner.run = real_run, real_tuned_run
+
+
+@contextlib.contextmanager
+def _launchers_take_meta(device):
+    """Let the fused ops take meta tensors to their launchers (whose launches are only counted)."""
+    from aigc_fast import functional
+
+    real = functional._triton_blocker
+    if torch.device(device).type == "meta":
+        functional._triton_blocker = lambda dev, dtype, dtypes: (
+            "" if dev.type == "meta" and dtype in dtypes else real(dev, dtype, dtypes))
+    try:
+        yield
+    finally:
+        functional._triton_blocker = real
+
+
+def step_traffic(backend, *, image_size=32, batch=64, nz=100, ngf=64, ndf=64, execute=False,
+                 device="cpu", seed=0):
+    """Launches and bytes of the second training step (the first initialises Adam's state) with
+    ``backend`` "eager" (NCHW modules) or "fused": Counters of aten ops, Triton launches and the
+    bytes of each (by name), and the totals."""
+    from aigc_fast import functional, nn as fused_nn
+    from aigc_fast.models import build_models
+    from aigc_fast.train import train_step
+
+    torch.manual_seed(seed)
+    G, D = (m.to(device) for m in build_models(image_size, nz, ngf, ndf))
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+    if backend == "fused":
+        fused_nn.fuse(G)
+        fused_nn.fuse(D)
+        loss_fn = functional.bce_with_logits
+    opts = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=True) for m in (G, D)]
+    real = torch.randn(batch, 3, image_size, image_size, device=device)
+    z = torch.randn(batch, nz, device=device)
+    with _launchers_take_meta(device):
+        with triton_traffic(execute):
+            train_step(G, D, *opts, real, z, loss_fn)
+        with triton_traffic(execute) as triton_found, AtenTraffic() as aten:
+            train_step(G, D, *opts, real, z, loss_fn)
+    launches = sum(aten.ops.values()) + sum(triton_found["launches"].values())
+    nbytes = aten.bytes + triton_found["bytes"]
+    return {"aten_ops": aten.ops, "triton_launches": triton_found["launches"], "launches": launches,
+            "bytes_by_name": nbytes, "bytes": sum(nbytes.values())}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=32, choices=(32, 64))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64, help="ngf = ndf")
+    parser.add_argument("--sms", type=int, default=132,
+                        help="streaming multiprocessors the split-K factors fill (default: H100's 132)")
+    args = parser.parse_args(argv)
+    shape = dict(image_size=args.image_size, batch=args.batch, ngf=args.width, ndf=args.width,
+                 device="meta")
+    from aigc_fast.kernels import conv_gemm
+
+    conv_gemm.multiprocessor_count = lambda device: args.sms
+    rows = {backend: step_traffic(backend, **shape) for backend in ("eager", "fused")}
+    eager = rows["eager"]
+    print(f"one {args.image_size} px batch-{args.batch} step, ngf = ndf = {args.width}")
+    print("| backend | launches | MB moved | launches vs eager | bytes vs eager |")
+    print("|---|---|---|---|---|")
+    for backend, row in rows.items():
+        print(f"| {backend} | {row['launches']} | {row['bytes'] / 1e6:.1f} | "
+              f"{row['launches'] / eager['launches']:.2f}x | {row['bytes'] / eager['bytes']:.2f}x |")
+    for backend, row in rows.items():
+        print(f"{backend} aten ops: {dict(row['aten_ops'].most_common())}")
+        if row["triton_launches"]:
+            print(f"{backend} Triton launches: {dict(row['triton_launches'].most_common())}")
+        print(f"{backend} MB by op: " + ", ".join(
+            f"{name} {b / 1e6:.1f}" for name, b in row["bytes_by_name"].most_common(12)))
+
+
+if __name__ == "__main__":
+    main()

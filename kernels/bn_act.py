@@ -1,0 +1,304 @@
+"""BatchNorm2d (training statistics or eval affine) and ReLU/LeakyReLU around a producer of the
+pre-BN tensor y: the activations, statistics finalize, the normalise+activate apply, the backward
+reductions, and the backward itself as a prologue that the gradient GEMMs run on their operand loads
+(so dy is never stored).
+
+y is channels-last, a contiguous (M, C) matrix with M = N*H*W (its producer, the convolution core,
+allocates it); grad_out may have any strides. Statistics and reductions are float32 partials combined
+in a fixed order: no atomics, the same bits every run. Layers without BN use the same backward with
+the identity affine (``AFFINE=False``): there y is the layer's output, whose sign is the activation's
+input's sign for ReLU and LeakyReLU with a slope >= 0.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._config import pow2_block
+
+# activation codes of the ``ACT`` constexpr
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
+
+
+@triton.jit
+def activate(z, ACT: tl.constexpr, slope):
+    """ReLU (ACT=1) or LeakyReLU(slope) (ACT=2) of z, keeping NaN as PyTorch does (tl.maximum would
+    drop it); ACT=0 is the identity."""
+    if ACT == 1:
+        z = tl.where((z > 0) | (z != z), z, 0.0)
+    elif ACT == 2:
+        z = tl.where(z > 0, z, z * slope)  # NaN * slope stays NaN
+    return z
+
+
+@triton.jit
+def activate_grad(z, g, ACT: tl.constexpr, slope):
+    """The gradient through ``activate`` at z given the output gradient g, as PyTorch's
+    threshold_backward / leaky_relu_backward compute it (z > 0 picks g)."""
+    if ACT == 1:
+        g = tl.where(z > 0, g, 0.0)
+    elif ACT == 2:
+        g = tl.where(z > 0, g, g * slope)
+    return g
+
+
+@triton.jit
+def scale_shift(gamma, beta, mean, invstd):
+    """BN as one affine map: z = y * scale + shift."""
+    scale = gamma * invstd
+    return scale, beta - mean * scale
+
+
+@triton.jit
+def _bn_finalize_kernel(part_ptr, T, C, gamma_ptr, beta_ptr, bias_ptr, rmean_ptr, rvar_ptr,
+                        momentum_ptr, momentum, unbias, eps, mean_ptr, invstd_ptr, affine_ptr,
+                        HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+                        MOMENTUM_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan's parallel combine of the (count, mean, M2) partials, tiles in ascending order, BLOCK_T at
+    a time (a block is combined about its own mean, then merged into the running total), then
+    mean/invstd, the affine map and the running-stat update. Stays exact when |mean| >> std."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = (t < T)[:, None] & c_ok[None, :]
+        offs = t.to(tl.int64)[:, None] * C + c[None, :]
+        cnt = tl.load(part_ptr + offs, mask=ok, other=0.0)
+        avg = tl.load(part_ptr + T * C + offs, mask=ok, other=0.0)
+        dev2 = tl.load(part_ptr + 2 * T * C + offs, mask=ok, other=0.0)
+        blk_cnt = tl.sum(cnt, axis=0)
+        blk_mean = tl.sum(cnt * avg, axis=0) / tl.maximum(blk_cnt, 1.0)
+        spread = avg - blk_mean[None, :]
+        blk_m2 = tl.sum(dev2, axis=0) + tl.sum(cnt * spread * spread, axis=0)
+        new_total = total + blk_cnt
+        frac = blk_cnt / tl.maximum(new_total, 1.0)
+        delta = blk_mean - mean
+        mean = mean + delta * frac
+        m2 = m2 + blk_m2 + delta * delta * total * frac
+        total = new_total
+    var = m2 / tl.maximum(total, 1.0)  # total >= 2 on real channels; masked lanes stay finite
+    invstd = 1.0 / tl.sqrt(var + eps)
+    gamma = tl.load(gamma_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
+    beta = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    scale, shift = scale_shift(gamma, beta, mean, invstd)
+    tl.store(mean_ptr + c, mean, mask=c_ok)
+    tl.store(invstd_ptr + c, invstd, mask=c_ok)
+    tl.store(affine_ptr + c, scale, mask=c_ok)
+    tl.store(affine_ptr + C + c, shift, mask=c_ok)
+    if UPDATE_RUNNING:
+        if MOMENTUM_FROM_PTR:
+            momentum = tl.load(momentum_ptr).to(tl.float32)
+        batch_mean = mean
+        if HAS_BIAS:
+            batch_mean += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        rmean = tl.load(rmean_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        rvar = tl.load(rvar_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(rmean_ptr + c, (1.0 - momentum) * rmean + momentum * batch_mean, mask=c_ok)
+        tl.store(rvar_ptr + c, (1.0 - momentum) * rvar + momentum * (var * unbias), mask=c_ok)
+
+
+@triton.jit
+def _pixel_channel_tile(M, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (pixels, channels) tile of a channels-last (M, C) tensor: indices and masks."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    ok = (p < M)[:, None] & c_ok[None, :]
+    return p, c, c_ok, ok, p.to(tl.int64)[:, None] * C + c[None, :]
+
+
+@triton.jit
+def _apply_kernel(y_ptr, affine_ptr, out_ptr, M, C, slope, ACT: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = act(y * scale + shift) over a (pixels, channels) tile."""
+    _, c, c_ok, ok, offs = _pixel_channel_tile(M, C, BLOCK_P, BLOCK_C)
+    y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(affine_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(affine_ptr + C + c, mask=c_ok, other=0.0)
+    tl.store(out_ptr + offs, activate(y * scale[None, :] + shift[None, :], ACT, slope), mask=ok)
+
+
+@triton.jit
+def bn_act_grad(g, y_ptr, y_offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, slope,
+                ACT: tl.constexpr, AFFINE: tl.constexpr):
+    """For a [pixels, channels] tile of the output gradient g (float32; y at ``y_offs``, channels
+    ``c``): dz = g * act'(z), xhat and the channels' scale, with z recomputed from y exactly as the
+    forward computed it (same scale and shift, same rounding). Without AFFINE, z = y, xhat = 0 and
+    scale = 1 (and y is not read without an activation either)."""
+    scale = tl.zeros_like(c).to(tl.float32) + 1.0
+    xhat = tl.zeros_like(g)
+    dz = g
+    if AFFINE:
+        y = tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+        invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.0)
+        scale, shift = scale_shift(tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32),
+                                   tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32),
+                                   mean, invstd)
+        dz = activate_grad(y * scale[None, :] + shift[None, :], g, ACT, slope)
+        xhat = (y - mean[None, :]) * invstd[None, :]
+    elif ACT != 0:
+        dz = activate_grad(tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32), g, ACT, slope)
+    return dz, xhat, scale
+
+
+@triton.jit
+def input_grad_prologue(g, y_ptr, y_offs, ok, c, c_ok, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                        coef_ptr, slope, ACT: tl.constexpr, AFFINE: tl.constexpr,
+                        TRAINING: tl.constexpr):
+    """dy = scale * dz (+ coef0 + coef1 * xhat in training) for a [pixels, channels] tile of the
+    output gradient g: what the input- and weight-gradient GEMMs load in place of a stored dy (the
+    BN and activation backward in their operand prologue). 0 outside ``ok`` (padding)."""
+    dz, xhat, scale = bn_act_grad(g, y_ptr, y_offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr,
+                                  beta_ptr, slope, ACT, AFFINE)
+    dy = scale[None, :] * dz
+    if TRAINING:
+        dy += (tl.load(coef_ptr + c, mask=c_ok, other=0.0)[None, :]
+               + tl.load(coef_ptr + C + c, mask=c_ok, other=0.0)[None, :] * xhat)
+    return tl.where(ok, dy, 0.0)
+
+
+@triton.jit
+def _grad_partials_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, part_ptr,
+                          M, C, OHW, OW, sgn, sgh, sgw, sgc, slope, ACT: tl.constexpr,
+                          AFFINE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per (pixel block, channel): sum(dz) and sum(dz * xhat) into part[0|1, block, channel]."""
+    p, c, c_ok, ok, offs = _pixel_channel_tile(M, C, BLOCK_P, BLOCK_C)
+    p64 = p.to(tl.int64)
+    g_offs = ((p64 // OHW) * sgn + ((p64 % OHW) // OW) * sgh + (p64 % OW) * sgw)[:, None] \
+        + c.to(tl.int64)[None, :] * sgc
+    g = tl.load(g_ptr + g_offs, mask=ok, other=0.0).to(tl.float32)
+    dz, xhat, _ = bn_act_grad(g, y_ptr, offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                              slope, ACT, AFFINE)
+    dz = tl.where(ok, dz, 0.0)
+    offs = tl.program_id(0).to(tl.int64) * C + c
+    tl.store(part_ptr + offs, tl.sum(dz, axis=0), mask=c_ok)
+    tl.store(part_ptr + tl.num_programs(0).to(tl.int64) * C + offs, tl.sum(dz * xhat, axis=0),
+             mask=c_ok)
+
+
+@triton.jit
+def _grad_finish_kernel(part_ptr, T, C, gamma_ptr, invstd_ptr, inv_count,
+                        dgamma_ptr, dbeta_ptr, dbias_ptr, coef_ptr,
+                        TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr, AFFINE: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dbeta = sum(dz), dgamma = sum(dz * xhat) over the T block partials in ascending order;
+    dbias = sum(dy) (0 in training: BN removes any per-channel constant); and the coefficients of
+    dy = scale * dz + coef0 + coef1 * xhat (both 0 in eval, where the statistics are constants)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    dbeta = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dgamma = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = (t < T)[:, None] & c_ok[None, :]
+        offs = t.to(tl.int64)[:, None] * C + c[None, :]
+        dbeta += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0), axis=0)
+        dgamma += tl.sum(tl.load(part_ptr + T * C + offs, mask=ok, other=0.0), axis=0)
+    tl.store(dbeta_ptr + c, dbeta, mask=c_ok)
+    tl.store(dgamma_ptr + c, dgamma, mask=c_ok)
+    scale = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if AFFINE:
+        gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        scale = gamma * tl.load(invstd_ptr + c, mask=c_ok, other=0.0)
+    if TRAINING:
+        tl.store(coef_ptr + c, -scale * dbeta * inv_count, mask=c_ok)
+        tl.store(coef_ptr + C + c, -scale * dgamma * inv_count, mask=c_ok)
+        if HAS_BIAS:  # 0, or NaN as PyTorch's sum(dy) when the statistics are NaN
+            tl.store(dbias_ptr + c, (dbeta + dgamma) * 0.0, mask=c_ok)
+    elif HAS_BIAS:
+        tl.store(dbias_ptr + c, scale * dbeta, mask=c_ok)
+
+
+# Rows of partials a finalize or finish program loads per step (at most 64 channels wide): with 4
+# warps, 128 and even 32 rows of the finalize's three float32 tiles spilled on sm_90 (GPU compile
+# check: 240 registers + 12 B, and 80 + 12 B); 16 rows build in 56 registers without spills.
+_PARTIAL_ROWS = 16
+
+
+def _channel_block(c: int) -> int:
+    return pow2_block(c, 16, 64)
+
+
+def _tiles(m: int, c: int):
+    """(BLOCK_P, BLOCK_C, grid) of the elementwise kernels: about 4096 elements per program."""
+    block_c = _channel_block(c)
+    block_p = pow2_block(triton.cdiv(4096, block_c), 16, 1024)
+    return block_p, block_c, (triton.cdiv(m, block_p), triton.cdiv(c, block_c))
+
+
+def finalize_stats(partials, gamma, beta, bias, running_mean, running_var, momentum, eps, count):
+    """Float32 mean and invstd (C,) and the affine map (2, C) = (scale, shift) from the partials a
+    producer's epilogue wrote: float32 (3, T, C), per tile and channel the count, the mean and M2
+    (sum of squared deviations from that mean) of its values; ``count`` values per channel in all.
+    Updates the running stats in place when they are given (``bias`` is added to the batch mean
+    there). ``momentum``: a float or a 0-dim tensor, read on the device."""
+    _, tiles, c = partials.shape
+    dev = partials.device
+    mean = torch.empty(c, device=dev, dtype=torch.float32)
+    invstd = torch.empty_like(mean)
+    affine = torch.empty((2, c), device=dev, dtype=torch.float32)
+    from_ptr = isinstance(momentum, torch.Tensor)
+    block_c = _channel_block(c)
+    _bn_finalize_kernel[(triton.cdiv(c, block_c),)](
+        partials, tiles, c, gamma, beta, bias if bias is not None else mean,
+        running_mean if running_mean is not None else mean,
+        running_var if running_var is not None else mean,
+        momentum if from_ptr else mean, 0.0 if from_ptr else float(momentum),
+        count / (count - 1), eps, mean, invstd, affine,
+        HAS_BIAS=bias is not None, UPDATE_RUNNING=running_mean is not None,
+        MOMENTUM_FROM_PTR=from_ptr, BLOCK_T=_PARTIAL_ROWS, BLOCK_C=block_c)
+    return mean, invstd, affine
+
+
+def apply(y, affine, activation, slope):
+    """act(y * scale + shift) for channels-last contiguous y; a new channels-last tensor in y's
+    dtype. ``activation``: a key of ACTIVATIONS."""
+    n, c, h, w = y.shape
+    out = torch.empty_like(y)
+    block_p, block_c, grid = _tiles(n * h * w, c)
+    _apply_kernel[grid](y, affine, out, n * h * w, c, slope, ACT=ACTIVATIONS[activation],
+                        BLOCK_P=block_p, BLOCK_C=block_c)
+    return out
+
+
+def grad_reductions(grad_out, y, bn, activation, slope, training, has_bias):
+    """The per-channel sums of the backward of act(bn(y)) given grad_out: (dgamma, dbeta, dbias,
+    coef), float32 (C,) each (dgamma, dbeta None without BN; dbias None unless ``has_bias``) and
+    ``coef`` (2, C), the coefficients of dy = scale * dz + coef0 + coef1 * xhat in training.
+    ``bn``: (mean, invstd, gamma, beta), the statistics the forward normalised with and BN's
+    parameters, or None for a layer without BN (then y is the output of act, or None without one)."""
+    n, c, h, w = grad_out.shape
+    m = n * h * w
+    dev = grad_out.device
+    affine = bn is not None
+    y = y if y is not None else grad_out  # placeholder, never read
+    mean, invstd, gamma, beta = bn if affine else (y,) * 4  # placeholders, never read
+    block_p, block_c, grid = _tiles(m, c)
+    sums = torch.empty((5, c), device=dev, dtype=torch.float32)  # dgamma, dbeta, dbias, coef0, coef1
+    partials = torch.empty((2, grid[0], c), device=dev, dtype=torch.float32)
+    _grad_partials_kernel[grid](grad_out, y, mean, invstd, gamma, beta, partials, m, c, h * w, w,
+                                *(grad_out.stride(i) for i in (0, 2, 3, 1)), slope,
+                                ACT=ACTIVATIONS[activation], AFFINE=affine, BLOCK_P=block_p,
+                                BLOCK_C=block_c)
+    _grad_finish_kernel[(triton.cdiv(c, block_c),)](
+        partials, grid[0], c, gamma, invstd, 1.0 / m, sums[0], sums[1], sums[2], sums[3:],
+        TRAINING=training and affine, HAS_BIAS=has_bias, AFFINE=affine,
+        BLOCK_T=_PARTIAL_ROWS, BLOCK_C=block_c)
+    return (sums[0] if affine else None, sums[1] if affine else None,
+            sums[2] if has_bias else None, sums[3:])
+
+
+def prologue_args(y, bn, coef, activation, slope, training):
+    """What a GEMM needs to load dy = (the backward of act(bn(y)))(g) through
+    :func:`input_grad_prologue`: its tensors (y, mean, invstd, gamma, beta, coef; placeholders where
+    unused) and constexprs; None when dy is g itself (no BN, no activation)."""
+    affine = bn is not None
+    if not affine and activation is None:
+        return None
+    mean, invstd, gamma, beta = bn if affine else (y,) * 4  # placeholders, never read
+    return dict(tensors=(y, mean, invstd, gamma, beta, coef if coef is not None else y),
+                slope=slope, PRO_ACT=ACTIVATIONS[activation], PRO_AFFINE=affine,
+                PRO_TRAINING=training and affine)

@@ -1,0 +1,397 @@
+"""One channels-last implicit-GEMM core for Conv2d and ConvTranspose2d (groups=1, dilation=1):
+forward, input gradient (each direction's input gradient is the other direction's forward) and
+weight gradient (a GEMM over pixels with a deterministic split-K).
+
+Layout: activations NHWC (any strides whose channel stride is 1; Triton specialises a stride of 1,
+so a channel row is one contiguous vector load), weights packed ``[kH, kW, K, N]``: K (the GEMM's
+reduction channels) and N (its output channels) contiguous, so every operand tile is a block of
+contiguous rows that Triton can pipeline with cp.async. GEMM rows are output pixels, columns output
+channels, and K runs over taps x input channels in one flat loop (pipelined across taps too).
+Accumulation is float32. The epilogue is the layer's: raw store plus per-(row tile, channel) Welford
+partials for training BN, or act(y * scale + shift) from the running stats (eval BN), or
+act(y + bias) (no BN; the input gradients use it with no activation).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._config import dot_precision, gemm_tuning, multiprocessor_count, pow2_block
+from .bn_act import activate, input_grad_prologue, scale_shift
+
+# BLOCK_M is set by the launcher, not tuned: the statistics partials have one row per row tile.
+# Configs (block sizes, num_warps, num_stages) per product kind: every one built spill-free for
+# every launch of a fused 32 px b64 and 64 px b512 step, on sm_90 and sm_80, in float16, bfloat16
+# and float32 with tf32 and with exact products (benchmarks/gpu_compile_check.py, Triton 3.9: 1255
+# builds of 295 launches; see gemm_tuning). Dropped for spilling somewhere (with or without the
+# input-gradient prologue, or on unaligned channels such as C_in = 3 or 100): conv (128, 32, 8, 3),
+# (128, 16, 8, 2), (32, 32, 8, 3), (16, 32, 4, 4), (16, 16, 4, 3), (64, 16, 4, 2), (128, 64, 8, 3),
+# (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 4), (32, 32, 4, 3); exact conv (64, 16, 8, 2),
+# (32, 16, 8, 2), (32, 16, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2); weight gradient (64, 64, 16, 4,
+# 2), (16, 64, 64, 4, 3), (32, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
+# (32, 64, 64, 4, 3).
+_CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
+                           tensor_cores=[(64, 32, 8, 3), (64, 16, 8, 3)],
+                           exact=[(64, 16, 8, 1)],
+                           interpreter_blocks=(32, 16))
+_WEIGHT_GRAD_TUNING = gemm_tuning(
+    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    tensor_cores=[(128, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
+    exact=[(128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (128, 32, 32, 8, 3), (64, 32, 16, 4, 2)],
+    interpreter_blocks=(32, 32, 32))
+
+
+@triton.autotune(**_CONV_TUNING,
+                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "STATS",
+                      "AFFINE", "PROLOGUE", "DOT_PRECISION"])
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
+                 bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr,
+                 N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, eps, slope,
+                 sxn, sxh, sxw, sxc, swt, swk, swn,
+                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                 TRANSPOSED: tl.constexpr, STATS: tl.constexpr, AFFINE: tl.constexpr,
+                 WRITE_Y: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_TRAINING: tl.constexpr,
+                 PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n, oh, ow, co] = sum over taps and ci of x[n, ih, iw, ci] * w[kh, kw, ci, co], where
+    ih = oh*SH - PAD_H + kh (Conv2d), or oh = ih*SH - PAD_H + kh (TRANSPOSED). w's strides: per tap,
+    per ci and per co (one of the last two is 1: the packed weight serves both directions).
+
+    TRANSPOSED uses phase decomposition: program row pid_m serves one output phase
+    (ph, pw) = ((oh+PAD_H) % SH, (ow+PAD_W) % SW); writing oh + PAD_H = qh*SH + ph, the taps that
+    contribute are kh = ph + jh*SH with ih = qh - jh, so the loop visits only those, never a zero.
+    Epilogues: STATS writes y and this row tile's (count, mean, M2) per channel into
+    part[:, pid_m, :]; AFFINE writes act(y*scale+shift) with BN's running stats (and, with WRITE_Y,
+    y and the mean/invstd backward needs); otherwise out = act(y + bias).
+    PROLOGUE (input gradients, whose epilogue is plain): x is the output gradient g of a layer
+    act(bn(y)), and the A operand is its backward dy (:func:`input_grad_prologue`), reading that
+    layer's y, mean, invstd, gamma, beta through the same-named pointers, its dy coefficients
+    through part_ptr and its slope through slope."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if TRANSPOSED:
+        phase = pid_m // TILES
+        ph = phase // SW
+        pw = phase % SW
+        qh0 = (PAD_H - ph + SH - 1) // SH  # first qh with oh >= 0
+        qw0 = (PAD_W - pw + SW - 1) // SW
+        rows_h = (OH + PAD_H - ph + SH - 1) // SH - qh0  # output rows of this phase (may be 0)
+        rows_w = (OW + PAD_W - pw + SW - 1) // SW - qw0
+        taps_h = (KH - ph + SH - 1) // SH
+        taps_w = (KW - pw + SW - 1) // SW
+        rows = (pid_m % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N * rows_h * rows_w
+        rows_h = tl.maximum(rows_h, 1)  # no division by zero when a phase is empty
+        rows_w = tl.maximum(rows_w, 1)
+    else:
+        ph = 0
+        pw = 0
+        qh0 = 0
+        qw0 = 0
+        rows_h = OH
+        rows_w = OW
+        taps_h = KH
+        taps_w = KW
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N * OH * OW
+    qw = qw0 + rows % rows_w
+    qh = qh0 + (rows // rows_w) % rows_h
+    n = (rows // (rows_w * rows_h)).to(tl.int64)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < C_out
+    ks = tl.arange(0, BLOCK_K)
+    k_blocks = tl.cdiv(C_in, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, taps_h * taps_w * k_blocks):  # one flat loop over (tap, channel block)
+        tap = it // k_blocks
+        ci = (it - tap * k_blocks) * BLOCK_K + ks
+        jh = tap // taps_w
+        jw = tap - jh * taps_w
+        if TRANSPOSED:
+            ih = qh - jh
+            iw = qw - jw
+            kh = ph + jh * SH
+            kw = pw + jw * SW
+        else:
+            ih = qh * SH - PAD_H + jh
+            iw = qw * SW - PAD_W + jw
+            kh = jh
+            kw = jw
+        ci_ok = ci < C_in
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_rows = x_ptr + n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        a_ok = ok[:, None] & ci_ok[None, :]
+        a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=a_ok, other=0.0)
+        if PROLOGUE:
+            pix = (n * H + ih) * W + iw
+            a = input_grad_prologue(
+                a.to(tl.float32), y_ptr, pix[:, None] * C_in + ci[None, :], a_ok, ci, ci_ok, C_in,
+                mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, part_ptr, slope, PRO_ACT, PRO_AFFINE,
+                PRO_TRAINING).to(x_ptr.dtype.element_ty)
+        w_tap = w_ptr + (kh * KW + kw) * swt
+        b = tl.load(w_tap + ci[:, None] * swk + co[None, :] * swn,
+                    mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    if TRANSPOSED:
+        oh = qh * SH + ph - PAD_H
+        ow = qw * SW + pw - PAD_W
+    else:
+        oh = qh
+        ow = qw
+    ok2 = row_ok[:, None] & co_ok[None, :]
+    y_offs = ((n * OH + oh) * OW + ow)[:, None] * C_out + co[None, :]
+    if HAS_BIAS and not STATS and not AFFINE:  # BN folds a conv bias into its mean instead
+        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(y_ptr.dtype.element_ty).to(tl.float32)  # statistics of the values stored and reread
+    if STATS:
+        tl.store(y_ptr + y_offs, y, mask=ok2)
+        count = tl.sum(row_ok.to(tl.float32), axis=0)
+        tile_mean = tl.sum(tl.where(ok2, y, 0.0), axis=0) / tl.maximum(count, 1.0)
+        dev = tl.where(ok2, y - tile_mean[None, :], 0.0)
+        p_offs = pid_m.to(tl.int64) * C_out + co
+        stride = tl.num_programs(0).to(tl.int64) * C_out
+        tl.store(part_ptr + p_offs, tl.zeros((BLOCK_N,), dtype=tl.float32) + count, mask=co_ok)
+        tl.store(part_ptr + stride + p_offs, tile_mean, mask=co_ok)
+        tl.store(part_ptr + 2 * stride + p_offs, tl.sum(dev * dev, axis=0), mask=co_ok)
+    elif AFFINE:
+        invstd = 1.0 / tl.sqrt(tl.load(rvar_ptr + co, mask=co_ok, other=1.0).to(tl.float32) + eps)
+        mean = tl.load(rmean_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # y excludes the conv bias: fold it into the mean
+            mean -= tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
+        scale, shift = scale_shift(tl.load(gamma_ptr + co, mask=co_ok, other=0.0).to(tl.float32),
+                                   tl.load(beta_ptr + co, mask=co_ok, other=0.0).to(tl.float32),
+                                   mean, invstd)
+        tl.store(out_ptr + y_offs, activate(y * scale[None, :] + shift[None, :], ACT, slope), mask=ok2)
+        if WRITE_Y:
+            tl.store(y_ptr + y_offs, y, mask=ok2)
+            if pid_m == 0:
+                tl.store(mean_ptr + co, mean, mask=co_ok)
+                tl.store(invstd_ptr + co, invstd, mask=co_ok)
+    else:
+        tl.store(out_ptr + y_offs, activate(y, ACT, slope), mask=ok2)
+
+
+@triton.autotune(**_WEIGHT_GRAD_TUNING,
+                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT", "PROLOGUE",
+                      "DOT_PRECISION"])
+@triton.jit
+def _weight_grad_kernel(x_ptr, g_ptr, part_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                        coef_ptr, N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT, slope,
+                        sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc,
+                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                        PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_TRAINING: tl.constexpr,
+                        PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """part[split, co, ci, kh, kw] = sum over the split's output pixels p = (n, oh, ow) of
+    g[n, oh, ow, co] * x[n, oh*SH-PAD_H+kh, ow*SW-PAD_W+kw, ci] (Conv2d geometry): one GEMM per tap,
+    K = pixels; both operand tiles are rows of contiguous channels. PROLOGUE 1 (2): the g (x)
+    operand is the output gradient of a layer act(bn(y)) and is loaded as its backward dy
+    (:func:`input_grad_prologue`, from that layer's y, mean, invstd, gamma, beta and coef)."""
+    pid_mn = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    num_m = tl.cdiv(C_out, BLOCK_M)
+    co = (pid_mn % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = (pid_mn // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < C_out
+    ci_ok = ci < C_in
+    kh = tap // KW
+    kw = tap % KW
+    p_start = split * PIXELS_PER_SPLIT
+    p_end = tl.minimum(p_start + PIXELS_PER_SPLIT, N * OH * OW)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
+        p_ok = p < p_end
+        ow = p % OW
+        oh = (p // OW) % OH
+        n = (p // (OW * OH)).to(tl.int64)
+        ih = oh * SH - PAD_H + kh
+        iw = ow * SW - PAD_W + kw
+        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        g_pix = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+        x_pix = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        g_ok = p_ok[:, None] & co_ok[None, :]
+        g = tl.load(g_ptr + g_pix[:, None] + co[None, :] * sgc, mask=g_ok, other=0.0)
+        b_ok = x_ok[:, None] & ci_ok[None, :]
+        b = tl.load(x_ptr + x_pix[:, None] + ci[None, :] * sxc, mask=b_ok, other=0.0)
+        if PROLOGUE == 1:
+            g = input_grad_prologue(
+                g.to(tl.float32), y_ptr, p.to(tl.int64)[:, None] * C_out + co[None, :], g_ok, co,
+                co_ok, C_out, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, coef_ptr, slope, PRO_ACT,
+                PRO_AFFINE, PRO_TRAINING).to(g_ptr.dtype.element_ty)
+        elif PROLOGUE == 2:
+            pix = (n * H + ih) * W + iw
+            b = input_grad_prologue(
+                b.to(tl.float32), y_ptr, pix[:, None] * C_in + ci[None, :], b_ok, ci, ci_ok, C_in,
+                mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, coef_ptr, slope, PRO_ACT, PRO_AFFINE,
+                PRO_TRAINING).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(g), b, acc, input_precision=DOT_PRECISION)
+    taps = KH * KW
+    offs = ((split * C_out + co.to(tl.int64))[:, None] * C_in + ci[None, :]) * taps + tap
+    tl.store(part_ptr + offs, acc, mask=co_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS, BLOCK: tl.constexpr):
+    """out = sum over s of part[s], added in the order s = 0, 1, ...: the same bits every run."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=ok)
+
+
+def _check_rows(count: int, what: str):
+    if count >= 2**31 - 2**16:
+        raise ValueError(f"{what} = {count} pixels is beyond the int32 row index of these kernels")
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its channels are contiguous (NHWC strides, or any view with channel stride 1),
+    else one channels-last copy."""
+    if x.stride(1) == 1 or x.shape[1] == 1:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _nhwc_strides(x):
+    return x.stride(0), x.stride(2), x.stride(3), x.stride(1)
+
+
+def pack_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The forward's GEMM operand, a contiguous ``[kH, kW, K, N]`` view of a parameter in Conv2d
+    layout ``[G, I, kH, kW]`` (nn.ConvTranspose2d's ``[C_in, C_out, kH, kW]`` is the Conv2d layout
+    of its adjoint): a Conv2d-geometry GEMM reduces over I and writes G, a transposed one the
+    reverse. The input gradient reads the same tensor with K and N swapped (:func:`swap_kn`)."""
+    return weight.permute(2, 3, 0, 1).contiguous() if transposed else \
+        weight.permute(2, 3, 1, 0).contiguous()
+
+
+def swap_kn(packed: torch.Tensor) -> torch.Tensor:
+    """The operand of the other direction's GEMM: a view, no copy (its K is then contiguous)."""
+    return packed.transpose(2, 3)
+
+
+def output_size(in_hw, kernel, stride, padding, transposed, output_padding=(0, 0)):
+    """Spatial output size of a Conv2d or ConvTranspose2d."""
+    if transposed:
+        return tuple((i - 1) * s - 2 * p + k + op for i, k, s, p, op in
+                     zip(in_hw, kernel, stride, padding, output_padding))
+    return tuple((i + 2 * p - k) // s + 1 for i, k, s, p in zip(in_hw, kernel, stride, padding))
+
+
+def row_tiling(n, out_hw, stride, transposed):
+    """(BLOCK_M, row tiles per phase, phases): with TRANSPOSED every phase gets the tile count of the
+    largest one (the statistics partials have one row per row tile of every phase)."""
+    oh, ow = out_hw
+    _check_rows(n * oh * ow, "N*OH*OW")
+    phases = stride[0] * stride[1] if transposed else 1
+    rows = n * triton.cdiv(oh, stride[0]) * triton.cdiv(ow, stride[1]) if transposed else n * oh * ow
+    block_m = pow2_block(rows, 16, 128)
+    return block_m, triton.cdiv(rows, block_m), phases
+
+
+_NO_PROLOGUE = dict(PRO_ACT=0, PRO_AFFINE=False, PRO_TRAINING=False)
+
+
+def _prologue_constexprs(prologue):
+    return {k: prologue[k] for k in _NO_PROLOGUE} if prologue is not None else _NO_PROLOGUE
+
+
+def conv(x, packed, kernel, *, transposed, stride, padding, out_hw, out=None, y=None, partials=None,
+         bias=None, bn=(None,) * 4, stats=(None, None), eps=0.0, activation=0, slope=0.0,
+         prologue=None):
+    """One launch of the core into ``out`` / ``y`` / ``partials`` (channels-last (N, C, OH, OW)
+    tensors and the float32 (3, tiles, C) partials; unused ones None): with ``partials`` the STATS
+    epilogue, with ``bn`` = (gamma, beta, running_mean, running_var) the AFFINE one (``stats``:
+    mean/invstd outputs, with ``y``), else out = act(y + bias). ``x``: NHWC-strided, ``packed``: a
+    ``[kH, kW, C_in, C_out]`` operand of :func:`pack_weight` or :func:`swap_kn`, its taps
+    contiguous blocks; ``activation``: an ACT code. ``prologue`` (input gradients, with ``out``
+    only): x is an output gradient loaded as its layer's backward (bn_act.prologue_args)."""
+    n, c_in, h, w = x.shape
+    c_out = packed.shape[3]
+    (sh, sw), (pad_h, pad_w) = stride, padding
+    block_m, tiles, phases = row_tiling(n, out_hw, stride, transposed)
+    any_buf = next(t for t in (out, y) if t is not None)
+    fill = lambda t: t if t is not None else any_buf  # noqa: E731 (placeholders for unused pointers)
+    grid = lambda meta: (phases * tiles, triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
+    pointers = (fill(y), fill(out), fill(partials), fill(bias), *map(fill, bn), *map(fill, stats))
+    if prologue is not None:  # the pointers a plain epilogue leaves unused carry the prologue's
+        pro_y, pro_mean, pro_invstd, pro_gamma, pro_beta, pro_coef = prologue["tensors"]
+        pointers = (pro_y, out, pro_coef, fill(bias), pro_gamma, pro_beta, out, out, pro_mean,
+                    pro_invstd)
+        slope = prologue["slope"]
+    _conv_kernel[grid](
+        x, packed, *pointers,
+        n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles, eps, slope, *_nhwc_strides(x),
+        packed.stride(1), packed.stride(2), packed.stride(3),
+        KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed, STATS=partials is not None,
+        AFFINE=bn[0] is not None, WRITE_Y=y is not None and partials is None,
+        HAS_BIAS=bias is not None, ACT=activation, PROLOGUE=prologue is not None,
+        **_prologue_constexprs(prologue), DOT_PRECISION=dot_precision(x.dtype, x.device),
+        BLOCK_M=block_m)
+
+
+def empty_nhwc(n, c, hw, like):
+    """A fresh channels-last (n, c, *hw) tensor of ``like``'s dtype and device."""
+    return torch.empty((n, c, *hw), device=like.device, dtype=like.dtype,
+                       memory_format=torch.channels_last)
+
+
+def input_grad(grad, packed, *, transposed, stride, padding, in_hw, prologue=None):
+    """The input gradient of a Conv2d (``transposed=False``) or ConvTranspose2d whose forward read
+    the operand ``packed``, given the (NHWC-strided) gradient ``grad`` of its output (of its BN and
+    activation's output with ``prologue``): the other direction's forward, on the same operand."""
+    dx = empty_nhwc(grad.shape[0], packed.shape[2], in_hw, grad)
+    conv(grad, swap_kn(packed), tuple(packed.shape[:2]), transposed=not transposed, stride=stride,
+         padding=padding, out_hw=tuple(in_hw), out=dx, prologue=prologue)
+    return dx
+
+
+def _split_count(pixels: int, tiles: int, operands: int, weights: int, device: torch.device) -> int:
+    """Split-K factor: enough programs to fill the GPU twice over, each summing >= 512 pixels, and
+    float32 partials (``weights`` elements per split) that move no more than the ``operands``
+    elements the GEMM reads (small late layers would otherwise be dominated by partials)."""
+    wanted = max(1, 2 * multiprocessor_count(device) // max(tiles, 1))
+    return max(1, min(wanted, pixels // 512, operands // weights))
+
+
+def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, prologue=None,
+                       prologue_operand=0):
+    """The gradient of ``F.conv2d(x, w, None, stride, padding)`` w.r.t. w, given ``grad_out`` (both
+    NHWC-strided): shape (C_out, C_in, kH, kW), contiguous, in x's dtype. The pixel sum is split into
+    ``splits`` contiguous ranges (default: a heuristic) whose float32 partials are added in a fixed
+    order. A ConvTranspose2d's weight gradient is this with x and grad_out swapped. With
+    ``prologue`` (bn_act.prologue_args), grad_out (``prologue_operand=1``) or x (2) is loaded as the
+    backward of its layer's BN and activation."""
+    n, c_in, h, w = x.shape
+    _, c_out, oh, ow = grad_out.shape
+    kh, kw = kernel_size
+    (sh, sw), (ph, pw) = stride, padding
+    pixels = n * oh * ow
+    _check_rows(pixels, "N*OH*OW")
+    if splits is None:
+        splits = _split_count(pixels, triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64) * kh * kw,
+                              x.numel() + grad_out.numel(), c_out * c_in * kh * kw, x.device)
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), 16) * 16
+    splits = triton.cdiv(pixels, per_split)
+    dw = torch.empty((c_out, c_in, kh, kw), device=x.device, dtype=x.dtype)
+    part = dw if splits == 1 else torch.empty((splits, c_out, c_in, kh, kw), device=x.device,
+                                               dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]),  # noqa: E731
+                         kh * kw, splits)
+    pro_tensors = prologue["tensors"] if prologue is not None else (x,) * 6  # placeholders
+    _weight_grad_kernel[grid](x, grad_out, part, *pro_tensors, n, c_in, h, w, c_out, oh, ow, ph, pw,
+                              per_split, prologue["slope"] if prologue is not None else 0.0,
+                              *_nhwc_strides(x), *_nhwc_strides(grad_out), KH=kh, KW=kw, SH=sh, SW=sw,
+                              PROLOGUE=prologue_operand if prologue is not None else 0,
+                              **_prologue_constexprs(prologue),
+                              DOT_PRECISION=dot_precision(x.dtype, x.device))
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(dw.numel(), block),)](part, dw, dw.numel(), splits, BLOCK=block)
+    return dw
