@@ -5,6 +5,7 @@ tensors when TRITON_INTERPRET=1), "ref" runs the plain-PyTorch twin in :mod:`aig
 "auto" picks Triton where it can run and otherwise falls back to the reference, warning once. The
 environment variable ``AIGC_FAST_IMPL=ref|triton`` overrides "auto".
 """
+import contextlib
 import os
 import warnings
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .kernels import TRITON_AVAILABLE, launches_take
+from .kernels import META_LAUNCHES, TRITON_AVAILABLE, launches_take
 
 IMPLS = ("auto", "triton", "ref")
 _warned_fallbacks = set()  # the causes "auto" has already warned about: one warning per cause
@@ -72,7 +73,10 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast 
 
 
 def _autocast_dtype(device: torch.device):
-    """The dtype ``torch.autocast`` runs convolutions in on ``device`` here, or None when it is off."""
+    """The dtype ``torch.autocast`` runs convolutions in on ``device`` here, or None when it is off
+    (on meta tensors while the GPU compile check records an autocast region: the one it records)."""
+    if device.type == "meta" and META_LAUNCHES.enabled:
+        return META_LAUNCHES.autocast
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
@@ -523,10 +527,9 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", impl="
     (CUDA autocast refuses F.binary_cross_entropy, because probabilities from a half-precision
     sigmoid may have saturated; prefer :func:`bce_with_logits`).
     """
-    if isinstance(probs, torch.Tensor) and _autocast_dtype(probs.device) is not None:
+    autocast = isinstance(probs, torch.Tensor) and _autocast_dtype(probs.device) is not None
+    if autocast:
         probs, target, weight = _cast_for_autocast(torch.float32, probs, target, weight)
-        with torch.autocast(probs.device.type, enabled=False):  # CUDA's would refuse the reference
-            return binary_cross_entropy(probs, target, weight=weight, reduction=reduction, impl=impl)
     reduction = _check_bce(probs, "probs", target, weight, None, reduction)
     if probs.device.type == "cpu":
         _check_unit_interval(probs, "probs")
@@ -534,5 +537,9 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", impl="
     weight = _as_floating(weight, probs.dtype)
     if resolve_impl(impl, probs.device, probs.dtype, _BCE_DTYPES,
                     _weights_needing_grad(weight, None)) == "ref":
-        return reference.binary_cross_entropy(probs, target, weight=weight, reduction=reduction)
+        # the inputs are float32 already; CUDA's autocast would refuse F.binary_cross_entropy
+        autocast_off = (torch.autocast(probs.device.type, enabled=False) if autocast
+                        else contextlib.nullcontext())
+        with autocast_off:
+            return reference.binary_cross_entropy(probs, target, weight=weight, reduction=reduction)
     return _BCE.apply(probs, target, weight, None, reduction, False)

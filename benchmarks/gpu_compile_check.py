@@ -1,14 +1,15 @@
 """Compile every Triton launch of a fused training step for real GPUs, on a machine without one.
 
-    python benchmarks/gpu_compile_check.py                    # sm_90 and sm_80; fp32 (tf32, ieee), fp16, bf16
+    python benchmarks/gpu_compile_check.py                    # sm_90, sm_80; all dtypes (see DTYPES)
     python benchmarks/gpu_compile_check.py --quick            # what the test suite runs: sm_90, fp32
     python benchmarks/gpu_compile_check.py --json rows.json   # also every row as JSON
 
 It records the Triton launches of one fused training step (the benchmark suite's ``fused`` train
 step: D on real and fake, G, both Adam updates) of the 32 px network at batch 64 and the 64 px
 network at batch 512 (pytorch/examples' ngf = ndf = 64), of the trainer's eval-mode G (samples,
-SWD) and of both BCE losses on a batch large enough for their two-launch reduction, per dtype and
-per target GPU (split-K factors follow its SM count), on meta tensors: shapes, no data, nothing
+SWD) and of both BCE losses on a batch large enough for their two-launch reduction, per dtype
+(``amp-`` ones as ``--precision fp16|bf16`` trains, autocast emulated on the meta device) and per
+target GPU (split-K factors follow its SM count), on meta tensors: shapes, no data, nothing
 runs. Then, with no interpreter, it compiles each distinct launch under every autotune config that
 CUDA would try (the autotuner's own pruning applied), fp32 GEMMs both with tf32 and with ieee
 products, for each target, through Triton's launch path (``JITFunction.run(warmup=True)``), whose
@@ -51,7 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # name: (compute capability, SM count of the GPU whose launches are recorded, opt-in shared memory
 # per block in bytes): H100/H200 and A100.
 ARCHS = {"sm_90": (90, 132, 232448), "sm_80": (80, 108, 166912)}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# dtype -> (the models' and inputs' dtype, the autocast dtype): fp16/bf16 models cast whole, and
+# "amp-" ones as --precision fp16|bf16 trains: float32 weights and BN state, autocast around them.
+DTYPES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
+          "bf16": (torch.bfloat16, None), "amp-fp16": (torch.float32, torch.float16),
+          "amp-bf16": (torch.float32, torch.bfloat16)}
 STEPS = ((32, 64), (64, 512))  # (image size, batch)
 LOSS_N = 4096  # logits for the losses: past one program (1024), so the partial sums get their own launch
 PRODUCTS = {"tf32": None, "ieee": "ieee"}  # tl.dot's input_precision for float32 operands
@@ -169,10 +174,10 @@ def _unwrap(kernel, until):
 
 
 @contextlib.contextmanager
-def recording_launches(multiprocessors):
+def recording_launches(multiprocessors, autocast):
     """Collect ``(kernel, args, kwargs)`` of every Triton launch instead of running it, while our
-    launchers take meta tensors and every fused op is forced onto its Triton path (a silent fallback
-    to the reference would leave its kernels unchecked)."""
+    launchers take meta tensors (under ``autocast``'s dtype, or none) and every fused op is forced
+    onto its Triton path (a silent fallback to the reference would leave its kernels unchecked)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
@@ -187,12 +192,13 @@ def recording_launches(multiprocessors):
     saved = (JITFunction.run, Autotuner.run, os.environ.get("AIGC_FAST_IMPL"))
     JITFunction.run = Autotuner.run = record
     META_LAUNCHES.enabled, META_LAUNCHES.multiprocessors = True, multiprocessors
+    META_LAUNCHES.autocast = autocast
     os.environ["AIGC_FAST_IMPL"] = "triton"
     try:
         yield launches
     finally:
         JITFunction.run, Autotuner.run = saved[:2]
-        META_LAUNCHES.enabled = False
+        META_LAUNCHES.enabled, META_LAUNCHES.autocast = False, None
         if saved[2] is None:
             del os.environ["AIGC_FAST_IMPL"]
         else:
@@ -251,8 +257,9 @@ def record_launches(archs, dtypes):
     for arch in archs:
         for dtype in dtypes:
             for where, call in workloads():
-                with recording_launches(ARCHS[arch][1]) as launches:
-                    call(DTYPES[dtype])
+                storage, autocast = DTYPES[dtype]
+                with recording_launches(ARCHS[arch][1], autocast) as launches:
+                    call(storage)
                 for module, name, args, kwargs in launches:
                     launch = Launch(module, name, tuple(map(_as_recorded, args)),
                                     {k: _as_recorded(v) for k, v in kwargs.items()}, dtype, arch)

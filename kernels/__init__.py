@@ -6,6 +6,7 @@ imported, so the reference path still works.
 """
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -27,10 +28,12 @@ class MetaLaunches:
     """Set by the GPU compile check (benchmarks/gpu_compile_check.py) while it records the launches of
     a training step on meta tensors (shapes, no data) to compile them for a GPU it names: then our
     launchers take meta tensors and nothing runs. ``multiprocessors`` is that GPU's SM count, from
-    which split-K factors (hence some launches' arguments) are derived."""
+    which split-K factors (hence some launches' arguments) are derived; ``autocast`` the dtype of a
+    recorded ``torch.autocast`` region (which the meta device cannot enter), or None."""
 
     enabled: bool = False
     multiprocessors: int = 0
+    autocast: Optional[torch.dtype] = None
 
 
 META_LAUNCHES = MetaLaunches()
