@@ -18,10 +18,12 @@ import contextlib
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# ops that launch no device kernel: allocations, aliasing, the profiler's markers, and reading a
-# CPU scalar (Adam's step count lives on the host unless capturable)
+# ops that launch no device kernel: allocations, aliasing, the profiler's markers, dtype arithmetic
+# (promote_types returns a dtype), and reading a CPU scalar (Adam's step count lives on the host
+# unless capturable)
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "set_", "detach",
-              "_record_function_enter_new", "_record_function_exit", "_local_scalar_dense"}
+              "_record_function_enter_new", "_record_function_exit", "_local_scalar_dense",
+              "promote_types"}
 
 
 def _tensors(tree):
