@@ -20,16 +20,16 @@ from .bn_act import activate, input_grad_prologue, scale_shift
 
 # BLOCK_M is set by the launcher, not tuned: the statistics partials have one row per row tile.
 # Configs (block sizes, num_warps, num_stages) per product kind: every one built spill-free for
-# every launch of a fused 32 px b64 and 64 px b512 step, on sm_90 and sm_80, in float16, bfloat16
-# and float32 with tf32 and with exact products (benchmarks/gpu_compile_check.py, Triton 3.9: 1255
-# builds of 295 launches; see gemm_tuning). Dropped for spilling somewhere (with or without the
+# every recorded launch (benchmarks/gpu_compile_check.py: fused 32 px b64 and 64 px b512 steps, eval
+# G; sm_90 and sm_80; float16, bfloat16, autocast, float32 with tf32 and with exact products;
+# Triton 3.6 and 3.9; see gemm_tuning). Dropped for spilling somewhere (with or without the
 # input-gradient prologue, or on unaligned channels such as C_in = 3 or 100): conv (128, 32, 8, 3),
 # (128, 16, 8, 2), (32, 32, 8, 3), (16, 32, 4, 4), (16, 16, 4, 3), (64, 16, 4, 2), (128, 64, 8, 3),
 # (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 4), (32, 32, 4, 3), and (64, 32, 8, 3) under
 # --precision fp16|bf16 (float32 BN state beside half activations: 20 B on sm_80); exact conv (64, 16, 8, 2),
 # (32, 16, 8, 2), (32, 16, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2); weight gradient (64, 64, 16, 4,
 # 2), (16, 64, 64, 4, 3), (32, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
-# (32, 64, 64, 4, 3).
+# (32, 64, 64, 4, 3), and with exact products (128, 32, 32, 8, 3) (Triton 3.6, sm_90: 8 B).
 _CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
                            tensor_cores=[(64, 16, 8, 3)],
                            exact=[(64, 16, 8, 1)],
@@ -37,7 +37,7 @@ _CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
 _WEIGHT_GRAD_TUNING = gemm_tuning(
     ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     tensor_cores=[(128, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
-    exact=[(128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (128, 32, 32, 8, 3), (64, 32, 16, 4, 2)],
+    exact=[(128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (64, 32, 16, 4, 2)],
     interpreter_blocks=(32, 32, 32))
 
 
