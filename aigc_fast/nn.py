@@ -1,6 +1,7 @@
 """Drop-in modules backed by the fused ops, and ``fuse``/``unfuse``, which convert an existing model
 in place with its state_dict unchanged."""
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from . import functional
+from . import chain, functional
 
 
 # --- Conv2d / ConvTranspose2d [+ BatchNorm2d] [+ ReLU / LeakyReLU] --------------------------------
@@ -307,25 +308,75 @@ def _run_length(run):
     return sum(m is not None for m in run)
 
 
+def _trailing_tanh(modules, i):
+    """Whether ``modules[i]`` is an nn.Tanh a chain may absorb (no hooks, forward not overridden)."""
+    return (i < len(modules) and type(modules[i]) is nn.Tanh and not _has_hooks(modules[i]))
+
+
+def _fusable_runs(modules, i):
+    """(runs, end): the consecutive fusable runs starting at ``modules[i]`` (each (conv, bn, act)),
+    and the index after them."""
+    runs = []
+    while i < len(modules) and isinstance(modules[i], _CONVS):
+        run = _run_at(modules, i)
+        if _why_not_fusable(*run) is not None:
+            break
+        runs.append(run)
+        i += _run_length(run)
+    return runs, i
+
+
+def _chainable(runs):
+    """Whether ``runs`` can run as one chain: BNs in training (eval folds BN into each layer's own
+    epilogue, already one launch per layer) and no conv bias (BN cancels it; the chain has none)."""
+    return all(conv.bias is None and (bn is None or bn.training) for conv, bn, _ in runs)
+
+
+def _chain_forward(runs, tanh, input):
+    """``runs`` (and a trailing Tanh when ``tanh``) as one :func:`conv_chain` call."""
+    links, weights, bn_params, bn_states = [], [], [], []
+    for k, (conv, bn, act) in enumerate(runs):
+        activation = _activation_kind(act)
+        if tanh and k == len(runs) - 1:
+            activation = "tanh"
+        transposed = isinstance(conv, nn.ConvTranspose2d)
+        links.append(chain.Link(transposed, tuple(conv.stride), tuple(conv.padding),
+                          tuple(conv.output_padding) if transposed else (0, 0), bn is not None,
+                          bn.eps if bn is not None else 1e-5,
+                          bn.momentum if bn is not None else 0.0, activation,
+                          getattr(act, "negative_slope", 0.0)))
+        weights.append(conv.weight)
+        bn_params.append((bn.weight, bn.bias) if bn is not None else None)
+        bn_states.append((bn.running_mean, bn.running_var, bn.num_batches_tracked)
+                         if bn is not None else None)
+    return chain.conv_chain(input, links, weights, bn_params, bn_states)
+
+
 class FusedSequential(nn.Sequential):
-    """An nn.Sequential that runs each fusable Conv2d / ConvTranspose2d [-> BatchNorm2d] [-> ReLU /
-    LeakyReLU] run of its children as one fused op. :func:`fuse` swaps a Sequential's class to this one, so the children,
-    hence the state_dict keys, stay where they were; :func:`unfuse` swaps it back. Fusability is
-    checked at every call, so a hook or module added later is honoured (that run then runs eagerly),
-    and a lazy run runs eagerly once, then fused."""
+    """An nn.Sequential that runs its fusable Conv2d / ConvTranspose2d [-> BatchNorm2d] [-> ReLU /
+    LeakyReLU] runs as fused ops: consecutive runs in training as one chain
+    (:func:`aigc_fast.chain.conv_chain`, with a Tanh that ends them), others one fused op each.
+    :func:`fuse` swaps a Sequential's class to this one, so the children, hence the state_dict keys,
+    stay where they were; :func:`unfuse` swaps it back. Fusability is checked at every call, so a
+    hook or module added later is honoured (that run then runs eagerly), and a lazy run runs eagerly
+    once, then fused."""
 
     def forward(self, input):
         modules = list(self._modules.values())
         i = 0
         while i < len(modules):
-            if isinstance(modules[i], _CONVS):
-                run = _run_at(modules, i)
-                if _why_not_fusable(*run) is None:
-                    conv, bn, act = run
-                    input = _fused_forward(conv, bn, _activation_kind(act),
-                                           getattr(act, "negative_slope", 0.0), input)
-                    i += _run_length(run)
-                    continue
+            runs, end = _fusable_runs(modules, i)
+            if runs and _chainable(runs):
+                tanh = runs[-1][1] is None and runs[-1][2] is None and _trailing_tanh(modules, end)
+                input = _chain_forward(runs, tanh, input)
+                i = end + int(tanh)
+                continue
+            for conv, bn, act in runs:
+                input = _fused_forward(conv, bn, _activation_kind(act),
+                                       getattr(act, "negative_slope", 0.0), input)
+            if runs:
+                i = end
+                continue
             input = modules[i](input)
             i += 1
         return input
@@ -407,6 +458,24 @@ def _print_report(runs, losses):
               "one by one, it runs unfused and warns)")
 
 
+# convolutions whose contiguous weights fuse() made channels-last, for unfuse() to restore
+_RESTRIDED = weakref.WeakSet()
+
+
+def _weight_channels_last(conv):
+    """Give a fused convolution's weight channels-last strides in place (values, Parameter and
+    state_dict unchanged, as ``module.to(memory_format=torch.channels_last)`` does): the kernels
+    then read its GEMM operand tiles as contiguous rows, where other strides cost a packed copy of
+    the weight at every call."""
+    weight = conv.weight
+    if (not _uninitialized_lazy(conv) and weight.dim() == 4
+            and not weight.is_contiguous(memory_format=torch.channels_last)):
+        if weight.is_contiguous():
+            _RESTRIDED.add(conv)
+        with torch.no_grad():
+            weight.data = weight.data.contiguous(memory_format=torch.channels_last)
+
+
 def fuse(model, verbose=False):
     """Rewrite ``model`` in place, and return it, so that every Conv2d / ConvTranspose2d [->
     BatchNorm2d] [-> ReLU / LeakyReLU] run inside an nn.Sequential, at any depth (a lone convolution
@@ -415,14 +484,18 @@ def fuse(model, verbose=False):
     fused loss. No module moves, so the state_dict keys are unchanged (checkpoints load both ways
     with strict=True). Runs the fused op cannot reproduce exactly (groups or dilation != 1, padding
     modes other than zeros, affine=False or non-tracking BatchNorm, mismatched channels, LeakyReLU
-    with a negative slope, subclasses overriding forward, modules with hooks) are left as they are; lazy modules fuse from their second call.
-    ``verbose=True`` prints what was fused and what was left, and why. A fused run whose modules are
-    called one by one (a parent that iterates over the Sequential) runs unfused and warns once.
-    Calling it twice is harmless."""
+    with a negative slope, subclasses overriding forward, modules with hooks) are left as they are;
+    lazy modules fuse from their second call. Consecutive fused runs in training run as one chain
+    (:func:`aigc_fast.chain.conv_chain`, which also takes a Tanh that ends them). Fused
+    convolutions' weights get channels-last strides (as ``model.to(memory_format=
+    torch.channels_last)`` gives them). ``verbose=True`` prints what was fused and what was left,
+    and why, and the chains. A fused run whose modules are called one by one (a parent that
+    iterates over the Sequential) runs unfused and warns once. Calling it twice is harmless."""
     _check_model(model)
     runs = list(_conv_runs(model))
     for run in runs:
         if run.reason is None:
+            _weight_channels_last(run.modules[0])
             if type(run.parent) is nn.Sequential:
                 run.parent.__class__ = FusedSequential
             if not _run_warnings(run.modules[0]):
@@ -438,9 +511,14 @@ def fuse(model, verbose=False):
 
 
 def unfuse(model):
-    """Undo :func:`fuse` in place and return ``model``: it runs eagerly again, state unchanged."""
+    """Undo :func:`fuse` in place and return ``model``: it runs eagerly again, state unchanged
+    (weights that fuse() made channels-last are contiguous again)."""
     _check_model(model)
     for module in model.modules():
+        if module in _RESTRIDED:
+            _RESTRIDED.discard(module)
+            with torch.no_grad():
+                module.weight.data = module.weight.data.contiguous()
         if type(module) in _UNFUSED:
             module.__class__ = _UNFUSED[type(module)]
         for key in _run_warnings(module):

@@ -36,11 +36,13 @@ def conv_bn_act(x, weight, bn_weight=None, bn_bias=None, running_mean=None, runn
 
 
 def activate(y, activation, negative_slope=0.01):
-    """ReLU, LeakyReLU(negative_slope) or (None) nothing, as PyTorch computes them."""
+    """ReLU, LeakyReLU(negative_slope), tanh or (None) nothing, as PyTorch computes them."""
     if activation == "relu":
         return F.relu(y)
     if activation == "leaky_relu":
         return F.leaky_relu(y, negative_slope)
+    if activation == "tanh":
+        return torch.tanh(y)
     return y
 
 

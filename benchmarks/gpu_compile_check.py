@@ -351,7 +351,10 @@ def compile_job(job):
             compiled = jit.run(*launch.args, grid=(1,), warmup=True, **kwargs)
         jit.run(*launch.args, grid=(1,), warmup=True, **kwargs)  # cached: the launch-time checks again
     except Exception as e:  # noqa: BLE001 - every failure becomes its row
-        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        lines = str(e).strip().splitlines() or [""]
+        # a CompilationError's first line is the position, its last the cause
+        where = f"{lines[0]} ... {lines[-1]}" if len(lines) > 1 else lines[0]
+        row["error"] = f"{type(e).__name__}: {where[:400]}"
         return row
     row["seconds"] = round(time.perf_counter() - started, 2)
     usage = {k: rx.search(log.getvalue()) for k, rx in _PTXAS.items()}

@@ -41,19 +41,32 @@ def _unique_bytes(tensors):
 
 
 class AtenTraffic(TorchDispatchMode):
-    """Counts the aten ops that compute (views and allocations excluded) and their bytes."""
+    """Counts the aten ops that compute (views and allocations excluded) and their bytes; those run
+    inside :meth:`apart` (the optimiser steps) go to ``apart_ops`` / ``apart_bytes`` instead."""
 
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
         self.bytes = collections.Counter()
+        self.apart_ops = collections.Counter()
+        self.apart_bytes = collections.Counter()
+        self._apart = False
+
+    @contextlib.contextmanager
+    def apart(self):
+        self._apart = True
+        try:
+            yield
+        finally:
+            self._apart = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if not func.is_view and name not in _NO_KERNEL:
-            self.ops[name] += 1
-            self.bytes[name] += _unique_bytes(_tensors((args, kwargs)) + _tensors(out))
+            ops, nbytes = (self.apart_ops, self.apart_bytes) if self._apart else (self.ops, self.bytes)
+            ops[name] += 1
+            nbytes[name] += _unique_bytes(_tensors((args, kwargs)) + _tensors(out))
         return out
 
 
@@ -124,12 +137,51 @@ def step_traffic(backend, *, image_size=32, batch=64, nz=100, ngf=64, ndf=64, ex
     with _launchers_take_meta(device):
         with triton_traffic(execute):
             train_step(G, D, *opts, real, z, loss_fn)
-        with triton_traffic(execute) as triton_found, AtenTraffic() as aten:
+        with triton_traffic(execute) as triton_found, AtenTraffic() as aten, _apart(opts, aten):
             train_step(G, D, *opts, real, z, loss_fn)
+        with triton_traffic(execute):
+            saved = {"G": saved_bytes(lambda: G(z)), "D": saved_bytes(lambda: D(real))}
     launches = sum(aten.ops.values()) + sum(triton_found["launches"].values())
     nbytes = aten.bytes + triton_found["bytes"]
     return {"aten_ops": aten.ops, "triton_launches": triton_found["launches"], "launches": launches,
-            "bytes_by_name": nbytes, "bytes": sum(nbytes.values())}
+            "bytes_by_name": nbytes, "bytes": sum(nbytes.values()),
+            "optimizer_launches": sum(aten.apart_ops.values()),
+            "optimizer_bytes": sum(aten.apart_bytes.values()), "saved_bytes": saved}
+
+
+@contextlib.contextmanager
+def _apart(optimizers, aten):
+    """Count the optimisers' steps apart from the model's work (the issue's "model only")."""
+    real = [opt.step for opt in optimizers]
+
+    def counted_apart(step):
+        def run(*args, **kwargs):
+            with aten.apart():
+                return step(*args, **kwargs)
+        return run
+
+    for opt, step in zip(optimizers, real):
+        opt.step = counted_apart(step)
+    try:
+        yield
+    finally:
+        for opt in optimizers:
+            del opt.step  # back to the class's method
+
+
+def saved_bytes(forward):
+    """Bytes of the unique storages autograd saves for backward during one training forward
+    (benchmarks.measure.saved_bytes, keyed by storage so that meta tensors count too). The
+    parameters are among them, in both backends."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage()._cdata] = (t, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()  # noqa: F841 (alive until counted)
+    return sum(nbytes for _, nbytes in storages.values())
 
 
 def main(argv=None):
@@ -147,12 +199,17 @@ def main(argv=None):
     conv_gemm.multiprocessor_count = lambda device: args.sms
     rows = {backend: step_traffic(backend, **shape) for backend in ("eager", "fused")}
     eager = rows["eager"]
-    print(f"one {args.image_size} px batch-{args.batch} step, ngf = ndf = {args.width}")
-    print("| backend | launches | MB moved | launches vs eager | bytes vs eager |")
-    print("|---|---|---|---|---|")
+    print(f"one {args.image_size} px batch-{args.batch} step, ngf = ndf = {args.width}; model only "
+          "(the optimisers' launches and bytes apart)")
+    print("| backend | launches | MB moved | launches vs eager | bytes vs eager | optimiser launches "
+          "| G saves MB | D saves MB | G saved vs eager | D saved vs eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for backend, row in rows.items():
+        saved, eager_saved = row["saved_bytes"], eager["saved_bytes"]
         print(f"| {backend} | {row['launches']} | {row['bytes'] / 1e6:.1f} | "
-              f"{row['launches'] / eager['launches']:.2f}x | {row['bytes'] / eager['bytes']:.2f}x |")
+              f"{row['launches'] / eager['launches']:.2f}x | {row['bytes'] / eager['bytes']:.2f}x | "
+              f"{row['optimizer_launches']} | {saved['G'] / 1e6:.2f} | {saved['D'] / 1e6:.2f} | "
+              f"{saved['G'] / eager_saved['G']:.2f}x | {saved['D'] / eager_saved['D']:.2f}x |")
     for backend, row in rows.items():
         print(f"{backend} aten ops: {dict(row['aten_ops'].most_common())}")
         if row["triton_launches"]:

@@ -16,18 +16,32 @@ import triton.language as tl
 from ._config import pow2_block
 
 # activation codes of the ``ACT`` constexpr
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3}
 
 
 @triton.jit
 def activate(z, ACT: tl.constexpr, slope):
-    """ReLU (ACT=1) or LeakyReLU(slope) (ACT=2) of z, keeping NaN as PyTorch does (tl.maximum would
-    drop it); ACT=0 is the identity."""
+    """ReLU (ACT=1), LeakyReLU(slope) (ACT=2) or tanh (ACT=3) of z, keeping NaN as PyTorch does
+    (tl.maximum would drop it); ACT=0 is the identity."""
     if ACT == 1:
         z = tl.where((z > 0) | (z != z), z, 0.0)
     elif ACT == 2:
         z = tl.where(z > 0, z, z * slope)  # NaN * slope stays NaN
+    elif ACT == 3:  # (1 - e) / (1 + e) with e = exp(-2|z|) <= 1: no overflow, odd by construction
+        e = tl.exp(-2.0 * tl.abs(z))
+        t = (1.0 - e) / (1.0 + e)
+        z = tl.where(z < 0, -t, t)
     return z
+
+
+@triton.jit
+def activate_grad_from_out(out, g, ACT: tl.constexpr, slope):
+    """The gradient through ``activate`` given its output ``out`` and the output gradient g: what a
+    chain saves for a layer without BN is that output (for ReLU/LeakyReLU with slope >= 0 its sign
+    is the input's; tanh' = 1 - tanh^2, as PyTorch's tanh_backward computes it)."""
+    if ACT == 3:
+        return g * (1.0 - out * out)
+    return activate_grad(out, g, ACT, slope)
 
 
 @triton.jit
@@ -38,6 +52,9 @@ def activate_grad(z, g, ACT: tl.constexpr, slope):
         g = tl.where(z > 0, g, 0.0)
     elif ACT == 2:
         g = tl.where(z > 0, g, g * slope)
+    elif ACT == 3:
+        t = activate(z, ACT, slope)
+        g = g * (1.0 - t * t)
     return g
 
 
@@ -49,15 +66,12 @@ def scale_shift(gamma, beta, mean, invstd):
 
 
 @triton.jit
-def _bn_finalize_kernel(part_ptr, T, C, gamma_ptr, beta_ptr, bias_ptr, rmean_ptr, rvar_ptr,
-                        momentum_ptr, momentum, unbias, eps, mean_ptr, invstd_ptr, affine_ptr,
-                        HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-                        MOMENTUM_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan's parallel combine of the (count, mean, M2) partials, tiles in ascending order, BLOCK_T at
-    a time (a block is combined about its own mean, then merged into the running total), then
-    mean/invstd, the affine map and the running-stat update. Stays exact when |mean| >> std."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+def chan_combine(part_ptr, T, C, c, c_ok, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(count, mean, M2) per channel ``c`` from T (count, mean, M2) partial rows of a float32
+    (3, T, C) buffer: Chan's parallel combine, rows in ascending order, BLOCK_T at a time (a block
+    is combined about its own mean, then merged into the running total). Stays exact when
+    |mean| >> std. The partial loads bypass L1 (``.cg``): a chain's producer reads its peers'
+    partials in the same launch."""
     total = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -65,9 +79,10 @@ def _bn_finalize_kernel(part_ptr, T, C, gamma_ptr, beta_ptr, bias_ptr, rmean_ptr
         t = t0 + tl.arange(0, BLOCK_T)
         ok = (t < T)[:, None] & c_ok[None, :]
         offs = t.to(tl.int64)[:, None] * C + c[None, :]
-        cnt = tl.load(part_ptr + offs, mask=ok, other=0.0)
-        avg = tl.load(part_ptr + T * C + offs, mask=ok, other=0.0)
-        dev2 = tl.load(part_ptr + 2 * T * C + offs, mask=ok, other=0.0)
+        cnt = tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        avg = tl.load(part_ptr + T * C + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        dev2 = tl.load(part_ptr + 2 * T * C + offs, mask=ok, other=0.0,
+                       cache_modifier=".cg")
         blk_cnt = tl.sum(cnt, axis=0)
         blk_mean = tl.sum(cnt * avg, axis=0) / tl.maximum(blk_cnt, 1.0)
         spread = avg - blk_mean[None, :]
@@ -78,6 +93,14 @@ def _bn_finalize_kernel(part_ptr, T, C, gamma_ptr, beta_ptr, bias_ptr, rmean_ptr
         mean = mean + delta * frac
         m2 = m2 + blk_m2 + delta * delta * total * frac
         total = new_total
+    return total, mean, m2
+
+
+@triton.jit
+def mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr,
+                       scale_ptr, shift_ptr):
+    """Store mean, invstd = 1/sqrt(biased var + eps) and BN's affine map (scale, shift) of the
+    channels ``c`` from their combined statistics."""
     var = m2 / tl.maximum(total, 1.0)  # total >= 2 on real channels; masked lanes stay finite
     invstd = 1.0 / tl.sqrt(var + eps)
     gamma = tl.load(gamma_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
@@ -85,18 +108,42 @@ def _bn_finalize_kernel(part_ptr, T, C, gamma_ptr, beta_ptr, bias_ptr, rmean_ptr
     scale, shift = scale_shift(gamma, beta, mean, invstd)
     tl.store(mean_ptr + c, mean, mask=c_ok)
     tl.store(invstd_ptr + c, invstd, mask=c_ok)
-    tl.store(affine_ptr + c, scale, mask=c_ok)
-    tl.store(affine_ptr + C + c, shift, mask=c_ok)
+    tl.store(scale_ptr + c, scale, mask=c_ok)
+    tl.store(shift_ptr + c, shift, mask=c_ok)
+
+
+@triton.jit
+def update_running(mean, m2, total, c, c_ok, momentum, unbias, bias_ptr, rmean_ptr, rvar_ptr,
+                   HAS_BIAS: tl.constexpr):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance
+    (``unbias`` = M / (M - 1)) and the conv bias added back to the batch mean."""
+    var = m2 / tl.maximum(total, 1.0)
+    batch_mean = mean
+    if HAS_BIAS:
+        batch_mean += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    rmean = tl.load(rmean_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    rvar = tl.load(rvar_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(rmean_ptr + c, (1.0 - momentum) * rmean + momentum * batch_mean, mask=c_ok)
+    tl.store(rvar_ptr + c, (1.0 - momentum) * rvar + momentum * (var * unbias), mask=c_ok)
+
+
+@triton.jit
+def _bn_finalize_kernel(part_ptr, T, C, gamma_ptr, beta_ptr, bias_ptr, rmean_ptr, rvar_ptr,
+                        momentum_ptr, momentum, unbias, eps, mean_ptr, invstd_ptr, affine_ptr,
+                        HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+                        MOMENTUM_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`chan_combine` of the (count, mean, M2) partials, then mean/invstd, the affine map and
+    the running-stat update."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    total, mean, m2 = chan_combine(part_ptr, T, C, c, c_ok, BLOCK_T, BLOCK_C)
+    mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr,
+                       affine_ptr, affine_ptr + C)
     if UPDATE_RUNNING:
         if MOMENTUM_FROM_PTR:
             momentum = tl.load(momentum_ptr).to(tl.float32)
-        batch_mean = mean
-        if HAS_BIAS:
-            batch_mean += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        rmean = tl.load(rmean_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        rvar = tl.load(rvar_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        tl.store(rmean_ptr + c, (1.0 - momentum) * rmean + momentum * batch_mean, mask=c_ok)
-        tl.store(rvar_ptr + c, (1.0 - momentum) * rvar + momentum * (var * unbias), mask=c_ok)
+        update_running(mean, m2, total, c, c_ok, momentum, unbias, bias_ptr, rmean_ptr, rvar_ptr,
+                       HAS_BIAS)
 
 
 @triton.jit
@@ -180,6 +227,22 @@ def _grad_partials_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_pt
 
 
 @triton.jit
+def sum_grad_partials(part_ptr, T, C, c, c_ok, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(sum(dz), sum(dz * xhat)) per channel ``c`` from a float32 (2, T, C) buffer of per-tile
+    partials, rows added in ascending order (``.cg`` loads, as in :func:`chan_combine`)."""
+    dbeta = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dgamma = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = (t < T)[:, None] & c_ok[None, :]
+        offs = t.to(tl.int64)[:, None] * C + c[None, :]
+        dbeta += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+        dgamma += tl.sum(tl.load(part_ptr + T * C + offs, mask=ok, other=0.0, cache_modifier=".cg"),
+                         axis=0)
+    return dbeta, dgamma
+
+
+@triton.jit
 def _grad_finish_kernel(part_ptr, T, C, gamma_ptr, invstd_ptr, inv_count,
                         dgamma_ptr, dbeta_ptr, dbias_ptr, coef_ptr,
                         TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr, AFFINE: tl.constexpr,
@@ -189,14 +252,7 @@ def _grad_finish_kernel(part_ptr, T, C, gamma_ptr, invstd_ptr, inv_count,
     dy = scale * dz + coef0 + coef1 * xhat (both 0 in eval, where the statistics are constants)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    dbeta = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dgamma = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        ok = (t < T)[:, None] & c_ok[None, :]
-        offs = t.to(tl.int64)[:, None] * C + c[None, :]
-        dbeta += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0), axis=0)
-        dgamma += tl.sum(tl.load(part_ptr + T * C + offs, mask=ok, other=0.0), axis=0)
+    dbeta, dgamma = sum_grad_partials(part_ptr, T, C, c, c_ok, BLOCK_T, BLOCK_C)
     tl.store(dbeta_ptr + c, dbeta, mask=c_ok)
     tl.store(dgamma_ptr + c, dgamma, mask=c_ok)
     scale = tl.full((BLOCK_C,), 1.0, tl.float32)

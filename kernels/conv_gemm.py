@@ -41,36 +41,16 @@ _WEIGHT_GRAD_TUNING = gemm_tuning(
     interpreter_blocks=(32, 32, 32))
 
 
-@triton.autotune(**_CONV_TUNING,
-                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "STATS",
-                      "AFFINE", "PROLOGUE", "DOT_PRECISION"])
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
-                 bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr,
-                 N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, eps, slope,
-                 sxn, sxh, sxw, sxc, swt, swk, swn,
-                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                 TRANSPOSED: tl.constexpr, STATS: tl.constexpr, AFFINE: tl.constexpr,
-                 WRITE_Y: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                 PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_TRAINING: tl.constexpr,
-                 PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n, oh, ow, co] = sum over taps and ci of x[n, ih, iw, ci] * w[kh, kw, ci, co], where
-    ih = oh*SH - PAD_H + kh (Conv2d), or oh = ih*SH - PAD_H + kh (TRANSPOSED). w's strides: per tap,
-    per ci and per co (one of the last two is 1: the packed weight serves both directions).
+def gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH: tl.constexpr, KW: tl.constexpr,
+              SH: tl.constexpr, SW: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The output pixels of GEMM row tile ``pid_m``: (row_ok, n, qh, qw, ph, pw, taps_h, taps_w).
 
-    TRANSPOSED uses phase decomposition: program row pid_m serves one output phase
-    (ph, pw) = ((oh+PAD_H) % SH, (ow+PAD_W) % SW); writing oh + PAD_H = qh*SH + ph, the taps that
-    contribute are kh = ph + jh*SH with ih = qh - jh, so the loop visits only those, never a zero.
-    Epilogues: STATS writes y and this row tile's (count, mean, M2) per channel into
-    part[:, pid_m, :]; AFFINE writes act(y*scale+shift) with BN's running stats (and, with WRITE_Y,
-    y and the mean/invstd backward needs); otherwise out = act(y + bias).
-    PROLOGUE (input gradients, whose epilogue is plain): x is the output gradient g of a layer
-    act(bn(y)), and the A operand is its backward dy (:func:`input_grad_prologue`), reading that
-    layer's y, mean, invstd, gamma, beta through the same-named pointers, its dy coefficients
-    through part_ptr and its slope through slope."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    Conv2d: rows are pixels (n, qh, qw) = (n, oh, ow) of the output. TRANSPOSED uses phase
+    decomposition: row tile pid_m serves one output phase (ph, pw) = ((oh+PAD_H) % SH,
+    (ow+PAD_W) % SW) (``TILES`` tiles per phase); writing oh + PAD_H = qh*SH + ph, the taps that
+    contribute are kh = ph + jh*SH with ih = qh - jh (taps_h x taps_w of them), so the loop visits
+    only those, never a zero."""
     if TRANSPOSED:
         phase = pid_m // TILES
         ph = phase // SW
@@ -99,26 +79,76 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
     qw = qw0 + rows % rows_w
     qh = qh0 + (rows // rows_w) % rows_h
     n = (rows // (rows_w * rows_h)).to(tl.int64)
+    return row_ok, n, qh, qw, ph, pw, taps_h, taps_w
+
+
+@triton.jit
+def tap_coords(it, k_blocks, taps_w, qh, qw, ph, pw, PAD_H, PAD_W, SH: tl.constexpr,
+               SW: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step ``it`` of the flat (tap, channel block) loop: (ci, ih, iw, kh, kw), the input channels,
+    the input pixel of each row and the weight tap."""
+    tap = it // k_blocks
+    ci = (it - tap * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    jh = tap // taps_w
+    jw = tap - jh * taps_w
+    if TRANSPOSED:
+        ih = qh - jh
+        iw = qw - jw
+        kh = ph + jh * SH
+        kw = pw + jw * SW
+    else:
+        ih = qh * SH - PAD_H + jh
+        iw = qw * SW - PAD_W + jw
+        kh = jh
+        kw = jw
+    return ci, ih, iw, kh, kw
+
+
+@triton.jit
+def out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH: tl.constexpr, SW: tl.constexpr,
+               TRANSPOSED: tl.constexpr):
+    """The output pixel (oh, ow) of each GEMM row."""
+    if TRANSPOSED:
+        return qh * SH + ph - PAD_H, qw * SW + pw - PAD_W
+    return qh, qw
+
+
+@triton.autotune(**_CONV_TUNING,
+                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "STATS",
+                      "AFFINE", "PROLOGUE", "DOT_PRECISION"])
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
+                 bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr,
+                 N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, eps, slope,
+                 sxn, sxh, sxw, sxc, swh, sww, swk, swn,
+                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                 TRANSPOSED: tl.constexpr, STATS: tl.constexpr, AFFINE: tl.constexpr,
+                 WRITE_Y: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_TRAINING: tl.constexpr,
+                 PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n, oh, ow, co] = sum over taps and ci of x[n, ih, iw, ci] * w[kh, kw, ci, co], where
+    ih = oh*SH - PAD_H + kh (Conv2d), or oh = ih*SH - PAD_H + kh (TRANSPOSED, phase-decomposed:
+    :func:`gemm_rows`). w's strides: per kh, per kw, per ci and per co (one of the last two is 1, see
+    :func:`pack_weight`).
+    Epilogues: STATS writes y and this row tile's (count, mean, M2) per channel into
+    part[:, pid_m, :]; AFFINE writes act(y*scale+shift) with BN's running stats (and, with WRITE_Y,
+    y and the mean/invstd backward needs); otherwise out = act(y + bias).
+    PROLOGUE (input gradients, whose epilogue is plain): x is the output gradient g of a layer
+    act(bn(y)), and the A operand is its backward dy (:func:`input_grad_prologue`), reading that
+    layer's y, mean, invstd, gamma, beta through the same-named pointers, its dy coefficients
+    through part_ptr and its slope through slope."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row_ok, n, qh, qw, ph, pw, taps_h, taps_w = gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH,
+                                                          KW, SH, SW, TRANSPOSED, BLOCK_M)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < C_out
-    ks = tl.arange(0, BLOCK_K)
     k_blocks = tl.cdiv(C_in, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, taps_h * taps_w * k_blocks):  # one flat loop over (tap, channel block)
-        tap = it // k_blocks
-        ci = (it - tap * k_blocks) * BLOCK_K + ks
-        jh = tap // taps_w
-        jw = tap - jh * taps_w
-        if TRANSPOSED:
-            ih = qh - jh
-            iw = qw - jw
-            kh = ph + jh * SH
-            kw = pw + jw * SW
-        else:
-            ih = qh * SH - PAD_H + jh
-            iw = qw * SW - PAD_W + jw
-            kh = jh
-            kw = jw
+        ci, ih, iw, kh, kw = tap_coords(it, k_blocks, taps_w, qh, qw, ph, pw, PAD_H, PAD_W, SH, SW,
+                                        TRANSPOSED, BLOCK_K)
         ci_ok = ci < C_in
         ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_rows = x_ptr + n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
@@ -130,17 +160,12 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
                 a.to(tl.float32), y_ptr, pix[:, None] * C_in + ci[None, :], a_ok, ci, ci_ok, C_in,
                 mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, part_ptr, slope, PRO_ACT, PRO_AFFINE,
                 PRO_TRAINING).to(x_ptr.dtype.element_ty)
-        w_tap = w_ptr + (kh * KW + kw) * swt
+        w_tap = w_ptr + kh * swh + kw * sww
         b = tl.load(w_tap + ci[:, None] * swk + co[None, :] * swn,
                     mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    if TRANSPOSED:
-        oh = qh * SH + ph - PAD_H
-        ow = qw * SW + pw - PAD_W
-    else:
-        oh = qh
-        ow = qw
+    oh, ow = out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH, SW, TRANSPOSED)
     ok2 = row_ok[:, None] & co_ok[None, :]
     y_offs = ((n * OH + oh) * OW + ow)[:, None] * C_out + co[None, :]
     if HAS_BIAS and not STATS and not AFFINE:  # BN folds a conv bias into its mean instead
@@ -264,12 +289,14 @@ def _nhwc_strides(x):
 
 
 def pack_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """The forward's GEMM operand, a contiguous ``[kH, kW, K, N]`` view of a parameter in Conv2d
-    layout ``[G, I, kH, kW]`` (nn.ConvTranspose2d's ``[C_in, C_out, kH, kW]`` is the Conv2d layout
-    of its adjoint): a Conv2d-geometry GEMM reduces over I and writes G, a transposed one the
-    reverse. The input gradient reads the same tensor with K and N swapped (:func:`swap_kn`)."""
-    return weight.permute(2, 3, 0, 1).contiguous() if transposed else \
-        weight.permute(2, 3, 1, 0).contiguous()
+    """The forward's GEMM operand, a ``[kH, kW, K, N]`` view of a parameter in Conv2d layout
+    ``[G, I, kH, kW]`` (nn.ConvTranspose2d's ``[C_in, C_out, kH, kW]`` is the Conv2d layout of its
+    adjoint): a Conv2d-geometry GEMM reduces over I and writes G, a transposed one the reverse. The
+    input gradient reads the same tensor with K and N swapped (:func:`swap_kn`). Operand tiles are
+    contiguous rows when K or N has stride 1, as in a channels-last parameter (which
+    ``aigc_fast.fuse`` makes): then this is a view, else one packed copy."""
+    view = weight.permute(2, 3, 0, 1) if transposed else weight.permute(2, 3, 1, 0)
+    return view if 1 in (view.stride(2), view.stride(3)) else view.contiguous()
 
 
 def swap_kn(packed: torch.Tensor) -> torch.Tensor:
@@ -329,7 +356,7 @@ def conv(x, packed, kernel, *, transposed, stride, padding, out_hw, out=None, y=
     _conv_kernel[grid](
         x, packed, *pointers,
         n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles, eps, slope, *_nhwc_strides(x),
-        packed.stride(1), packed.stride(2), packed.stride(3),
+        *packed.stride(),
         KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed, STATS=partials is not None,
         AFFINE=bn[0] is not None, WRITE_Y=y is not None and partials is None,
         HAS_BIAS=bias is not None, ACT=activation, PROLOGUE=prologue is not None,

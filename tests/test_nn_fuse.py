@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import aigc_fast
-from aigc_fast import functional
+from aigc_fast import chain, functional
 from aigc_fast import nn as fused_nn
 from aigc_fast.models import Discriminator, Generator
 from aigc_fast.nn import ConvBNAct, ConvTransposeBNReLU, FusedSequential, fuse, unfuse
@@ -135,7 +135,17 @@ def count_calls(monkeypatch, op_name):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    return count_calls(monkeypatch, "conv_bn_act")
+    """The fused ops' calls: per-layer ones as their ``training`` argument, chains as
+    ("chain", number of layers)."""
+    calls = count_calls(monkeypatch, "conv_bn_act")
+    conv_chain = chain.conv_chain
+
+    def counting(x, links, *args, **kwargs):
+        calls.append(("chain", len(links)))
+        return conv_chain(x, links, *args, **kwargs)
+
+    monkeypatch.setattr(chain, "conv_chain", counting)
+    return calls
 
 
 def forward_backward(model, x, grad_out=None):
@@ -338,7 +348,9 @@ def test_fused_generator_matches_eager(name, fused_calls, device):
     assert fuse(model) is model
     assert type(model.main) is FusedSequential
     assert_matches_reference(model, reference, lambda: torch.randn(2, nz, 1, 1), device, train_steps)
-    assert fused_calls == ([True] * runs + [None]) * train_steps + [False] * runs + [None]
+    # training: one chain of the BN runs and the last ConvTranspose2d (with its Tanh); eval: one
+    # fused op per run
+    assert fused_calls == [("chain", runs + 1)] * train_steps + [False] * runs + [None]
 
 
 # (model, image size, fused runs with BN, training steps): the first and last convolutions have no BN
@@ -359,7 +371,7 @@ def test_fused_discriminator_matches_eager(name, fused_calls, device):
     assert type(model.main) is FusedSequential
     assert_matches_reference(model, reference, lambda: torch.randn(2, nc, size, size), device,
                              train_steps)
-    assert fused_calls == ([None] + [True] * runs + [None]) * train_steps + [None] + [False] * runs + [None]
+    assert fused_calls == [("chain", runs + 2)] * train_steps + [None] + [False] * runs + [None]
 
 
 def test_state_dict_round_trips_both_ways():

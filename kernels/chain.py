@@ -1,0 +1,187 @@
+"""A chain: a run of Conv2d / ConvTranspose2d [+ BatchNorm2d (training statistics)] [+ activation]
+layers, each consuming the previous one's output, run as about one GEMM launch per layer per pass.
+
+Forward: layer i's GEMM loads layer i-1's pre-BN output y_{i-1} and applies its BN and activation
+on the fly (the prologue); its epilogue stores y_i and closes the statistics (the finalize, in the
+same launch). A layer without BN stores its activation's output instead. No post-BN activation is
+ever stored: a chain keeps one tensor per layer for backward (y_i, or the output of a layer
+without BN), against eager PyTorch's two (BN's input and the activation's output).
+Backward, for layers L..1: the input-gradient GEMM of layer i loads dy_i (the BN and activation
+backward of layer i as its prologue) and its epilogue stores layer i-1's output gradient and closes
+the reductions layer i-1's backward needs; the weight-gradient GEMM of layer i reads dy_i and
+recomputes layer i-1's activation from y_{i-1}, both in its operand loads.
+The chain's last layer, when it has BN, stores its output with one apply launch (and its backward
+needs the two reduction launches of bn_act), since no consumer applies it.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import bn_act
+from .chain_gemm import ROW, VEC_ROWS, Side, chain_conv, chain_weight_grad, reset_counters
+from .conv_gemm import channels_last, empty_nhwc, output_size, pack_weight, swap_kn
+
+
+@dataclass
+class ChainBN:
+    """A layer's BatchNorm2d in training: parameters, state (running stats and
+    num_batches_tracked may be None) and momentum (None: cumulative average)."""
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
+    momentum: Optional[float]
+    eps: float
+
+
+@dataclass
+class ChainLayer:
+    """A conv (no bias, groups=1, dilation=1), its optional BN and activation."""
+
+    weight: torch.Tensor
+    transposed: bool
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    output_padding: Tuple[int, int]
+    activation: Optional[str]
+    slope: float
+    bn: Optional[ChainBN]
+
+    @property
+    def act(self) -> int:
+        return bn_act.ACTIVATIONS[self.activation]
+
+    def out_hw(self, in_hw):
+        return output_size(in_hw, tuple(self.weight.shape[2:]), self.stride, self.padding,
+                           self.transposed, self.output_padding)
+
+    def c_out(self) -> int:
+        return self.weight.shape[1] if self.transposed else self.weight.shape[0]
+
+
+def _input_side(x, layers, i, saved):
+    """Layer i's input as a GEMM operand: the chain's input, or layer i-1's stored tensor with its
+    BN and activation applied in the load (nothing to apply when it stored its activation's output)."""
+    if i == 0:
+        return Side(x)
+    prev = layers[i - 1]
+    y, vec = saved[i - 1]
+    return Side(y, 1, prev.act, prev.slope, vec=vec) if prev.bn is not None else Side(y)
+
+
+def forward(x, layers, *, keep):
+    """(out, saved): the chain's channels-last output and, per layer, (stored tensor, vec or None).
+    BN running stats and num_batches_tracked are updated in place. ``keep``: whether the caller
+    keeps ``saved`` for backward (the stored tensors exist anyway: each is the next GEMM's input)."""
+    x = channels_last(x)
+    saved = []
+    try:
+        for i, layer in enumerate(layers):
+            a = _input_side(x, layers, i, saved)
+            out_hw = layer.out_hw(x.shape[2:] if i == 0 else saved[i - 1][0].shape[2:])
+            y = empty_nhwc(x.shape[0], layer.c_out(), out_hw, x)
+            geo = dict(transposed=layer.transposed, stride=layer.stride, padding=layer.padding,
+                       out_hw=out_hw)
+            weight_view = pack_weight(layer.weight, layer.transposed)
+            if layer.bn is None:
+                chain_conv(a, weight_view, tuple(layer.weight.shape[2:]), **geo,
+                           out=Side(y, 0, layer.act, layer.slope))
+                saved.append((y, None))
+                continue
+            bn = layer.bn
+            vec = torch.empty((len(VEC_ROWS), y.shape[1]), device=x.device, dtype=torch.float32)
+            chain_conv(a, weight_view, tuple(layer.weight.shape[2:]), **geo,
+                       out=Side(y, 1, vec=vec), momentum=bn.momentum, eps=bn.eps,
+                       bn=(bn.gamma, bn.beta, bn.running_mean, bn.running_var,
+                           bn.num_batches_tracked))
+            saved.append((y, vec))
+    except BaseException:
+        reset_counters(x.device)
+        raise
+    last, (y, vec) = layers[-1], saved[-1]
+    out = y if last.bn is None else bn_act.apply(y, vec[ROW["scale"]:ROW["shift"] + 1], last.activation,
+                                                last.slope)
+    return out, (saved if keep else None)
+
+
+# A chain's first layer is recomputed in backward rather than kept when its input has at most this
+# many channels (a DCGAN's image or noise input): its GEMM is then a small fraction of the chain's
+# work, and its output is one of the largest tensors (D's first layer: half of what eager D saves).
+RECOMPUTE_MAX_CHANNELS = 128
+
+
+def recomputes_first(layers, x) -> bool:
+    """Whether :func:`backward` recomputes the first layer's stored tensor from x (so the caller
+    need not keep it): see RECOMPUTE_MAX_CHANNELS."""
+    return x.shape[1] <= RECOMPUTE_MAX_CHANNELS and len(layers) > 1
+
+
+def _recompute_first(x, layer):
+    """The first layer's stored tensor again (y, or its activation's output without BN): the same
+    GEMM as the forward's, so the same bits, with a plain epilogue."""
+    out_hw = layer.out_hw(x.shape[2:])
+    y = empty_nhwc(x.shape[0], layer.c_out(), out_hw, x)
+    chain_conv(Side(x), pack_weight(layer.weight, layer.transposed), tuple(layer.weight.shape[2:]),
+               transposed=layer.transposed, stride=layer.stride, padding=layer.padding,
+               out_hw=out_hw, out=Side(y, 0, layer.act if layer.bn is None else 0, layer.slope))
+    return y
+
+
+def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn):
+    """(dx, [dW], [(dgamma, dbeta)]): the gradients of the chain given ``grad_out`` (any strides),
+    each None unless asked for (``need_weight``, ``need_bn``: per layer). ``x``: the input as
+    :func:`forward` read it (channels-last); ``saved``: :func:`forward`'s, where the first stored
+    tensor may be None when :func:`recomputes_first`."""
+    grad_out = channels_last(grad_out)
+    if saved[0][0] is None:  # not kept: recomputes_first
+        saved = [(_recompute_first(x, layers[0]), saved[0][1]), *saved[1:]]
+    last = layers[-1]
+    y, vec = saved[-1]
+    if last.bn is not None:  # no consumer closed the last layer's reductions: bn_act's launches
+        dgamma, dbeta, _, coef = bn_act.grad_reductions(
+            grad_out, y, (vec[ROW["mean"]], vec[ROW["invstd"]], last.bn.gamma, last.bn.beta), last.activation, last.slope,
+            training=True, has_bias=False)
+        vec[ROW["coef0"]:ROW["coef1"] + 1].copy_(coef)
+        vec[ROW["dgamma"]].copy_(dgamma)
+        vec[ROW["dbeta"]].copy_(dbeta)
+        grad = Side(grad_out, 2, last.act, last.slope, y=y, vec=vec)
+    else:
+        grad = Side(grad_out, 3 if last.act else 0, last.act, last.slope, y=y)
+    dx, dws = None, [None] * len(layers)
+    try:
+        for i in reversed(range(len(layers))):
+            layer = layers[i]
+            kernel = tuple(layer.weight.shape[2:])
+            if i > 0 or need_x:
+                prev = layers[i - 1] if i > 0 else None
+                in_hw = (saved[i - 1][0] if i > 0 else x).shape[2:]
+                da = empty_nhwc(grad.tensor.shape[0], (saved[i - 1][0] if i > 0 else x).shape[1],
+                                in_hw, grad.tensor)
+                if prev is None:
+                    out = Side(da)
+                elif prev.bn is not None:
+                    out = Side(da, 2, prev.act, prev.slope, y=saved[i - 1][0], vec=saved[i - 1][1])
+                else:
+                    out = Side(da, 3 if prev.act else 0, prev.act, prev.slope, y=saved[i - 1][0])
+                chain_conv(grad, swap_kn(pack_weight(layer.weight, layer.transposed)), kernel,
+                           transposed=not layer.transposed, stride=layer.stride,
+                           padding=layer.padding, out_hw=tuple(in_hw), out=out)
+            if need_weight[i]:
+                dws[i] = torch.empty_like(layer.weight)
+                inp = _input_side(x, layers, i, saved)
+                sides = (grad, inp) if layer.transposed else (inp, grad)
+                chain_weight_grad(*sides, dws[i], kernel, layer.stride, layer.padding)
+            if i > 0:
+                grad = Side(da, out.mode if out.mode == 2 else 0, out.act, out.slope, y=out.y,
+                            vec=out.vec)
+            else:
+                dx = da if need_x else None
+    except BaseException:
+        reset_counters(x.device)
+        raise
+    dbn = [((v[ROW["dgamma"]], v[ROW["dbeta"]]) if need and v is not None else None)
+           for (_, v), need in zip(saved, need_bn)]
+    return dx, dws, dbn
