@@ -265,8 +265,8 @@ def _conv_bn_act_graph(x, weight, bias, bn_weight, bn_bias, mean, invstd, layer)
 class _ConvBNAct(torch.autograd.Function):
     """Autograd binding of the Triton kernels. Saves x (as given, and as the kernels read it when
     that is a copy), the weight, y (the conv output before BN; the output itself without BN, nothing
-    without an activation either) and the per-channel mean and invstd, nothing larger: xhat and the activation's input are
-    recomputed in backward. Under ``create_graph=True`` the backward is PyTorch's, so it can be
+    without an activation either) and BN's per-channel vec (mean, invstd, scale, shift), nothing
+    larger: xhat and the activation's input are recomputed in backward. Under ``create_graph=True`` the backward is PyTorch's, so it can be
     differentiated again."""
 
     @staticmethod
@@ -285,7 +285,8 @@ class _ConvBNAct(torch.autograd.Function):
         x, weight, bias, bn_weight, bn_bias, *saved = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True
-            mean, invstd = saved[-2:]
+            vec = saved[-1]  # None without BN
+            mean, invstd = (vec[0], vec[1]) if vec is not None else (None, None)
             grads = _differentiable_grads(
                 lambda *inputs: _conv_bn_act_graph(*inputs, mean, invstd, ctx.layer),
                 (x, weight, bias, bn_weight, bn_bias), need[:5], grad_out)

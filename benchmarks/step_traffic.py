@@ -76,9 +76,9 @@ def triton_traffic(execute=True):
     running them."""
     from triton.runtime.autotuner import Autotuner
 
-    from aigc_fast.kernels import conv_gemm
+    from aigc_fast.kernels import bn_act
 
-    kernel_class = type(conv_gemm._sum_splits_kernel)  # JITFunction, or InterpretedFunction
+    kernel_class = type(bn_act._apply_kernel)  # JITFunction, or InterpretedFunction
     real_run, real_tuned_run = kernel_class.run, Autotuner.run
     found = {"launches": collections.Counter(), "bytes": collections.Counter()}
 

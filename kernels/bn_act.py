@@ -18,6 +18,39 @@ from ._config import pow2_block
 # activation codes of the ``ACT`` constexpr
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3}
 
+# A BN layer's per-channel numbers, one float32 (8, C) "vec" that its neighbours' kernels read:
+# the forward writes MEAN, INVSTD, SCALE, SHIFT (and, in eval, zero COEF rows: the statistics are
+# constants there); the backward's reductions write COEF0, COEF1 (dy's coefficients), DGAMMA, DBETA.
+VEC_ROWS = ("mean", "invstd", "scale", "shift", "coef0", "coef1", "dgamma", "dbeta")
+ROW = {name: i for i, name in enumerate(VEC_ROWS)}  # the rows' indices, for the launchers
+# the same, for the kernels (which read only constexpr globals)
+MEAN, INVSTD, SCALE, SHIFT, COEF0, COEF1, DGAMMA, DBETA = map(tl.constexpr, range(len(VEC_ROWS)))
+
+
+def new_vec(c, device):
+    """An (8, c) float32 vec (rows: VEC_ROWS), written by the kernels."""
+    return torch.empty((len(VEC_ROWS), c), device=device, dtype=torch.float32)
+
+
+class Side:
+    """A GEMM operand (or output) and what a kernel does to it in its load (or epilogue), in the
+    terms of :func:`chain_operand`: ``mode``, the layer's activation code ``act`` and ``slope``, and
+    the layer's saved y (mode 2) or output (mode 3) ``y`` and ``vec``; placeholders where unused."""
+
+    def __init__(self, tensor, mode=0, act=0, slope=0.0, y=None, vec=None):
+        self.tensor, self.mode, self.act, self.slope = tensor, mode, act, slope
+        self.y = y if y is not None else tensor
+        self.vec = vec if vec is not None else tensor
+
+
+def grad_side(grad, y, vec, activation, slope):
+    """The output gradient ``grad`` of a layer act(bn(y)) as the operand that loads as dy: mode 2
+    with BN (``vec`` given), 3 (y is then the layer's output) with only an activation, else 0."""
+    act = ACTIVATIONS[activation]
+    if vec is not None:
+        return Side(grad, 2, act, slope, y=y, vec=vec)
+    return Side(grad, 3, act, slope, y=y) if act else Side(grad)
+
 
 @triton.jit
 def activate(z, ACT: tl.constexpr, slope):
@@ -42,6 +75,36 @@ def activate_grad_from_out(out, g, ACT: tl.constexpr, slope):
     if ACT == 3:
         return g * (1.0 - out * out)
     return activate_grad(out, g, ACT, slope)
+
+
+@triton.jit
+def chain_operand(v, MODE: tl.constexpr, ACT: tl.constexpr, slope, y_ptr, y_offs, vec_ptr, C, c,
+                  c_ok, ok):
+    """A float32 [pixels, channels ``c``] operand tile ``v`` as a GEMM uses it, given its layer's
+    activation and (``vec_ptr``, its (8, C) vec) BN: MODE 0 as it is; 1 act(v*scale+shift), the
+    forward prologue (v is the layer's y); 2 the backward of a BN layer whose output gradient is v,
+    dy = scale*dz + coef0 + coef1*xhat, dz = act'(z)*v with z recomputed from y (at ``y_ptr +
+    y_offs``) exactly as the forward computed it; 3 the backward of a layer without BN, act'(out)*v
+    (its output at ``y_ptr + y_offs``). 0 outside ``ok`` (padding)."""
+    if MODE == 1:
+        scale = tl.load(vec_ptr + SCALE * C + c, mask=c_ok, other=0.0)
+        shift = tl.load(vec_ptr + SHIFT * C + c, mask=c_ok, other=0.0)
+        v = activate(v * scale[None, :] + shift[None, :], ACT, slope)
+    elif MODE == 2:
+        y = tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.load(vec_ptr + MEAN * C + c, mask=c_ok, other=0.0)
+        invstd = tl.load(vec_ptr + INVSTD * C + c, mask=c_ok, other=0.0)
+        scale = tl.load(vec_ptr + SCALE * C + c, mask=c_ok, other=0.0)
+        shift = tl.load(vec_ptr + SHIFT * C + c, mask=c_ok, other=0.0)
+        dz = activate_grad(y * scale[None, :] + shift[None, :], v, ACT, slope)
+        v = scale[None, :] * dz
+        v += (tl.load(vec_ptr + COEF0 * C + c, mask=c_ok, other=0.0)[None, :]
+              + tl.load(vec_ptr + COEF1 * C + c, mask=c_ok, other=0.0)[None, :]
+              * ((y - mean[None, :]) * invstd[None, :]))
+    elif MODE == 3:
+        out = tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
+        v = activate_grad_from_out(out, v, ACT, slope)
+    return tl.where(ok, v, 0.0)
 
 
 @triton.jit
@@ -192,22 +255,6 @@ def bn_act_grad(g, y_ptr, y_offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr, 
 
 
 @triton.jit
-def input_grad_prologue(g, y_ptr, y_offs, ok, c, c_ok, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-                        coef_ptr, slope, ACT: tl.constexpr, AFFINE: tl.constexpr,
-                        TRAINING: tl.constexpr):
-    """dy = scale * dz (+ coef0 + coef1 * xhat in training) for a [pixels, channels] tile of the
-    output gradient g: what the input- and weight-gradient GEMMs load in place of a stored dy (the
-    BN and activation backward in their operand prologue). 0 outside ``ok`` (padding)."""
-    dz, xhat, scale = bn_act_grad(g, y_ptr, y_offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr,
-                                  beta_ptr, slope, ACT, AFFINE)
-    dy = scale[None, :] * dz
-    if TRAINING:
-        dy += (tl.load(coef_ptr + c, mask=c_ok, other=0.0)[None, :]
-               + tl.load(coef_ptr + C + c, mask=c_ok, other=0.0)[None, :] * xhat)
-    return tl.where(ok, dy, 0.0)
-
-
-@triton.jit
 def _grad_partials_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, part_ptr,
                           M, C, OHW, OW, sgn, sgh, sgw, sgc, slope, ACT: tl.constexpr,
                           AFFINE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -286,27 +333,24 @@ def _tiles(m: int, c: int):
 
 
 def finalize_stats(partials, gamma, beta, bias, running_mean, running_var, momentum, eps, count):
-    """Float32 mean and invstd (C,) and the affine map (2, C) = (scale, shift) from the partials a
-    producer's epilogue wrote: float32 (3, T, C), per tile and channel the count, the mean and M2
-    (sum of squared deviations from that mean) of its values; ``count`` values per channel in all.
-    Updates the running stats in place when they are given (``bias`` is added to the batch mean
-    there). ``momentum``: a float or a 0-dim tensor, read on the device."""
+    """A vec (rows MEAN, INVSTD, SCALE, SHIFT written) from the partials a producer's epilogue
+    wrote: float32 (3, T, C), per tile and channel the count, the mean and M2 (sum of squared
+    deviations from that mean) of its values; ``count`` values per channel in all. Updates the
+    running stats in place when they are given (``bias`` is added to the batch mean there).
+    ``momentum``: a float or a 0-dim tensor, read on the device."""
     _, tiles, c = partials.shape
-    dev = partials.device
-    mean = torch.empty(c, device=dev, dtype=torch.float32)
-    invstd = torch.empty_like(mean)
-    affine = torch.empty((2, c), device=dev, dtype=torch.float32)
+    vec = new_vec(c, partials.device)
     from_ptr = isinstance(momentum, torch.Tensor)
     block_c = _channel_block(c)
     _bn_finalize_kernel[(triton.cdiv(c, block_c),)](
-        partials, tiles, c, gamma, beta, bias if bias is not None else mean,
-        running_mean if running_mean is not None else mean,
-        running_var if running_var is not None else mean,
-        momentum if from_ptr else mean, 0.0 if from_ptr else float(momentum),
-        count / (count - 1), eps, mean, invstd, affine,
+        partials, tiles, c, gamma, beta, bias if bias is not None else vec,
+        running_mean if running_mean is not None else vec,
+        running_var if running_var is not None else vec,
+        momentum if from_ptr else vec, 0.0 if from_ptr else float(momentum),
+        count / (count - 1), eps, vec[ROW["mean"]], vec[ROW["invstd"]], vec[ROW["scale"]:],
         HAS_BIAS=bias is not None, UPDATE_RUNNING=running_mean is not None,
         MOMENTUM_FROM_PTR=from_ptr, BLOCK_T=_PARTIAL_ROWS, BLOCK_C=block_c)
-    return mean, invstd, affine
+    return vec
 
 
 def apply(y, affine, activation, slope):
@@ -320,41 +364,30 @@ def apply(y, affine, activation, slope):
     return out
 
 
-def grad_reductions(grad_out, y, bn, activation, slope, training, has_bias):
-    """The per-channel sums of the backward of act(bn(y)) given grad_out: (dgamma, dbeta, dbias,
-    coef), float32 (C,) each (dgamma, dbeta None without BN; dbias None unless ``has_bias``) and
-    ``coef`` (2, C), the coefficients of dy = scale * dz + coef0 + coef1 * xhat in training.
-    ``bn``: (mean, invstd, gamma, beta), the statistics the forward normalised with and BN's
-    parameters, or None for a layer without BN (then y is the output of act, or None without one)."""
+def grad_reductions(grad_out, y, vec, bn_params, activation, slope, training, has_bias):
+    """The per-channel sums of the backward of act(bn(y)) given grad_out, into ``vec`` (its COEF
+    rows in training, the coefficients of dy = scale * dz + coef0 + coef1 * xhat, and DGAMMA,
+    DBETA); returns (dgamma, dbeta, dbias), float32 (C,) each (dgamma, dbeta None without BN; dbias
+    None unless ``has_bias``). ``vec``: the vec the forward wrote, and ``bn_params`` (gamma, beta),
+    or both None for a layer without BN (then y is the output of act, or None without one)."""
     n, c, h, w = grad_out.shape
     m = n * h * w
     dev = grad_out.device
-    affine = bn is not None
+    affine = vec is not None
     y = y if y is not None else grad_out  # placeholder, never read
-    mean, invstd, gamma, beta = bn if affine else (y,) * 4  # placeholders, never read
+    sums = new_vec(c, dev) if not affine else vec  # without BN only the dbias row is meaningful
+    gamma, beta = bn_params if affine else (sums, sums)  # placeholders, never read
+    dbias = torch.empty(c, device=dev, dtype=torch.float32) if has_bias else sums
     block_p, block_c, grid = _tiles(m, c)
-    sums = torch.empty((5, c), device=dev, dtype=torch.float32)  # dgamma, dbeta, dbias, coef0, coef1
     partials = torch.empty((2, grid[0], c), device=dev, dtype=torch.float32)
-    _grad_partials_kernel[grid](grad_out, y, mean, invstd, gamma, beta, partials, m, c, h * w, w,
+    _grad_partials_kernel[grid](grad_out, y, sums[ROW["mean"]], sums[ROW["invstd"]], gamma, beta,
+                                partials, m, c, h * w, w,
                                 *(grad_out.stride(i) for i in (0, 2, 3, 1)), slope,
                                 ACT=ACTIVATIONS[activation], AFFINE=affine, BLOCK_P=block_p,
                                 BLOCK_C=block_c)
     _grad_finish_kernel[(triton.cdiv(c, block_c),)](
-        partials, grid[0], c, gamma, invstd, 1.0 / m, sums[0], sums[1], sums[2], sums[3:],
-        TRAINING=training and affine, HAS_BIAS=has_bias, AFFINE=affine,
-        BLOCK_T=_PARTIAL_ROWS, BLOCK_C=block_c)
-    return (sums[0] if affine else None, sums[1] if affine else None,
-            sums[2] if has_bias else None, sums[3:])
-
-
-def prologue_args(y, bn, coef, activation, slope, training):
-    """What a GEMM needs to load dy = (the backward of act(bn(y)))(g) through
-    :func:`input_grad_prologue`: its tensors (y, mean, invstd, gamma, beta, coef; placeholders where
-    unused) and constexprs; None when dy is g itself (no BN, no activation)."""
-    affine = bn is not None
-    if not affine and activation is None:
-        return None
-    mean, invstd, gamma, beta = bn if affine else (y,) * 4  # placeholders, never read
-    return dict(tensors=(y, mean, invstd, gamma, beta, coef if coef is not None else y),
-                slope=slope, PRO_ACT=ACTIVATIONS[activation], PRO_AFFINE=affine,
-                PRO_TRAINING=training and affine)
+        partials, grid[0], c, gamma, sums[ROW["invstd"]], 1.0 / m, sums[ROW["dgamma"]],
+        sums[ROW["dbeta"]], dbias, sums[ROW["coef0"]:], TRAINING=training and affine,
+        HAS_BIAS=has_bias, AFFINE=affine, BLOCK_T=_PARTIAL_ROWS, BLOCK_C=block_c)
+    return (vec[ROW["dgamma"]] if affine else None, vec[ROW["dbeta"]] if affine else None,
+            dbias if has_bias else None)

@@ -19,8 +19,10 @@ from typing import Optional, Tuple
 import torch
 
 from . import bn_act
-from .chain_gemm import ROW, VEC_ROWS, Side, chain_conv, chain_weight_grad, reset_counters
-from .conv_gemm import channels_last, empty_nhwc, output_size, pack_weight, swap_kn
+from .bn_act import ROW, Side, new_vec
+from .chain_gemm import chain_conv
+from .conv_gemm import (channels_last, conv2d_weight_grad, empty_nhwc, output_size, pack_weight,
+                        reset_counters, swap_kn)
 
 
 @dataclass
@@ -92,7 +94,7 @@ def forward(x, layers, *, keep):
                 saved.append((y, None))
                 continue
             bn = layer.bn
-            vec = torch.empty((len(VEC_ROWS), y.shape[1]), device=x.device, dtype=torch.float32)
+            vec = new_vec(y.shape[1], x.device)
             chain_conv(a, weight_view, tuple(layer.weight.shape[2:]), **geo,
                        out=Side(y, 1, vec=vec), momentum=bn.momentum, eps=bn.eps,
                        bn=(bn.gamma, bn.beta, bn.running_mean, bn.running_var,
@@ -102,8 +104,8 @@ def forward(x, layers, *, keep):
         reset_counters(x.device)
         raise
     last, (y, vec) = layers[-1], saved[-1]
-    out = y if last.bn is None else bn_act.apply(y, vec[ROW["scale"]:ROW["shift"] + 1], last.activation,
-                                                last.slope)
+    out = y if last.bn is None else bn_act.apply(y, vec[ROW["scale"]:ROW["shift"] + 1],
+                                                 last.activation, last.slope)
     return out, (saved if keep else None)
 
 
@@ -141,12 +143,8 @@ def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn):
     last = layers[-1]
     y, vec = saved[-1]
     if last.bn is not None:  # no consumer closed the last layer's reductions: bn_act's launches
-        dgamma, dbeta, _, coef = bn_act.grad_reductions(
-            grad_out, y, (vec[ROW["mean"]], vec[ROW["invstd"]], last.bn.gamma, last.bn.beta), last.activation, last.slope,
-            training=True, has_bias=False)
-        vec[ROW["coef0"]:ROW["coef1"] + 1].copy_(coef)
-        vec[ROW["dgamma"]].copy_(dgamma)
-        vec[ROW["dbeta"]].copy_(dbeta)
+        bn_act.grad_reductions(grad_out, y, vec, (last.bn.gamma, last.bn.beta), last.activation,
+                               last.slope, training=True, has_bias=False)
         grad = Side(grad_out, 2, last.act, last.slope, y=y, vec=vec)
     else:
         grad = Side(grad_out, 3 if last.act else 0, last.act, last.slope, y=y)
@@ -173,7 +171,7 @@ def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn):
                 dws[i] = torch.empty_like(layer.weight)
                 inp = _input_side(x, layers, i, saved)
                 sides = (grad, inp) if layer.transposed else (inp, grad)
-                chain_weight_grad(*sides, dws[i], kernel, layer.stride, layer.padding)
+                conv2d_weight_grad(*sides, kernel, layer.stride, layer.padding, out=dws[i])
             if i > 0:
                 grad = Side(da, out.mode if out.mode == 2 else 0, out.act, out.slope, y=out.y,
                             vec=out.vec)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ._config import dot_precision, gemm_tuning, multiprocessor_count, pow2_block
-from .bn_act import activate, input_grad_prologue, scale_shift
+from .bn_act import (COEF0, COEF1, INVSTD, MEAN, SCALE, SHIFT, Side, activate, chain_operand,
+                     scale_shift)
 
 # BLOCK_M is set by the launcher, not tuned: the statistics partials have one row per row tile.
 # Configs (block sizes, num_warps, num_stages) per product kind: every one built spill-free for
@@ -36,8 +37,8 @@ _CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
                            interpreter_blocks=(32, 16))
 _WEIGHT_GRAD_TUNING = gemm_tuning(
     ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    tensor_cores=[(128, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
-    exact=[(128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (64, 32, 16, 4, 2)],
+    tensor_cores=[(128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
+    exact=[(64, 64, 16, 8, 3), (64, 32, 16, 8, 2)],
     interpreter_blocks=(32, 32, 32))
 
 
@@ -115,29 +116,27 @@ def out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH: tl.constexpr, SW: tl.constexpr,
 
 @triton.autotune(**_CONV_TUNING,
                  key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "STATS",
-                      "AFFINE", "PROLOGUE", "DOT_PRECISION"])
+                      "AFFINE", "A_MODE", "DOT_PRECISION"])
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
-                 bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr,
-                 N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, eps, slope,
+                 bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, vec_ptr, ay_ptr, avec_ptr,
+                 N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, eps, slope, a_slope,
                  sxn, sxh, sxw, sxc, swh, sww, swk, swn,
                  KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                  TRANSPOSED: tl.constexpr, STATS: tl.constexpr, AFFINE: tl.constexpr,
                  WRITE_Y: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                 PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_TRAINING: tl.constexpr,
-                 PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 A_MODE: tl.constexpr, A_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n, oh, ow, co] = sum over taps and ci of x[n, ih, iw, ci] * w[kh, kw, ci, co], where
+    """y[n, oh, ow, co] = sum over taps and ci of A[n, ih, iw, ci] * w[kh, kw, ci, co], where
     ih = oh*SH - PAD_H + kh (Conv2d), or oh = ih*SH - PAD_H + kh (TRANSPOSED, phase-decomposed:
     :func:`gemm_rows`). w's strides: per kh, per kw, per ci and per co (one of the last two is 1, see
-    :func:`pack_weight`).
+    :func:`pack_weight`). A is x loaded through bn_act.chain_operand(A_MODE) (input gradients: x is
+    the output gradient of a layer act(bn(y)) and A its dy; ``ay_ptr``/``avec_ptr``: that layer's
+    y or output and vec).
     Epilogues: STATS writes y and this row tile's (count, mean, M2) per channel into
     part[:, pid_m, :]; AFFINE writes act(y*scale+shift) with BN's running stats (and, with WRITE_Y,
-    y and the mean/invstd backward needs); otherwise out = act(y + bias).
-    PROLOGUE (input gradients, whose epilogue is plain): x is the output gradient g of a layer
-    act(bn(y)), and the A operand is its backward dy (:func:`input_grad_prologue`), reading that
-    layer's y, mean, invstd, gamma, beta through the same-named pointers, its dy coefficients
-    through part_ptr and its slope through slope."""
+    y and the vec backward reads: mean, invstd, scale, shift and zero coefficients); otherwise
+    out = act(y + bias)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     row_ok, n, qh, qw, ph, pw, taps_h, taps_w = gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH,
@@ -154,12 +153,11 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
         x_rows = x_ptr + n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         a_ok = ok[:, None] & ci_ok[None, :]
         a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=a_ok, other=0.0)
-        if PROLOGUE:
+        if A_MODE != 0:
             pix = (n * H + ih) * W + iw
-            a = input_grad_prologue(
-                a.to(tl.float32), y_ptr, pix[:, None] * C_in + ci[None, :], a_ok, ci, ci_ok, C_in,
-                mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, part_ptr, slope, PRO_ACT, PRO_AFFINE,
-                PRO_TRAINING).to(x_ptr.dtype.element_ty)
+            a = chain_operand(a.to(tl.float32), A_MODE, A_ACT, a_slope, ay_ptr,
+                              pix[:, None] * C_in + ci[None, :], avec_ptr, C_in, ci, ci_ok,
+                              a_ok).to(x_ptr.dtype.element_ty)
         w_tap = w_ptr + kh * swh + kw * sww
         b = tl.load(w_tap + ci[:, None] * swk + co[None, :] * swn,
                     mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
@@ -193,82 +191,15 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
         if WRITE_Y:
             tl.store(y_ptr + y_offs, y, mask=ok2)
             if pid_m == 0:
-                tl.store(mean_ptr + co, mean, mask=co_ok)
-                tl.store(invstd_ptr + co, invstd, mask=co_ok)
+                tl.store(vec_ptr + MEAN * C_out + co, mean, mask=co_ok)
+                tl.store(vec_ptr + INVSTD * C_out + co, invstd, mask=co_ok)
+                tl.store(vec_ptr + SCALE * C_out + co, scale, mask=co_ok)
+                tl.store(vec_ptr + SHIFT * C_out + co, shift, mask=co_ok)
+                zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                tl.store(vec_ptr + COEF0 * C_out + co, zero, mask=co_ok)
+                tl.store(vec_ptr + COEF1 * C_out + co, zero, mask=co_ok)
     else:
         tl.store(out_ptr + y_offs, activate(y, ACT, slope), mask=ok2)
-
-
-@triton.autotune(**_WEIGHT_GRAD_TUNING,
-                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT", "PROLOGUE",
-                      "DOT_PRECISION"])
-@triton.jit
-def _weight_grad_kernel(x_ptr, g_ptr, part_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-                        coef_ptr, N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT, slope,
-                        sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc,
-                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                        PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, PRO_TRAINING: tl.constexpr,
-                        PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """part[split, co, ci, kh, kw] = sum over the split's output pixels p = (n, oh, ow) of
-    g[n, oh, ow, co] * x[n, oh*SH-PAD_H+kh, ow*SW-PAD_W+kw, ci] (Conv2d geometry): one GEMM per tap,
-    K = pixels; both operand tiles are rows of contiguous channels. PROLOGUE 1 (2): the g (x)
-    operand is the output gradient of a layer act(bn(y)) and is loaded as its backward dy
-    (:func:`input_grad_prologue`, from that layer's y, mean, invstd, gamma, beta and coef)."""
-    pid_mn = tl.program_id(0)
-    tap = tl.program_id(1)
-    split = tl.program_id(2)
-    num_m = tl.cdiv(C_out, BLOCK_M)
-    co = (pid_mn % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ci = (pid_mn // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co < C_out
-    ci_ok = ci < C_in
-    kh = tap // KW
-    kw = tap % KW
-    p_start = split * PIXELS_PER_SPLIT
-    p_end = tl.minimum(p_start + PIXELS_PER_SPLIT, N * OH * OW)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(p_start, p_end, BLOCK_K):
-        p = p0 + tl.arange(0, BLOCK_K)
-        p_ok = p < p_end
-        ow = p % OW
-        oh = (p // OW) % OH
-        n = (p // (OW * OH)).to(tl.int64)
-        ih = oh * SH - PAD_H + kh
-        iw = ow * SW - PAD_W + kw
-        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        g_pix = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-        x_pix = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        g_ok = p_ok[:, None] & co_ok[None, :]
-        g = tl.load(g_ptr + g_pix[:, None] + co[None, :] * sgc, mask=g_ok, other=0.0)
-        b_ok = x_ok[:, None] & ci_ok[None, :]
-        b = tl.load(x_ptr + x_pix[:, None] + ci[None, :] * sxc, mask=b_ok, other=0.0)
-        if PROLOGUE == 1:
-            g = input_grad_prologue(
-                g.to(tl.float32), y_ptr, p.to(tl.int64)[:, None] * C_out + co[None, :], g_ok, co,
-                co_ok, C_out, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, coef_ptr, slope, PRO_ACT,
-                PRO_AFFINE, PRO_TRAINING).to(g_ptr.dtype.element_ty)
-        elif PROLOGUE == 2:
-            pix = (n * H + ih) * W + iw
-            b = input_grad_prologue(
-                b.to(tl.float32), y_ptr, pix[:, None] * C_in + ci[None, :], b_ok, ci, ci_ok, C_in,
-                mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, coef_ptr, slope, PRO_ACT, PRO_AFFINE,
-                PRO_TRAINING).to(x_ptr.dtype.element_ty)
-        acc = tl.dot(tl.trans(g), b, acc, input_precision=DOT_PRECISION)
-    taps = KH * KW
-    offs = ((split * C_out + co.to(tl.int64))[:, None] * C_in + ci[None, :]) * taps + tap
-    tl.store(part_ptr + offs, acc, mask=co_ok[:, None] & ci_ok[None, :])
-
-
-@triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS, BLOCK: tl.constexpr):
-    """out = sum over s of part[s], added in the order s = 0, 1, ...: the same bits every run."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + offs, acc, mask=ok)
 
 
 def _check_rows(count: int, what: str):
@@ -323,23 +254,17 @@ def row_tiling(n, out_hw, stride, transposed):
     return block_m, triton.cdiv(rows, block_m), phases
 
 
-_NO_PROLOGUE = dict(PRO_ACT=0, PRO_AFFINE=False, PRO_TRAINING=False)
-
-
-def _prologue_constexprs(prologue):
-    return {k: prologue[k] for k in _NO_PROLOGUE} if prologue is not None else _NO_PROLOGUE
-
-
 def conv(x, packed, kernel, *, transposed, stride, padding, out_hw, out=None, y=None, partials=None,
-         bias=None, bn=(None,) * 4, stats=(None, None), eps=0.0, activation=0, slope=0.0,
-         prologue=None):
+         bias=None, bn=(None,) * 4, vec=None, eps=0.0, activation=0, slope=0.0):
     """One launch of the core into ``out`` / ``y`` / ``partials`` (channels-last (N, C, OH, OW)
     tensors and the float32 (3, tiles, C) partials; unused ones None): with ``partials`` the STATS
-    epilogue, with ``bn`` = (gamma, beta, running_mean, running_var) the AFFINE one (``stats``:
-    mean/invstd outputs, with ``y``), else out = act(y + bias). ``x``: NHWC-strided, ``packed``: a
-    ``[kH, kW, C_in, C_out]`` operand of :func:`pack_weight` or :func:`swap_kn`, its taps
-    contiguous blocks; ``activation``: an ACT code. ``prologue`` (input gradients, with ``out``
-    only): x is an output gradient loaded as its layer's backward (bn_act.prologue_args)."""
+    epilogue, with ``bn`` = (gamma, beta, running_mean, running_var) the AFFINE one (``vec``: the
+    vec it writes, with ``y``), else out = act(y + bias). ``x``: an NHWC-strided tensor, or a
+    bn_act.Side whose mode transforms it in the load (input gradients); ``packed``: a
+    ``[kH, kW, C_in, C_out]`` operand of :func:`pack_weight` or :func:`swap_kn`; ``activation``: an
+    ACT code."""
+    a = x if isinstance(x, Side) else Side(x)
+    x = a.tensor
     n, c_in, h, w = x.shape
     c_out = packed.shape[3]
     (sh, sw), (pad_h, pad_w) = stride, padding
@@ -347,21 +272,14 @@ def conv(x, packed, kernel, *, transposed, stride, padding, out_hw, out=None, y=
     any_buf = next(t for t in (out, y) if t is not None)
     fill = lambda t: t if t is not None else any_buf  # noqa: E731 (placeholders for unused pointers)
     grid = lambda meta: (phases * tiles, triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
-    pointers = (fill(y), fill(out), fill(partials), fill(bias), *map(fill, bn), *map(fill, stats))
-    if prologue is not None:  # the pointers a plain epilogue leaves unused carry the prologue's
-        pro_y, pro_mean, pro_invstd, pro_gamma, pro_beta, pro_coef = prologue["tensors"]
-        pointers = (pro_y, out, pro_coef, fill(bias), pro_gamma, pro_beta, out, out, pro_mean,
-                    pro_invstd)
-        slope = prologue["slope"]
     _conv_kernel[grid](
-        x, packed, *pointers,
-        n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles, eps, slope, *_nhwc_strides(x),
-        *packed.stride(),
+        x, packed, fill(y), fill(out), fill(partials), fill(bias), *map(fill, bn), fill(vec), a.y,
+        a.vec, n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles, eps, slope, a.slope,
+        *_nhwc_strides(x), *packed.stride(),
         KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed, STATS=partials is not None,
         AFFINE=bn[0] is not None, WRITE_Y=y is not None and partials is None,
-        HAS_BIAS=bias is not None, ACT=activation, PROLOGUE=prologue is not None,
-        **_prologue_constexprs(prologue), DOT_PRECISION=dot_precision(x.dtype, x.device),
-        BLOCK_M=block_m)
+        HAS_BIAS=bias is not None, ACT=activation, A_MODE=a.mode, A_ACT=a.act,
+        DOT_PRECISION=dot_precision(x.dtype, x.device), BLOCK_M=block_m)
 
 
 def empty_nhwc(n, c, hw, like):
@@ -370,13 +288,15 @@ def empty_nhwc(n, c, hw, like):
                        memory_format=torch.channels_last)
 
 
-def input_grad(grad, packed, *, transposed, stride, padding, in_hw, prologue=None):
+def input_grad(grad, packed, *, transposed, stride, padding, in_hw):
     """The input gradient of a Conv2d (``transposed=False``) or ConvTranspose2d whose forward read
-    the operand ``packed``, given the (NHWC-strided) gradient ``grad`` of its output (of its BN and
-    activation's output with ``prologue``): the other direction's forward, on the same operand."""
-    dx = empty_nhwc(grad.shape[0], packed.shape[2], in_hw, grad)
-    conv(grad, swap_kn(packed), tuple(packed.shape[:2]), transposed=not transposed, stride=stride,
-         padding=padding, out_hw=tuple(in_hw), out=dx, prologue=prologue)
+    the operand ``packed``, given the (NHWC-strided) gradient of its output, or a bn_act.Side that
+    loads as it (the output gradient of its BN and activation): the other direction's forward, on
+    the same operand."""
+    g = grad if isinstance(grad, Side) else Side(grad)
+    dx = empty_nhwc(g.tensor.shape[0], packed.shape[2], in_hw, g.tensor)
+    conv(g, swap_kn(packed), tuple(packed.shape[:2]), transposed=not transposed, stride=stride,
+         padding=padding, out_hw=tuple(in_hw), out=dx)
     return dx
 
 
@@ -388,38 +308,150 @@ def _split_count(pixels: int, tiles: int, operands: int, weights: int, device: t
     return max(1, min(wanted, pixels // 512, operands // weights))
 
 
-def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, prologue=None,
-                       prologue_operand=0):
-    """The gradient of ``F.conv2d(x, w, None, stride, padding)`` w.r.t. w, given ``grad_out`` (both
-    NHWC-strided): shape (C_out, C_in, kH, kW), contiguous, in x's dtype. The pixel sum is split into
-    ``splits`` contiguous ranges (default: a heuristic) whose float32 partials are added in a fixed
-    order. A ConvTranspose2d's weight gradient is this with x and grad_out swapped. With
-    ``prologue`` (bn_act.prologue_args), grad_out (``prologue_operand=1``) or x (2) is loaded as the
-    backward of its layer's BN and activation."""
-    n, c_in, h, w = x.shape
-    _, c_out, oh, ow = grad_out.shape
+# --- ticket counters: a reduction closed by the last program to arrive -----------------------------
+
+# int32 counters per device, each 0 between launches (the program that closes a reduction resets
+# its own); enough for every launch of the kernels here
+_COUNTERS = 1 << 16
+_counters_by_device = {}
+
+
+def counters(count: int, device: torch.device) -> torch.Tensor:
+    """The first ``count`` of ``device``'s ticket counters (a view: a launch is charged only what
+    it may touch). A launch that fails midway may leave some set: see :func:`reset_counters`."""
+    if count > _COUNTERS:
+        raise ValueError(f"a launch needs {count} ticket counters, more than the {_COUNTERS} kept")
+    found = _counters_by_device.get(device)
+    if found is None:
+        found = _counters_by_device[device] = torch.zeros(_COUNTERS, device=device, dtype=torch.int32)
+    return found[:count]
+
+
+def reset_counters(device: torch.device):
+    """Forget the counters of ``device`` (after a failed launch): the next use allocates zeroed ones."""
+    _counters_by_device.pop(device, None)
+
+
+@triton.jit
+def last_arrival(cnt_ptr, arrivals):
+    """Whether this program is the last of ``arrivals`` programs to reach ``cnt_ptr`` (which it then
+    resets to 0 for the next launch). The barrier puts every thread's stores before the ticket,
+    whose acquire-release semantics make them visible to the last program (which reads its peers'
+    results with ``.cg`` loads, past the L1)."""
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == arrivals - 1
+    if last:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
+    return last
+
+
+@triton.autotune(**_WEIGHT_GRAD_TUNING,
+                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT", "X_MODE",
+                      "G_MODE", "DOT_PRECISION"])
+@triton.jit
+def _weight_grad_kernel(x_ptr, xy_ptr, xvec_ptr, g_ptr, gy_ptr, gvec_ptr, dw_ptr, part_ptr,
+                        cnt_ptr, N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT,
+                        x_slope, g_slope, sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc,
+                        sdo, sdi, sdh, sdw,
+                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+                        SW: tl.constexpr, X_MODE: tl.constexpr, X_ACT: tl.constexpr,
+                        G_MODE: tl.constexpr, G_ACT: tl.constexpr, SPLIT: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dw[co, ci, kh, kw] = sum over output pixels p = (n, oh, ow) of G[n, oh, ow, co] *
+    X[n, oh*SH-PAD_H+kh, ow*SW-PAD_W+kw, ci] (Conv2d geometry; a ConvTranspose2d swaps the
+    operands): one GEMM per tap, K = pixels, both operand tiles rows of contiguous channels, with
+    X = chain_operand(x, X_MODE) and G = chain_operand(g, G_MODE) (bn_act). With SPLIT, program
+    axis 2 splits the pixels: each split stores float32 partials, and the last split to finish a
+    tile adds them in split order into dw (any strides ``sd*``): the same bits every run."""
+    pid_mn = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    num_m = tl.cdiv(C_out, BLOCK_M)
+    co = (pid_mn % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = (pid_mn // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < C_out
+    ci_ok = ci < C_in
+    kh = tap // KW
+    kw = tap % KW
+    p_start = split * PIXELS_PER_SPLIT
+    p_end = tl.minimum(p_start + PIXELS_PER_SPLIT, N * OH * OW)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
+        p_ok = p < p_end
+        ow = p % OW
+        oh = (p // OW) % OH
+        n = (p // (OW * OH)).to(tl.int64)
+        ih = oh * SH - PAD_H + kh
+        iw = ow * SW - PAD_W + kw
+        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        g_ok = p_ok[:, None] & co_ok[None, :]
+        g = tl.load(g_ptr + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None]
+                    + co[None, :] * sgc, mask=g_ok, other=0.0)
+        if G_MODE != 0:
+            g = chain_operand(g.to(tl.float32), G_MODE, G_ACT, g_slope, gy_ptr,
+                              p.to(tl.int64)[:, None] * C_out + co[None, :], gvec_ptr, C_out, co,
+                              co_ok, g_ok).to(g_ptr.dtype.element_ty)
+        b_ok = x_ok[:, None] & ci_ok[None, :]
+        b = tl.load(x_ptr + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+                    + ci[None, :] * sxc, mask=b_ok, other=0.0)
+        if X_MODE != 0:
+            b = chain_operand(b.to(tl.float32), X_MODE, X_ACT, x_slope, xy_ptr,
+                              ((n * H + ih) * W + iw)[:, None] * C_in + ci[None, :], xvec_ptr, C_in,
+                              ci, ci_ok, b_ok).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(g), b, acc, input_precision=DOT_PRECISION)
+    ok = co_ok[:, None] & ci_ok[None, :]
+    dw_offs = co.to(tl.int64)[:, None] * sdo + ci[None, :] * sdi + kh * sdh + kw * sdw
+    if SPLIT:
+        numel = C_out * C_in * KH * KW
+        offs = (co.to(tl.int64)[:, None] * C_in + ci[None, :]) * (KH * KW) + tap
+        tl.store(part_ptr + split * numel + offs, acc, mask=ok)
+        splits = tl.num_programs(2)
+        if last_arrival(cnt_ptr + pid_mn * (KH * KW) + tap, splits):
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, splits):
+                total += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(dw_ptr + dw_offs, total, mask=ok)
+    else:
+        tl.store(dw_ptr + dw_offs, acc, mask=ok)
+
+
+def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, out=None):
+    """The gradient of ``F.conv2d(X, w, None, stride, padding)`` w.r.t. w, given its output
+    gradient G: shape (C_out, C_in, kH, kW), into ``out`` (any strides; default contiguous, in x's
+    dtype). ``x`` and ``grad_out``: NHWC-strided tensors, or bn_act.Sides that load as X and G (a
+    layer's BN and activation, forward or backward, applied in the load). A ConvTranspose2d's
+    weight gradient is this with x and grad_out swapped. The pixel sum is split into ``splits``
+    contiguous ranges (default: a heuristic) whose float32 partials the launch adds in a fixed
+    order."""
+    x = x if isinstance(x, Side) else Side(x)
+    g = grad_out if isinstance(grad_out, Side) else Side(grad_out)
+    n, c_in, h, w = x.tensor.shape
+    _, c_out, oh, ow = g.tensor.shape
     kh, kw = kernel_size
     (sh, sw), (ph, pw) = stride, padding
     pixels = n * oh * ow
     _check_rows(pixels, "N*OH*OW")
+    dev = x.tensor.device
     if splits is None:
         splits = _split_count(pixels, triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64) * kh * kw,
-                              x.numel() + grad_out.numel(), c_out * c_in * kh * kw, x.device)
+                              x.tensor.numel() + g.tensor.numel(), c_out * c_in * kh * kw, dev)
     per_split = triton.cdiv(triton.cdiv(pixels, splits), 16) * 16
     splits = triton.cdiv(pixels, per_split)
-    dw = torch.empty((c_out, c_in, kh, kw), device=x.device, dtype=x.dtype)
-    part = dw if splits == 1 else torch.empty((splits, c_out, c_in, kh, kw), device=x.device,
+    dw = out if out is not None else torch.empty((c_out, c_in, kh, kw), device=dev,
+                                                 dtype=x.tensor.dtype)
+    part = dw if splits == 1 else torch.empty((splits, c_out, c_in, kh, kw), device=dev,
                                                dtype=torch.float32)
+    # the smallest tile is 32 x 32: counters for every (tile, tap) of any config
+    tickets = counters(triton.cdiv(c_out, 32) * triton.cdiv(c_in, 32) * kh * kw, dev)
     grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]),  # noqa: E731
                          kh * kw, splits)
-    pro_tensors = prologue["tensors"] if prologue is not None else (x,) * 6  # placeholders
-    _weight_grad_kernel[grid](x, grad_out, part, *pro_tensors, n, c_in, h, w, c_out, oh, ow, ph, pw,
-                              per_split, prologue["slope"] if prologue is not None else 0.0,
-                              *_nhwc_strides(x), *_nhwc_strides(grad_out), KH=kh, KW=kw, SH=sh, SW=sw,
-                              PROLOGUE=prologue_operand if prologue is not None else 0,
-                              **_prologue_constexprs(prologue),
-                              DOT_PRECISION=dot_precision(x.dtype, x.device))
-    if splits > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(dw.numel(), block),)](part, dw, dw.numel(), splits, BLOCK=block)
+    _weight_grad_kernel[grid](
+        x.tensor, x.y, x.vec, g.tensor, g.y, g.vec, dw, part, tickets,
+        n, c_in, h, w, c_out, oh, ow, ph, pw, per_split, x.slope, g.slope,
+        *_nhwc_strides(x.tensor), *_nhwc_strides(g.tensor), *dw.stride(),
+        KH=kh, KW=kw, SH=sh, SW=sw, X_MODE=x.mode, X_ACT=x.act, G_MODE=g.mode, G_ACT=g.act,
+        SPLIT=splits > 1, DOT_PRECISION=dot_precision(x.tensor.dtype, dev))
     return dw

@@ -32,9 +32,9 @@ def no_tf32(monkeypatch):
 
 def count_launches(monkeypatch, fn):
     """Triton kernel launches made by fn() (kernels are JITFunction, or InterpretedFunction)."""
-    from aigc_fast.kernels import conv_gemm
+    from aigc_fast.kernels import bn_act
 
-    kernel_class = type(conv_gemm._sum_splits_kernel)
+    kernel_class = type(bn_act._apply_kernel)
     launches = []
     real_run = kernel_class.run
 

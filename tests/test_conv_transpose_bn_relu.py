@@ -117,9 +117,10 @@ def test_finalize_combines_many_tiles(device, poisoned):
     expected_running = [0.9 * running[0].double() + 0.1 * (mean + bias.double()),
                         0.9 * running[1].double() + 0.1 * var * total / (total - 1)]
     running = [r.to(device) for r in running]
-    got_mean, invstd, affine = bn_act.finalize_stats(
+    vec = bn_act.finalize_stats(
         partials.to(device), gamma.to(device), beta.to(device), bias.to(device), *running, 0.1, 1e-5,
         count=total)
+    got_mean, invstd, affine = vec[0], vec[1], vec[2:4]
     expected_invstd = 1 / torch.sqrt(var + 1e-5)
     scale = gamma.double() * expected_invstd
     for got, want in [(got_mean, mean), (invstd, expected_invstd), (affine[0], scale),

@@ -104,8 +104,8 @@ def test_fused_step_has_no_aten_convolution_batch_norm_or_activation(device):
     # else: no statistics, apply or reduction launches (the GEMMs close them)
     assert fused["triton_launches"]["_chain_conv_kernel"] == 33
     # weight gradients: D's 4 for each of loss_d's two forwards (D is frozen for G's loss), G's 4
-    assert fused["triton_launches"]["_chain_weight_grad_kernel"] == 12
-    assert set(fused["triton_launches"]) == {"_chain_conv_kernel", "_chain_weight_grad_kernel",
+    assert fused["triton_launches"]["_weight_grad_kernel"] == 12
+    assert set(fused["triton_launches"]) == {"_chain_conv_kernel", "_weight_grad_kernel",
                                              "_bce_fwd_kernel", "_bce_bwd_kernel"}
 
 
