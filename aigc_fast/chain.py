@@ -127,7 +127,6 @@ class _Chain(torch.autograd.Function):
     def forward(ctx, x, links, bn_states, grad_needed, *params):
         weights, bn_params = _unflatten(links, params)
         layers = _kernel_layers(links, weights, bn_params, bn_states)
-        x = _kernels().channels_last(x)  # saved as the kernels read it: no second copy in backward
         out, saved = _kernels().forward(x, layers, keep=grad_needed)
         if grad_needed:
             # the last layer's output is not needed without BN or activation (D's logits); the

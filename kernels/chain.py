@@ -134,9 +134,10 @@ def _recompute_first(x, layer):
 
 def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn):
     """(dx, [dW], [(dgamma, dbeta)]): the gradients of the chain given ``grad_out`` (any strides),
-    each None unless asked for (``need_weight``, ``need_bn``: per layer). ``x``: the input as
-    :func:`forward` read it (channels-last); ``saved``: :func:`forward`'s, where the first stored
-    tensor may be None when :func:`recomputes_first`."""
+    each None unless asked for (``need_weight``, ``need_bn``: per layer). ``x``: the chain's input
+    (copied once more when not channels-last, as the forward did); ``saved``: :func:`forward`'s,
+    where the first stored tensor may be None when :func:`recomputes_first`."""
+    x = channels_last(x)
     grad_out = channels_last(grad_out)
     if saved[0][0] is None:  # not kept: recomputes_first
         saved = [(_recompute_first(x, layers[0]), saved[0][1]), *saved[1:]]

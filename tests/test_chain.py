@@ -1,0 +1,170 @@
+"""The chain (aigc_fast.chain.conv_chain, which fuse() builds from consecutive layers in training):
+float32 chains against float64 eager models (relative error <= 1e-4, fuse_helpers), in odd
+configurations the DCGAN nets of test_nn_fuse do not reach; bitwise determinism; saved tensors;
+half precision; double backward; bad input. Triton kernels run interpreted on the CPU."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from aigc_fast import chain
+from aigc_fast.nn import fuse
+from conv_helpers import poisoned  # noqa: F401 (fixture)
+from fuse_helpers import assert_close, assert_matches_reference, forward_backward, \
+    randomize_batch_norms_
+
+
+@pytest.fixture(autouse=True)
+def triton_path(monkeypatch):
+    """The Triton kernels, never the reference fallback; IEEE float32 products on CUDA too."""
+    monkeypatch.setenv("AIGC_FAST_IMPL", "triton")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.fixture
+def chain_calls(monkeypatch):
+    """The number of layers of each conv_chain call (to prove the chain, not eager, ran)."""
+    calls = []
+    real = chain.conv_chain
+
+    def counting(x, links, *args, **kwargs):
+        calls.append(len(links))
+        return real(x, links, *args, **kwargs)
+
+    monkeypatch.setattr(chain, "conv_chain", counting)
+    return calls
+
+
+# Odd chains: channels 3, 5, 7 and 130 (> RECOMPUTE_MAX_CHANNELS: the first layer's y is kept),
+# kernel sizes 1 to 4, strides 1 to 3, output_padding, non-square maps, both directions mixed,
+# LeakyReLU slope 0.01, momentum=None, a layer without BN between BN layers, and chains that end
+# on a BN layer (the apply and reduction launches the last layer needs) or on a Tanh.
+CHAINS = {
+    "mixed-ends-on-tanh": (lambda: nn.Sequential(
+        nn.ConvTranspose2d(3, 5, 3, stride=2, padding=1, output_padding=1, bias=False),
+        nn.BatchNorm2d(5, momentum=None), nn.ReLU(),
+        nn.Conv2d(5, 7, 3, stride=1, padding=1, bias=False), nn.LeakyReLU(0.01),
+        nn.Conv2d(7, 5, 2, stride=2, padding=0, bias=False), nn.BatchNorm2d(5), nn.LeakyReLU(0.2),
+        nn.ConvTranspose2d(5, 3, 1, bias=False), nn.Tanh()), (3, 5, 3), 4),
+    "ends-on-bn-wide-input": (lambda: nn.Sequential(
+        nn.Conv2d(130, 7, 4, stride=3, padding=2, bias=False), nn.BatchNorm2d(7), nn.ReLU(),
+        nn.ConvTranspose2d(7, 3, 4, stride=3, padding=1, output_padding=2, bias=False),
+        nn.BatchNorm2d(3), nn.LeakyReLU(0.01)), (130, 4, 5), 2),
+}
+
+
+@pytest.mark.parametrize("name", CHAINS)
+def test_chain_matches_float64(name, chain_calls, device, poisoned):  # noqa: F811
+    """Outputs, the input and every parameter gradient, running stats and num_batches_tracked over
+    two training steps (then eval, per layer) of the chained model against float64 eager."""
+    torch.manual_seed(21)
+    build, in_shape, layers = CHAINS[name]
+    model = randomize_batch_norms_(build())
+    reference = copy.deepcopy(model).double()
+    fuse(model)
+    assert_matches_reference(model, reference, lambda: torch.randn(2, *in_shape), device,
+                             train_steps=2)
+    assert chain_calls == [layers, layers]
+
+
+def test_chain_is_deterministic(device):
+    """Two runs from the same state give the same bits: no float atomics, fixed-order sums."""
+    torch.manual_seed(22)
+    build, in_shape, _ = CHAINS["mixed-ends-on-tanh"]
+    first = fuse(randomize_batch_norms_(build())).to(device)
+    second = copy.deepcopy(first)
+    x = torch.randn(3, *in_shape, device=device)
+    out, grad_x, grads, grad_out = forward_backward(first, x)
+    out2, grad_x2, grads2, _ = forward_backward(second, x, grad_out)
+    assert torch.equal(out, out2) and torch.equal(grad_x, grad_x2)
+    assert all(torch.equal(g, g2) for (_, g), (_, g2) in zip(grads, grads2))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                 second.state_dict().values()))
+
+
+def test_chain_saves_one_tensor_per_layer(device):
+    """What autograd keeps: the input, the parameters, and per layer one activation-sized tensor
+    (the first layer's is recomputed: 3 input channels) and one (8, C) vector; eager keeps two
+    activation-sized tensors per BN layer."""
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Conv2d(3, 6, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),
+                          nn.Conv2d(6, 8, 4, 2, 1, bias=False), nn.BatchNorm2d(8), nn.LeakyReLU(0.2),
+                          nn.Conv2d(8, 1, 4, 1, 0, bias=False)).to(device)
+    fuse(model)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sorted(tuple(t.shape) for t in saved
+                         if t.untyped_storage().data_ptr() not in params and t.dim() == 4)
+    # x, and layer 2's y; not layer 1's output (recomputed) nor the logits (not needed)
+    assert activations == [(2, 3, 16, 16), (2, 8, 4, 4)]
+    assert sorted(tuple(t.shape) for t in saved if t.dim() == 2) == [(8, 8)]
+    out.sum().backward()  # and the backward works from that
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_half_precision_chain(device, poisoned):  # noqa: F811
+    """float16 activations and weights, float32 statistics and accumulation, against float64."""
+    torch.manual_seed(24)
+    build, in_shape, _ = CHAINS["mixed-ends-on-tanh"]
+    model = randomize_batch_norms_(build())
+    reference = copy.deepcopy(model).double().to(device)
+    fused = fuse(model).to(device)
+    for m in fused.modules():  # half convolutions, float32 BN (as --precision fp16 keeps BN state)
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.half()
+    x = torch.randn(2, *in_shape, device=device)
+    out64, grad_x64, grads64, grad_out = forward_backward(reference, x.double())
+    out, grad_x, grads, _ = forward_backward(fused, x.half(), grad_out)
+    assert out.dtype == torch.float16
+    for got, want, what in [(out, out64, "output"), (grad_x, grad_x64, "input gradient"),
+                            *((g, g64, n) for (n, g), (_, g64) in zip(grads, grads64))]:
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err <= 5e-3, f"{what}: {err:.2e}"
+
+
+def test_chain_double_backward_matches_float64(device):
+    """An R1-style penalty through a fused D (create_graph=True: the chain's backward is then
+    PyTorch's own ops, differentiable again) gives float64 eager's parameter gradients."""
+    torch.manual_seed(25)
+    model = randomize_batch_norms_(nn.Sequential(
+        nn.Conv2d(3, 4, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 6, 4, 2, 1, bias=False), nn.BatchNorm2d(6), nn.LeakyReLU(0.2),
+        nn.Conv2d(6, 1, 2, 1, 0, bias=False)))
+    reference = copy.deepcopy(model).double().to(device)
+    fused = fuse(model).to(device)
+    x = torch.randn(3, 3, 8, 8, device=device)
+
+    def r1_grads(net, x):
+        x = x.detach().requires_grad_()
+        (grad_x,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+        grad_x.pow(2).sum().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    got, want = r1_grads(fused, x), r1_grads(reference, x.double())
+    total = torch.cat([g.flatten() for g in want]).norm().item()
+    for g, g64 in zip(got, want):
+        # BN's beta gets 0 in exact arithmetic (the penalty is shift-invariant): measured against
+        # the whole gradient
+        assert_close(g, g64, "R1 gradient", floor=total if g64.norm() <= 1e-9 * total else 0.0)
+
+
+def test_bad_links_name_the_argument(device):
+    x = torch.randn(2, 3, 4, 4, device=device)
+    weight = torch.randn(3, 5, 3, 3, device=device)
+    link = chain.Link(transposed=True, stride=(1, 1), padding=(0, 0))
+    with pytest.raises(TypeError, match="links must be a non-empty list"):
+        chain.conv_chain(x, [], [], [], [])
+    with pytest.raises(ValueError, match=r"bn_params must be a list with one entry per link \(1\)"):
+        chain.conv_chain(x, [link], [weight], [], [None])
+    with pytest.raises(ValueError, match=r"weights\[0\] must be a 4-D tensor with 3 input channels"):
+        chain.conv_chain(x, [link], [weight[:2]], [None], [None])
+    with pytest.raises(ValueError, match=r"bn_params\[0\] must be \(gamma, beta\) exactly when"):
+        chain.conv_chain(x, [chain.Link(True, (1, 1), (0, 0), has_bn=True)], [weight], [None],
+                         [None])
+    with pytest.raises(ValueError, match=r"links\[0\].activation must be one of"):
+        chain.conv_chain(x, [chain.Link(True, (1, 1), (0, 0), activation="gelu")], [weight],
+                         [None], [None])
