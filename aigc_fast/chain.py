@@ -119,9 +119,9 @@ def _kernel_layers(links, weights, bn_params, bn_states):
 class _Chain(torch.autograd.Function):
     """Autograd binding of the chain kernels. Saves x, the weights and BN parameters, and per layer
     one tensor (y, or the output of a layer without BN when its backward needs it; the first
-    layer's is recomputed when its input is thin, see kernels.chain.RECOMPUTE_MAX_CHANNELS) and a
-    float32 (8, C) vector: nothing else. Under ``create_graph=True`` the backward is PyTorch's, so it can be
-    differentiated again."""
+    layer's is recomputed when that is cheap and saves much, see kernels.chain.recomputes_first)
+    and a float32 (8, C) vector: nothing else. Under ``create_graph=True`` the backward is
+    PyTorch's, so it can be differentiated again."""
 
     @staticmethod
     def forward(ctx, x, links, bn_states, grad_needed, *params):
@@ -131,7 +131,7 @@ class _Chain(torch.autograd.Function):
         if grad_needed:
             # the last layer's output is not needed without BN or activation (D's logits); the
             # first one's is recomputed when cheap
-            last, first = links[-1], int(_kernels().recomputes_first(layers, x))
+            last, first = links[-1], int(_kernels().recomputes_first(saved, x))
             stored = [y if first <= i and (i < len(links) - 1 or last.has_bn or last.activation)
                       else None for i, (y, _) in enumerate(saved)]
             ctx.save_for_backward(x, *params, *stored, *(vec for _, vec in saved))

@@ -132,7 +132,9 @@ def step_traffic(backend, *, image_size=32, batch=64, nz=100, ngf=64, ndf=64, ex
         fused_nn.fuse(D)
         loss_fn = functional.bce_with_logits
     opts = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=True) for m in (G, D)]
-    real = torch.randn(batch, 3, image_size, image_size, device=device)
+    # channels-last, as the trainer's batches are (data.to_model_range)
+    real = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
+        memory_format=torch.channels_last)
     z = torch.randn(batch, nz, device=device)
     with _launchers_take_meta(device):
         with triton_traffic(execute):

@@ -9,7 +9,8 @@ without BN), against eager PyTorch's two (BN's input and the activation's output
 Backward, for layers L..1: the input-gradient GEMM of layer i loads dy_i (the BN and activation
 backward of layer i as its prologue) and its epilogue stores layer i-1's output gradient and closes
 the reductions layer i-1's backward needs; the weight-gradient GEMM of layer i reads dy_i and
-recomputes layer i-1's activation from y_{i-1}, both in its operand loads.
+recomputes layer i-1's activation from y_{i-1}, both in its operand loads. The two are independent
+and run as one launch.
 The chain's last layer, when it has BN, stores its output with one apply launch (and its backward
 needs the two reduction launches of bn_act), since no consumer applies it.
 """
@@ -20,7 +21,7 @@ import torch
 
 from . import bn_act
 from .bn_act import ROW, Side, new_vec
-from .chain_gemm import chain_conv
+from .chain_gemm import chain_backward_pair, chain_conv
 from .conv_gemm import (channels_last, conv2d_weight_grad, empty_nhwc, output_size, pack_weight,
                         reset_counters, swap_kn)
 
@@ -109,16 +110,21 @@ def forward(x, layers, *, keep):
     return out, (saved if keep else None)
 
 
-# A chain's first layer is recomputed in backward rather than kept when its input has at most this
-# many channels (a DCGAN's image or noise input): its GEMM is then a small fraction of the chain's
-# work, and its output is one of the largest tensors (D's first layer: half of what eager D saves).
+# A chain's first layer is recomputed in backward rather than kept when its input is thin (at most
+# RECOMPUTE_MAX_CHANNELS channels: an image or noise, so its GEMM is a small part of the chain's
+# work) and its output is a large part (at least RECOMPUTE_MIN_SHARE) of what the chain keeps: a
+# DCGAN D's first layer (over half of what D keeps; eager D keeps twice as much), not G's (an eighth
+# of G's, not worth its launch).
 RECOMPUTE_MAX_CHANNELS = 128
+RECOMPUTE_MIN_SHARE = 0.25
 
 
-def recomputes_first(layers, x) -> bool:
-    """Whether :func:`backward` recomputes the first layer's stored tensor from x (so the caller
-    need not keep it): see RECOMPUTE_MAX_CHANNELS."""
-    return x.shape[1] <= RECOMPUTE_MAX_CHANNELS and len(layers) > 1
+def recomputes_first(saved, x) -> bool:
+    """Whether :func:`backward` recomputes the first layer's stored tensor from x, so that the
+    caller need not keep it; ``saved``: :func:`forward`'s."""
+    sizes = [y.numel() for y, _ in saved]
+    return (len(saved) > 1 and x.shape[1] <= RECOMPUTE_MAX_CHANNELS
+            and sizes[0] >= RECOMPUTE_MIN_SHARE * sum(sizes))
 
 
 def _recompute_first(x, layer):
@@ -154,25 +160,31 @@ def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn):
         for i in reversed(range(len(layers))):
             layer = layers[i]
             kernel = tuple(layer.weight.shape[2:])
-            if i > 0 or need_x:
+            in_grad = wgrad = None
+            if i > 0 or need_x:  # the input gradient: the other direction's GEMM
                 prev = layers[i - 1] if i > 0 else None
-                in_hw = (saved[i - 1][0] if i > 0 else x).shape[2:]
-                da = empty_nhwc(grad.tensor.shape[0], (saved[i - 1][0] if i > 0 else x).shape[1],
-                                in_hw, grad.tensor)
+                stored = saved[i - 1][0] if i > 0 else x
+                da = empty_nhwc(grad.tensor.shape[0], stored.shape[1], stored.shape[2:], grad.tensor)
                 if prev is None:
                     out = Side(da)
                 elif prev.bn is not None:
-                    out = Side(da, 2, prev.act, prev.slope, y=saved[i - 1][0], vec=saved[i - 1][1])
+                    out = Side(da, 2, prev.act, prev.slope, y=stored, vec=saved[i - 1][1])
                 else:
-                    out = Side(da, 3 if prev.act else 0, prev.act, prev.slope, y=saved[i - 1][0])
-                chain_conv(grad, swap_kn(pack_weight(layer.weight, layer.transposed)), kernel,
-                           transposed=not layer.transposed, stride=layer.stride,
-                           padding=layer.padding, out_hw=tuple(in_hw), out=out)
-            if need_weight[i]:
+                    out = Side(da, 3 if prev.act else 0, prev.act, prev.slope, y=stored)
+                in_grad = dict(a=grad, weight_view=swap_kn(pack_weight(layer.weight,
+                                                                       layer.transposed)),
+                               kernel=kernel, transposed=not layer.transposed, stride=layer.stride,
+                               padding=layer.padding, out_hw=tuple(stored.shape[2:]), out=out)
+            if need_weight[i]:  # the weight gradient (a ConvTranspose2d's: its operands swapped)
                 dws[i] = torch.empty_like(layer.weight)
                 inp = _input_side(x, layers, i, saved)
-                sides = (grad, inp) if layer.transposed else (inp, grad)
-                conv2d_weight_grad(*sides, kernel, layer.stride, layer.padding, out=dws[i])
+                wgrad = (grad, inp) if layer.transposed else (inp, grad)
+            if in_grad and wgrad:
+                chain_backward_pair(**in_grad, wgrad_x=wgrad[0], wgrad_g=wgrad[1], dw=dws[i])
+            elif in_grad:
+                chain_conv(**in_grad)
+            elif wgrad:
+                conv2d_weight_grad(*wgrad, kernel, layer.stride, layer.padding, out=dws[i])
             if i > 0:
                 grad = Side(da, out.mode if out.mode == 2 else 0, out.act, out.slope, y=out.y,
                             vec=out.vec)

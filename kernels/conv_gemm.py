@@ -358,15 +358,32 @@ def _weight_grad_kernel(x_ptr, xy_ptr, xvec_ptr, g_ptr, gy_ptr, gvec_ptr, dw_ptr
                         G_MODE: tl.constexpr, G_ACT: tl.constexpr, SPLIT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`weight_grad_program` on a (tiles, taps, splits) grid."""
+    weight_grad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
+                        x_ptr, xy_ptr, xvec_ptr, g_ptr, gy_ptr, gvec_ptr, dw_ptr, part_ptr,
+                        cnt_ptr, N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT,
+                        x_slope, g_slope, sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc,
+                        sdo, sdi, sdh, sdw, KH, KW, SH, SW, X_MODE, X_ACT, G_MODE, G_ACT, SPLIT,
+                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def weight_grad_program(pid_mn, tap, split, splits, x_ptr, xy_ptr, xvec_ptr, g_ptr, gy_ptr, gvec_ptr, dw_ptr, part_ptr,
+                        cnt_ptr, N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT,
+                        x_slope, g_slope, sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc,
+                        sdo, sdi, sdh, sdw,
+                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+                        SW: tl.constexpr, X_MODE: tl.constexpr, X_ACT: tl.constexpr,
+                        G_MODE: tl.constexpr, G_ACT: tl.constexpr, SPLIT: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[co, ci, kh, kw] = sum over output pixels p = (n, oh, ow) of G[n, oh, ow, co] *
     X[n, oh*SH-PAD_H+kh, ow*SW-PAD_W+kw, ci] (Conv2d geometry; a ConvTranspose2d swaps the
     operands): one GEMM per tap, K = pixels, both operand tiles rows of contiguous channels, with
     X = chain_operand(x, X_MODE) and G = chain_operand(g, G_MODE) (bn_act). With SPLIT, program
     axis 2 splits the pixels: each split stores float32 partials, and the last split to finish a
-    tile adds them in split order into dw (any strides ``sd*``): the same bits every run."""
-    pid_mn = tl.program_id(0)
-    tap = tl.program_id(1)
-    split = tl.program_id(2)
+    tile adds them in split order into dw (any strides ``sd*``): the same bits every run. This
+    program computes (co, ci) tile ``pid_mn`` of tap ``tap`` over pixel split ``split`` of ``splits``."""
     num_m = tl.cdiv(C_out, BLOCK_M)
     co = (pid_mn % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     ci = (pid_mn // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -407,7 +424,6 @@ def _weight_grad_kernel(x_ptr, xy_ptr, xvec_ptr, g_ptr, gy_ptr, gvec_ptr, dw_ptr
         numel = C_out * C_in * KH * KW
         offs = (co.to(tl.int64)[:, None] * C_in + ci[None, :]) * (KH * KW) + tap
         tl.store(part_ptr + split * numel + offs, acc, mask=ok)
-        splits = tl.num_programs(2)
         if last_arrival(cnt_ptr + pid_mn * (KH * KW) + tap, splits):
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(0, splits):
@@ -418,14 +434,23 @@ def _weight_grad_kernel(x_ptr, xy_ptr, xvec_ptr, g_ptr, gy_ptr, gvec_ptr, dw_ptr
         tl.store(dw_ptr + dw_offs, acc, mask=ok)
 
 
-def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, out=None):
-    """The gradient of ``F.conv2d(X, w, None, stride, padding)`` w.r.t. w, given its output
-    gradient G: shape (C_out, C_in, kH, kW), into ``out`` (any strides; default contiguous, in x's
-    dtype). ``x`` and ``grad_out``: NHWC-strided tensors, or bn_act.Sides that load as X and G (a
-    layer's BN and activation, forward or backward, applied in the load). A ConvTranspose2d's
-    weight gradient is this with x and grad_out swapped. The pixel sum is split into ``splits``
-    contiguous ranges (default: a heuristic) whose float32 partials the launch adds in a fixed
-    order."""
+class WeightGradLaunch:
+    """The arguments of one weight-gradient launch (:func:`weight_grad_launch`): ``args``
+    (positional), ``constexprs``, the output ``dw`` and the grid's extent: (C_out, C_in) tiled by the
+    config's (BLOCK_M, BLOCK_N), ``taps`` and ``splits``."""
+
+    def __init__(self, dw, args, constexprs, c_out, c_in, taps, splits):
+        self.dw, self.args, self.constexprs = dw, args, constexprs
+        self.c_out, self.c_in, self.taps, self.splits = c_out, c_in, taps, splits
+
+    def tiles(self, block_m, block_n) -> int:
+        return triton.cdiv(self.c_out, block_m) * triton.cdiv(self.c_in, block_n)
+
+
+def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, out=None,
+                       tickets_from=0):
+    """Plan :func:`conv2d_weight_grad` (its arguments, which see); its ticket counters start at
+    ``tickets_from`` (so that another reduction can run in the same launch)."""
     x = x if isinstance(x, Side) else Side(x)
     g = grad_out if isinstance(grad_out, Side) else Side(grad_out)
     n, c_in, h, w = x.tensor.shape
@@ -445,13 +470,27 @@ def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, o
     part = dw if splits == 1 else torch.empty((splits, c_out, c_in, kh, kw), device=dev,
                                                dtype=torch.float32)
     # the smallest tile is 32 x 32: counters for every (tile, tap) of any config
-    tickets = counters(triton.cdiv(c_out, 32) * triton.cdiv(c_in, 32) * kh * kw, dev)
-    grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]),  # noqa: E731
-                         kh * kw, splits)
-    _weight_grad_kernel[grid](
-        x.tensor, x.y, x.vec, g.tensor, g.y, g.vec, dw, part, tickets,
-        n, c_in, h, w, c_out, oh, ow, ph, pw, per_split, x.slope, g.slope,
-        *_nhwc_strides(x.tensor), *_nhwc_strides(g.tensor), *dw.stride(),
-        KH=kh, KW=kw, SH=sh, SW=sw, X_MODE=x.mode, X_ACT=x.act, G_MODE=g.mode, G_ACT=g.act,
-        SPLIT=splits > 1, DOT_PRECISION=dot_precision(x.tensor.dtype, dev))
-    return dw
+    count = triton.cdiv(c_out, 32) * triton.cdiv(c_in, 32) * kh * kw
+    tickets = counters(tickets_from + count, dev)[tickets_from:]
+    args = (x.tensor, x.y, x.vec, g.tensor, g.y, g.vec, dw, part, tickets,
+            n, c_in, h, w, c_out, oh, ow, ph, pw, per_split, x.slope, g.slope,
+            *_nhwc_strides(x.tensor), *_nhwc_strides(g.tensor), *dw.stride())
+    constexprs = dict(KH=kh, KW=kw, SH=sh, SW=sw, X_MODE=x.mode, X_ACT=x.act, G_MODE=g.mode,
+                      G_ACT=g.act, SPLIT=splits > 1,
+                      DOT_PRECISION=dot_precision(x.tensor.dtype, dev))
+    return WeightGradLaunch(dw, args, constexprs, c_out, c_in, kh * kw, splits)
+
+
+def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, out=None):
+    """The gradient of ``F.conv2d(X, w, None, stride, padding)`` w.r.t. w, given its output
+    gradient G: shape (C_out, C_in, kH, kW), into ``out`` (any strides; default contiguous, in x's
+    dtype). ``x`` and ``grad_out``: NHWC-strided tensors, or bn_act.Sides that load as X and G (a
+    layer's BN and activation, forward or backward, applied in the load). A ConvTranspose2d's
+    weight gradient is this with x and grad_out swapped. The pixel sum is split into ``splits``
+    contiguous ranges (default: a heuristic) whose float32 partials the launch adds in a fixed
+    order."""
+    launch = weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits, out)
+    grid = lambda meta: (launch.tiles(meta["BLOCK_M"], meta["BLOCK_N"]), launch.taps,  # noqa: E731
+                         launch.splits)
+    _weight_grad_kernel[grid](*launch.args, **launch.constexprs)
+    return launch.dw

@@ -98,22 +98,25 @@ def test_fused_step_has_no_aten_convolution_batch_norm_or_activation(device):
     assert {"convolution", "convolution_backward", "native_batch_norm", "native_batch_norm_backward",
             "leaky_relu_", "leaky_relu_backward", "relu_", "threshold_backward"} <= set(eager["aten_ops"])
     assert [op for op in fused["aten_ops"] if op.startswith(FORBIDDEN_PREFIXES)] == []
-    # G and D each run as one chain: forwards: G's 4 convolutions, D's 4 three times; backwards:
-    # the first layer recomputed (4 chains), input gradients: D's last 3 twice (real and detached
-    # fake), D's 4 for G's loss, G's last 3: 16 + 4 + 13 launches of the chain GEMM, and nothing
-    # else: no statistics, apply or reduction launches (the GEMMs close them)
-    assert fused["triton_launches"]["_chain_conv_kernel"] == 33
-    # weight gradients: D's 4 for each of loss_d's two forwards (D is frozen for G's loss), G's 4
-    assert fused["triton_launches"]["_weight_grad_kernel"] == 12
-    assert set(fused["triton_launches"]) == {"_chain_conv_kernel", "_weight_grad_kernel",
-                                             "_bce_fwd_kernel", "_bce_bwd_kernel"}
+    # G and D each run as one chain, about one launch per layer per pass. Forwards: G's 4
+    # convolutions, D's 4 three times (16); D's first layer recomputed in each D backward (3); the
+    # layers whose input gradient runs alone: D's 4 for G's loss (D is frozen) (4): 23 chain GEMMs.
+    # Layers whose input and weight gradients run as one pair launch: the last 3 of G and of D's
+    # two loss_d forwards (9); weight gradients alone: the first layers (3). Nothing else: no
+    # statistics, apply, reduction or split-sum launches (the GEMMs close them).
+    assert fused["triton_launches"]["_chain_conv_kernel"] == 23
+    assert fused["triton_launches"]["_backward_pair_kernel"] == 9
+    assert fused["triton_launches"]["_weight_grad_kernel"] == 3
+    assert set(fused["triton_launches"]) == {"_chain_conv_kernel", "_backward_pair_kernel",
+                                             "_weight_grad_kernel", "_bce_fwd_kernel",
+                                             "_bce_bwd_kernel"}
 
 
 @pytest.mark.parametrize("image_size, batch", [(32, 64), (64, 512)])
 def test_chain_step_traffic_against_eager(image_size, batch):
-    """The proxies of the chain issue, counted on meta tensors (shapes only, nothing runs) at full
+    """The chain issue's proxies, counted on meta tensors (shapes only, nothing runs) at full
     size, ngf = ndf = 64, model only (the optimisers apart). Measured (benchmarks.step_traffic):
-    launches 0.59x / 0.56x, bytes 0.76x / 0.70x, saved bytes G 0.58x / 0.51x and D 0.47x / 0.38x
+    launches 0.50x / 0.47x, bytes 0.63x / 0.55x, saved bytes G 0.63x / 0.54x and D 0.47x / 0.38x
     (parameters included: autograd saves them in both). The bounds hold those figures, so that a
     change that loses them fails here."""
     from benchmarks.step_traffic import step_traffic
@@ -121,7 +124,7 @@ def test_chain_step_traffic_against_eager(image_size, batch):
     shape = dict(image_size=image_size, batch=batch, device="meta")
     eager, fused = (step_traffic(backend, **shape) for backend in ("eager", "fused"))
     assert eager["optimizer_launches"] == fused["optimizer_launches"] > 0
-    assert fused["launches"] <= 0.6 * eager["launches"]
-    assert fused["bytes"] <= 0.77 * eager["bytes"]
-    assert fused["saved_bytes"]["G"] <= 0.59 * eager["saved_bytes"]["G"]
+    assert fused["launches"] <= 0.5 * eager["launches"]
+    assert fused["bytes"] <= 0.64 * eager["bytes"]
+    assert fused["saved_bytes"]["G"] <= 0.64 * eager["saved_bytes"]["G"]
     assert fused["saved_bytes"]["D"] <= 0.48 * eager["saved_bytes"]["D"]
