@@ -244,10 +244,26 @@ def _losses(n, dtype):
     functional.binary_cross_entropy(torch.sigmoid(logits), target).backward()
 
 
+def _drop_ins(batch, dtype):
+    """The per-layer fused op, which chains do not use: DCGAN-sized drop-in layers with a conv bias
+    (so not chained), forward and backward in training and in eval."""
+    from aigc_fast.nn import ConvBNAct, ConvTransposeBNReLU
+
+    layers = [(ConvTransposeBNReLU(256, 128, 4, 2, 1), (batch, 256, 8, 8)),
+              (ConvBNAct(128, 256, 4, 2, 1, negative_slope=0.2), (batch, 128, 16, 16))]
+    for layer, shape in layers:
+        layer.to(META, dtype)
+        for training in (True, False):
+            layer.train(training)
+            x = torch.randn(shape, device=META, dtype=dtype, requires_grad=True)
+            layer(x).sum().backward()
+
+
 def workloads():
     """(label, call(dtype)) of everything recorded."""
     return ([(f"{s} px b{b} step", partial(_training_step, s, b)) for s, b in STEPS]
             + [(f"{s} px b{b} eval G", partial(_sampling, s, b)) for s, b in STEPS]
+            + [(f"b{STEPS[0][1]} drop-in layers", partial(_drop_ins, STEPS[0][1]))]
             + [(f"BCE n={LOSS_N}", partial(_losses, LOSS_N))])
 
 

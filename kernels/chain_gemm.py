@@ -37,13 +37,12 @@ _CHAIN_CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
                                  exact=[(32, 16, 8, 1)],
                                  interpreter_blocks=(32, 16))
 # The backward pair: a conv config and a weight-gradient config (W_*) sharing warps and stages;
-# the kernel holds the registers of the larger branch. Spilled (GPU compile check, sm_90, Triton
-# 3.9): (64, 16, 128, 64, 16, 8, 3 or 2), (64, 16, 64, 64, 32, 8, 3); with exact products
-# (32, 16, 64, 32 or 64, 16, 8, 1), (32, 16, 32, 32, 16, 8, 1), (16, 16, 64, 32, 16, 8, 1).
+# the kernel holds the registers of the larger branch. Spilled (GPU compile check, sm_90/sm_80,
+# Triton 3.9): (64, 16, 128 or 64, 64 or 32, 16 or 32, 8, 3 or 2) but the one kept, and with exact
+# products (32 or 16, 16, 64 or 32, 32 or 64, 16, 4 or 8, 1 or 2) but the one kept.
 _PAIR_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K", "W_BLOCK_M", "W_BLOCK_N", "W_BLOCK_K"),
-                           tensor_cores=[(64, 16, 64, 64, 16, 8, 3), (64, 16, 128, 32, 16, 8, 3),
-                                         (64, 16, 64, 32, 32, 8, 3)],
-                           exact=[(32, 16, 64, 32, 16, 8, 2)],
+                           tensor_cores=[(64, 16, 64, 64, 16, 8, 3)],
+                           exact=[(16, 16, 64, 32, 16, 8, 2)],
                            interpreter_blocks=(32, 16, 32, 32, 32))
 
 

@@ -30,14 +30,16 @@ from .bn_act import (COEF0, COEF1, INVSTD, MEAN, SCALE, SHIFT, Side, activate, c
 # --precision fp16|bf16 (float32 BN state beside half activations: 20 B on sm_80); exact conv (64, 16, 8, 2),
 # (32, 16, 8, 2), (32, 16, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2); weight gradient (64, 64, 16, 4,
 # 2), (16, 64, 64, 4, 3), (32, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
-# (32, 64, 64, 4, 3), and with exact products (128, 32, 32, 8, 3) (Triton 3.6, sm_90: 8 B).
+# (32, 64, 64, 4, 3), (128, 128, 32, 8, 3) and (128, 64, 16, 8, 3) (with prologues on both operands:
+# 1 KB and 12-20 B), and with exact products (128, 32, 32, 8, 3) (Triton 3.6, sm_90: 8 B),
+# (128, 64, 16, 8, 3) (12-116 B) and (64, 32, 16, 4, 2) (4 B).
 _CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
                            tensor_cores=[(64, 16, 8, 3)],
                            exact=[(64, 16, 8, 1)],
                            interpreter_blocks=(32, 16))
 _WEIGHT_GRAD_TUNING = gemm_tuning(
     ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    tensor_cores=[(128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
+    tensor_cores=[(64, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
     exact=[(64, 64, 16, 8, 3), (64, 32, 16, 8, 2)],
     interpreter_blocks=(32, 32, 32))
 
