@@ -6,7 +6,8 @@
 On a GPU it first checks the fused ops against a float64 PyTorch reference (float32 and bfloat16),
 then times every (case, provider) of :func:`benchmarks.providers.plan` -- a whole training step,
 each fused layer forward+backward, BCE forward+backward, each fused layer forward, at batch 64, 256
-and 512, for eager, eager-channels_last, compile, compile-reduce-overhead and fused -- in that order
+and 512, for eager, eager-channels_last, compile, compile-reduce-overhead and fused, plus fused-graph
+(the fused step in one CUDA graph) for the steps at 32 px b64 and 64 px b512 -- in that order
 (the least telling last), and prints one markdown table and writes it, with every figure behind it,
 as JSON. Times are CUDA events around each call (see :mod:`benchmarks.measure`). The run is
 bounded: no new measurement starts once ``--budget-s`` is spent, and one measurement (its compile
