@@ -158,8 +158,10 @@ def conv_bn_act_backward(grad_out: Tensor, x_read: Tensor, weight: Tensor, bias:
         need_x=needs[0], need_weight=needs[1], need_bias=needs[2], need_bn_weight=needs[3],
         need_bn_bias=needs[4])
     params = (x_read, weight, bias, bn_weight, bn_bias)
-    # the per-channel sums are views of one buffer: an own copy each (outputs may not alias)
-    return tuple(_placeholder(grad_out) if g is None else g if i < 2 else g.to(p.dtype, copy=True)
+    # the per-channel sums are rows of one buffer, and outputs may neither alias each other nor
+    # (as the fake allocates them) start inside a buffer: all but its first row (dgamma) are copied
+    return tuple(_placeholder(grad_out) if g is None
+                 else g if i < 2 else g.to(p.dtype, copy=g.storage_offset() != 0)
                  for i, (g, p) in enumerate(zip(grads, params)))
 
 

@@ -1,7 +1,7 @@
 """Launches and bytes of one DCGAN training step, eager against fused, counted without a GPU.
 
-Counting: one :class:`TorchDispatchMode` sees every aten op; each op that computes (not a view, not
-an allocation) counts as one launch, and its bytes are those of the unique tensors it reads and
+Counting: one :class:`TorchDispatchMode` sees every aten op, inside our ``aigc_fast::`` operators
+too; each op that computes (not a view, not an allocation) counts as one launch, and its bytes are those of the unique tensors it reads and
 writes. Each Triton launch counts as one launch, its bytes those of the unique tensors passed to it.
 Both are upper bounds of real traffic: a kernel that reads only part of a tensor is charged all of it.
 With ``execute=False`` the Triton kernels are counted but not run: the ops have no data-dependent
@@ -16,12 +16,13 @@ import collections
 import contextlib
 
 import torch
+from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ops that launch no device kernel: allocations, aliasing, the profiler's markers, dtype arithmetic
 # (promote_types returns a dtype), and reading a CPU scalar (Adam's step count lives on the host
 # unless capturable)
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "set_", "detach",
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "lift_fresh", "set_", "detach",
               "_record_function_enter_new", "_record_function_exit", "_local_scalar_dense",
               "promote_types"}
 
@@ -40,6 +41,16 @@ def _unique_bytes(tensors):
     return sum(seen.values())
 
 
+def _computes(func, args, kwargs, out):
+    """Whether an op writes memory: it mutates an input, or returns a tensor that aliases none of
+    its inputs. Judged by the result, since the ops inside our operators arrive undecomposed (a
+    ``contiguous`` or ``to`` that returns its input, or a copy)."""
+    if func._schema.is_mutable:
+        return True
+    inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+    return any(t.untyped_storage()._cdata not in inputs for t in _tensors(out))
+
+
 class AtenTraffic(TorchDispatchMode):
     """Counts the aten ops that compute (views and allocations excluded) and their bytes."""
 
@@ -49,9 +60,13 @@ class AtenTraffic(TorchDispatchMode):
         self.bytes = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aigc_fast":  # our operators: count the aten ops and launches inside
+            implementation = custom_ops.OPDEFS[func._schema.name]._init_fn
+            with self:
+                return implementation(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if not func.is_view and name not in _NO_KERNEL:
+        if name not in _NO_KERNEL and _computes(func, args, kwargs, out):
             self.ops[name] += 1
             self.bytes[name] += _unique_bytes(_tensors((args, kwargs)) + _tensors(out))
         return out
@@ -89,17 +104,16 @@ def triton_traffic(execute=True):
 
 @contextlib.contextmanager
 def _launchers_take_meta(device):
-    """Let the fused ops take meta tensors to their launchers (whose launches are only counted)."""
-    from aigc_fast import functional
+    """Let the fused ops take meta tensors to their launchers (whose launches are only counted), as
+    the GPU compile check does."""
+    from aigc_fast.kernels import META_LAUNCHES
 
-    real = functional._triton_blocker
-    if torch.device(device).type == "meta":
-        functional._triton_blocker = lambda dev, dtype, dtypes: (
-            "" if dev.type == "meta" and dtype in dtypes else real(dev, dtype, dtypes))
+    before = META_LAUNCHES.enabled
+    META_LAUNCHES.enabled = before or torch.device(device).type == "meta"
     try:
         yield
     finally:
-        functional._triton_blocker = real
+        META_LAUNCHES.enabled = before
 
 
 def step_traffic(backend, *, image_size=32, batch=64, nz=100, ngf=64, ndf=64, execute=False,
