@@ -336,7 +336,8 @@ def batch_stream(images, order, start_step, device):
 
 
 def to_model_range(batch):
-    """uint8 [0, 255] -> float32 [-1, 1] (done on the device, after the 4x smaller uint8 copy), in
-    channels-last memory: the layout our kernels and oneDNN read without a copy (the conversion
-    is the copy that .float() makes anyway)."""
-    return batch.to(torch.float32, memory_format=torch.channels_last).div_(127.5).sub_(1.0)
+    """uint8 [0, 255] -> float32 [-1, 1] (done on the device, after the 4x smaller uint8 copy); an
+    image batch in channels-last memory: the layout our kernels and oneDNN read without a copy
+    (the conversion is the copy that .float() makes anyway)."""
+    layout = torch.channels_last if batch.dim() == 4 else torch.preserve_format
+    return batch.to(torch.float32, memory_format=layout).div_(127.5).sub_(1.0)

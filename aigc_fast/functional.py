@@ -1,4 +1,4 @@
-"""Public functional ops, their autograd bindings, and the choice of implementation.
+"""Public functional ops: argument checks, autocast casts, and the choice of implementation.
 
 Every op takes ``impl="auto"|"triton"|"ref"``: "triton" runs our kernels (CUDA tensors, or CPU
 tensors when TRITON_INTERPRET=1), "ref" runs the plain-PyTorch twin in :mod:`aigc_fast.reference`,
@@ -12,7 +12,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import ops, reference
 from .kernels import META_LAUNCHES, TRITON_AVAILABLE, launches_take
 
 IMPLS = ("auto", "triton", "ref")
@@ -66,9 +66,10 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
 
 
 # --- torch.autocast ---------------------------------------------------------------------------------
-# Our ops are autograd Functions, which autocast's dispatch never sees: each public op does at its
-# boundary what autocast does for the PyTorch ops it replaces (casting there rather than registering
-# autocast kernels through torch.library, since our ops are not torch.library operators yet).
+# Each public op does at its boundary what autocast does for the PyTorch ops it replaces, before it
+# calls its operator (aigc_fast.ops): the fused conv's rule (x, weight and bias to autocast's dtype,
+# BN's parameters and statistics as they are) is not torch.library.register_autocast's, which casts
+# every floating input alike.
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
 
 
@@ -89,27 +90,7 @@ def _cast_for_autocast(dtype, *tensors):
                  for t in tensors)
 
 
-def _differentiable_grads(recompute, inputs, needs, grad_outputs):
-    """The gradients of ``recompute(*inputs)`` (the op in PyTorch's own ops) for a backward under
-    ``create_graph=True``: built as a graph, so that they can be differentiated again (double
-    backward: an R1 or path-length penalty). Exact, at the price of one more forward in PyTorch.
-    Each input that needs a gradient enters through a fresh view, so the gradient is this op's own
-    derivative, not one that also flows back into the input's history (a weight used twice)."""
-    entries = [t.view_as(t) if need else t for t, need in zip(inputs, needs)]
-    wanted = [t for t, need in zip(entries, needs) if need]
-    grads = iter(torch.autograd.grad(recompute(*entries), wanted, grad_outputs, create_graph=True,
-                                     allow_unused=True))
-    return [next(grads) if need else None for need in needs]
-
-
 # --- Conv2d / ConvTranspose2d [+ BatchNorm2d] [+ ReLU / LeakyReLU] --------------------------------
-
-
-def _conv_kernels():
-    """The launcher module, imported on first use so that a CPU-only install never imports triton."""
-    from .kernels import conv_bn_act as launchers
-
-    return launchers
 
 
 ACTIVATIONS = ("relu", "leaky_relu", None)
@@ -245,62 +226,6 @@ def _check_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
     return stride, padding, output_padding, has_bn
 
 
-def _conv_bn_act_graph(x, weight, bias, bn_weight, bn_bias, mean, invstd, layer):
-    """The fused op's output in PyTorch's ops, for a backward that must itself be differentiable.
-    Training normalises with the batch statistics, recomputed here; eval with those the forward
-    used: ``mean`` = running_mean - bias and ``invstd`` as the eval kernel saved them."""
-    act = dict(activation=layer["activation"], negative_slope=layer["slope"])
-    geometry = dict(transposed=layer["transposed"], stride=layer["stride"], padding=layer["padding"],
-                    output_padding=layer["output_padding"])
-    if bn_weight is None or layer["training"]:
-        return reference.conv_bn_act(x, weight, bn_weight, bn_bias, None, None, bias=bias,
-                                     training=True, eps=layer["eps"], **geometry, **act)
-    y = reference.conv_bn_act(x, weight, bias=bias, activation=None, **geometry)
-    running_mean = mean if bias is None else mean + bias.detach()
-    per_channel = lambda v: v.view(-1, 1, 1)  # noqa: E731
-    z = (y - per_channel(running_mean)) * per_channel(invstd * bn_weight) + per_channel(bn_bias)
-    return reference.activate(z, **act).to(x.dtype)
-
-
-class _ConvBNAct(torch.autograd.Function):
-    """Autograd binding of the Triton kernels. Saves x (as given, and as the kernels read it when
-    that is a copy), the weight, y (the conv output before BN; the output itself without BN, nothing
-    without an activation either) and BN's per-channel vec (mean, invstd, scale, shift), nothing
-    larger: xhat and the activation's input are recomputed in backward. Under ``create_graph=True`` the backward is PyTorch's, so it can be
-    differentiated again."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum,
-                layer, grad_needed):
-        bn = (bn_weight, bn_bias, running_mean, running_var) if bn_weight is not None else None
-        out, saved = _conv_kernels().forward(x, weight, bias, bn, momentum=momentum,
-                                             keep_for_backward=grad_needed, **layer)
-        if grad_needed:
-            ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, *saved)
-        ctx.layer = layer
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, bias, bn_weight, bn_bias, *saved = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True
-            vec = saved[-1]  # None without BN
-            mean, invstd = (vec[0], vec[1]) if vec is not None else (None, None)
-            grads = _differentiable_grads(
-                lambda *inputs: _conv_bn_act_graph(*inputs, mean, invstd, ctx.layer),
-                (x, weight, bias, bn_weight, bn_bias), need[:5], grad_out)
-            return (*grads, None, None, None, None, None)
-        layer = {k: v for k, v in ctx.layer.items() if k not in ("output_padding", "eps")}
-        dx, dw, dbias, dgamma, dbeta = _conv_kernels().backward(
-            grad_out, weight, saved, (bn_weight, bn_bias) if bn_weight is not None else None,
-            need_x=need[0], need_weight=need[1], need_bias=need[2], need_bn_weight=need[3],
-            need_bn_bias=need[4], **layer)
-        as_dtype = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
-        return (dx, dw, as_dtype(dbias, bias), as_dtype(dgamma, bn_weight), as_dtype(dbeta, bn_bias),
-                None, None, None, None, None)
-
-
 def conv_bn_act(x, weight, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, *,
                 transposed, bias=None, stride=1, padding=0, output_padding=0, activation="relu",
                 negative_slope=0.01, training=True, momentum=0.1, eps=1e-5, impl="auto"):
@@ -349,11 +274,12 @@ def conv_bn_act(x, weight, bn_weight=None, bn_bias=None, running_mean=None, runn
     # ctx.needs_input_grad ignores torch.no_grad(), so whether backward can happen is decided here
     grad_needed = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias))
-    layer = dict(transposed=transposed, stride=stride, padding=padding,
-                 output_padding=output_padding, activation=activation,
-                 slope=float(negative_slope), training=training and has_bn, eps=float(eps))
-    return _ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                            momentum, layer, grad_needed)
+    momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
+    return ops.conv_bn_act_trainable(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum_tensor,
+        0.0 if momentum_tensor is not None else float(momentum), transposed, list(stride),
+        list(padding), list(output_padding), activation, float(negative_slope),
+        training and has_bn, float(eps), grad_needed)
 
 
 def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None,
@@ -370,13 +296,6 @@ def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_
 
 
 # --- sigmoid + binary cross-entropy -------------------------------------------------------------
-
-
-def _bce_kernels():
-    """The launcher module, imported on first use so that a CPU-only install never imports triton."""
-    from .kernels import bce as launchers
-
-    return launchers
 
 
 BCE_REDUCTIONS = ("none", "mean", "sum")
@@ -457,37 +376,6 @@ def _check_unit_interval(value, name):
                         f"all elements of {name} should be between 0 and 1")
 
 
-class _BCE(torch.autograd.Function):
-    """Autograd binding of the BCE kernels (logits or probabilities). Saves the inputs only: the
-    backward is one elementwise launch that recomputes sigmoid/log terms from them. Under
-    ``create_graph=True`` (an R1 penalty) the backward is PyTorch's, so it can be differentiated
-    again."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, pos_weight, reduction, from_logits):
-        ctx.save_for_backward(input, target, weight, pos_weight)
-        ctx.reduction, ctx.from_logits = reduction, from_logits
-        return _bce_kernels().bce_forward(input, target, weight, pos_weight, reduction, from_logits)
-
-    @staticmethod
-    def backward(ctx, grad):
-        input, target, weight, pos_weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
-            def loss(input, target):
-                if ctx.from_logits:
-                    return reference.bce_with_logits(input, target, weight=weight,
-                                                     pos_weight=pos_weight, reduction=ctx.reduction)
-                return reference.binary_cross_entropy(input, target, weight=weight,
-                                                      reduction=ctx.reduction)
-
-            grads = _differentiable_grads(loss, (input, target), ctx.needs_input_grad[:2], grad)
-            return (*grads, None, None, None, None)
-        d_input, d_target = _bce_kernels().bce_backward(
-            grad, input, target, weight, pos_weight, ctx.reduction, ctx.from_logits,
-            need_dx=ctx.needs_input_grad[0], need_dt=ctx.needs_input_grad[1])
-        return d_input, d_target, None, None, None, None
-
-
 def bce_with_logits(logits, target, *, weight=None, pos_weight=None, reduction="mean", impl="auto"):
     """``F.binary_cross_entropy_with_logits`` fused: one launch (two when logits has more than 1024
     elements: per-program partials, then a fixed-order sum), deterministic, stable for |logits| up
@@ -513,7 +401,7 @@ def bce_with_logits(logits, target, *, weight=None, pos_weight=None, reduction="
                     _weights_needing_grad(weight, pos_weight)) == "ref":
         return reference.bce_with_logits(logits, target, weight=weight, pos_weight=pos_weight,
                                          reduction=reduction)
-    loss = _BCE.apply(logits.to(dtype), target.to(dtype), weight, pos_weight, reduction, True)
+    loss = ops.bce_with_logits(logits.to(dtype), target.to(dtype), weight, pos_weight, reduction)
     return loss.to(target.dtype)  # PyTorch's loss is built from (1 - target) in place
 
 
@@ -543,4 +431,4 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", impl="
                         else contextlib.nullcontext())
         with autocast_off:
             return reference.binary_cross_entropy(probs, target, weight=weight, reduction=reduction)
-    return _BCE.apply(probs, target, weight, None, reduction, False)
+    return ops.binary_cross_entropy(probs, target, weight, reduction)

@@ -328,8 +328,11 @@ def _fusable_runs(modules, i):
 
 def _chainable(runs):
     """Whether ``runs`` can run as one chain: BNs in training (eval folds BN into each layer's own
-    epilogue, already one launch per layer) and no conv bias (BN cancels it; the chain has none)."""
-    return all(conv.bias is None and (bn is None or bn.training) for conv, bn, _ in runs)
+    epilogue, already one launch per layer) and no conv bias (BN cancels it; the chain has none).
+    Not under torch.jit.trace, which cannot record the chain operator's list arguments: a traced
+    model runs one fused op per layer."""
+    return (not torch.jit.is_tracing()
+            and all(conv.bias is None and (bn is None or bn.training) for conv, bn, _ in runs))
 
 
 def _chain_forward(runs, tanh, input):
@@ -367,8 +370,12 @@ class FusedSequential(nn.Sequential):
         while i < len(modules):
             runs, end = _fusable_runs(modules, i)
             if runs and _chainable(runs):
-                tanh = runs[-1][1] is None and runs[-1][2] is None and _trailing_tanh(modules, end)
-                input = _chain_forward(runs, tanh, input)
+                links = chain.ops.CHAIN_MAX_LAYERS  # longer runs: several chains
+                for k in range(0, len(runs) - links, links):
+                    input = _chain_forward(runs[k:k + links], False, input)
+                tail = runs[(len(runs) - 1) // links * links:]
+                tanh = tail[-1][1] is None and tail[-1][2] is None and _trailing_tanh(modules, end)
+                input = _chain_forward(tail, tanh, input)
                 i = end + int(tanh)
                 continue
             for conv, bn, act in runs:

@@ -35,6 +35,24 @@ def conv_bn_act(x, weight, bn_weight=None, bn_bias=None, running_mean=None, runn
     return activate(y, activation, negative_slope)
 
 
+def conv_chain(x, links, weights, bn_params, bn_states):
+    """Twin of :func:`aigc_fast.chain.conv_chain` (its ``links`` describe the layers): per layer as
+    :func:`conv_bn_act` in training, advancing num_batches_tracked as nn.BatchNorm2d does."""
+    for link, weight, bn, state in zip(links, weights, bn_params, bn_states):
+        running_mean, running_var, batches = state if state is not None else (None, None, None)
+        momentum = link.momentum
+        if bn is not None and batches is not None:
+            batches.add_(1)
+            if momentum is None:
+                momentum = 1.0 / batches
+        x = conv_bn_act(x, weight, *(bn or (None, None)), running_mean, running_var,
+                        transposed=link.transposed, stride=link.stride, padding=link.padding,
+                        output_padding=link.output_padding, activation=link.activation,
+                        negative_slope=link.negative_slope, training=True,
+                        momentum=momentum if momentum is not None else 0.0, eps=link.eps)
+    return x
+
+
 def activate(y, activation, negative_slope=0.01):
     """ReLU, LeakyReLU(negative_slope), tanh or (None) nothing, as PyTorch computes them."""
     if activation == "relu":

@@ -6,7 +6,8 @@
 On a GPU it first checks the fused ops against a float64 PyTorch reference (float32 and bfloat16),
 then times every (case, provider) of :func:`benchmarks.providers.plan` -- a whole training step,
 each fused layer forward+backward, BCE forward+backward, each fused layer forward, at batch 64, 256
-and 512, for eager, eager-channels_last, compile, compile-reduce-overhead and fused -- in that order
+and 512, for eager, eager-channels_last, compile, compile-reduce-overhead and fused, plus fused-graph
+(the fused step in one CUDA graph) for the steps at 32 px b64 and 64 px b512 -- in that order
 (the least telling last), and prints one markdown table and writes it, with every figure behind it,
 as JSON. Times are CUDA events around each call (see :mod:`benchmarks.measure`). The run is
 bounded: no new measurement starts once ``--budget-s`` is spent, and one measurement (its compile
@@ -117,7 +118,7 @@ def time_limit(seconds):
 
 def measure_row(case, provider, device, args, deadline):
     """Every figure of one (case, provider); a failure or a timeout becomes the row's status."""
-    from benchmarks import measure, providers
+    from benchmarks import measure, providers, step_traffic
 
     row = measure.describe(case, provider, DTYPE)
     remaining = deadline - time.monotonic()
@@ -134,6 +135,7 @@ def measure_row(case, provider, device, args, deadline):
             row.update(measure.summary(times))
             row.update(measure.achieved(row, row["median_s"]))
             row.update(measure.probes(workload.run, device))
+            row.update(step_traffic.counted_for(case, provider))
             row.update(workload.notes)
             row["status"] = "ok"
     except _OutOfTime as e:
@@ -172,7 +174,14 @@ def _count(value):
 
 
 TABLE_HEADER = ("| group | case | provider | time: median [p20–p80] | vs eager | vs compile | TFLOP/s "
-                "| GB/s | peak MiB | saved MiB | launches |")
+                "| GB/s | peak MiB | saved MiB | launches | counted launches / MB |")
+
+
+def _counted(row):
+    """A step's counted launches and MB moved (model only; benchmarks.step_traffic), or "–"."""
+    if row.get("counted_launches") is None:
+        return "–"
+    return f"{row['counted_launches']} / {row['counted_bytes'] / 1e6:.4g}"
 
 
 def markdown_table(rows):
@@ -187,9 +196,10 @@ def markdown_table(rows):
             cells = [f"{_time(r['median_s'])} [{_time(r['p20_s'])}–{_time(r['p80_s'])}]",
                      _ratio(medians.get((*key, "eager")), r), _ratio(medians.get((*key, "compile")), r),
                      f"{r['tflops']:.3g}", f"{r['gbps']:.3g}", _mib(r.get("peak_memory_bytes")),
-                     _mib(r.get("saved_bytes")), _count(r.get("kernel_launches"))]
+                     _mib(r.get("saved_bytes")), _count(r.get("kernel_launches")),
+                     _counted(r)]
         else:
-            cells = [f"{r['status']}: {r['error']}".replace("|", "\\|")] + ["–"] * 7
+            cells = [f"{r['status']}: {r['error']}".replace("|", "\\|")] + ["–"] * 8
         provider = r["provider"] + (f" ({r['cudagraph_skips']} graphs not CUDA-graphed)"
                                     if r.get("cudagraph_skips") else "")
         lines.append("| " + " | ".join([r["group"], r["case"], provider, *cells]) + " |")

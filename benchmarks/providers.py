@@ -5,6 +5,10 @@
 - ``compile``: ``torch.compile`` (default mode; static shapes, whole graph) of the same modules.
 - ``compile-reduce-overhead``: ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), CUDA only.
 - ``fused``: our Triton kernels (:mod:`aigc_fast.functional`, :func:`aigc_fast.fuse`), CUDA only.
+- ``fused-graph``: the fused training step captured in one CUDA graph and replayed, as
+  ``--cuda-graph on`` trains (:mod:`aigc_fast.step_graph`; capturable Adam; each call copies the batch
+  and the noise into the graph's static inputs), CUDA only; the whole step at 32 px b64 and 64 px
+  b512 only (:data:`GRAPH_STEPS`).
 - ``fused[ref]``: the fused ops' plain-PyTorch reference path: what ``aigc_fast`` runs on a CPU.
 - ``fused[interpret]``: our Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1):
   a sanity check at tiny sizes, its times mean nothing.
@@ -26,17 +30,23 @@ from aigc_fast import functional
 from aigc_fast.kernels import interpreting
 from aigc_fast.models import build_models, dcgan_init_
 from aigc_fast.precision import Precision
+from aigc_fast.step_graph import GraphedStep
 from aigc_fast.train import train_step
 
 from .cases import (CPU_BATCHES, CUDA_AUTOCAST_STEPS, CUDA_BATCHES, IMAGE_SIZES, BCECase,
                     ConvTransposeBNReLUCase, TrainStepCase, case_id, cases, tiny_cases)
 
-CUDA_PROVIDERS = ("eager", "eager-channels_last", "compile", "compile-reduce-overhead", "fused")
+CUDA_PROVIDERS = ("eager", "eager-channels_last", "compile", "compile-reduce-overhead", "fused",
+                  "fused-graph")
 CPU_PROVIDERS = ("eager", "eager-channels_last", "compile", "fused[ref]")
 INTERPRET_PROVIDERS = ("eager", "eager-channels_last", "compile", "fused[interpret]")
-ALL = ("eager", "eager-channels_last", "compile", "compile-reduce-overhead", "fused", "fused[ref]",
-       "fused[interpret]")
-FUSED_IMPL = {"fused": "triton", "fused[ref]": "ref", "fused[interpret]": "triton"}
+ALL = ("eager", "eager-channels_last", "compile", "compile-reduce-overhead", "fused", "fused-graph",
+       "fused[ref]", "fused[interpret]")
+FUSED_IMPL = {"fused": "triton", "fused-graph": "triton", "fused[ref]": "ref",
+              "fused[interpret]": "triton"}
+# (image size, batch) of the training steps fused-graph measures: the launch-bound small end and the
+# large end of the CUDA rows
+GRAPH_STEPS = ((32, 64), (64, 512))
 # Untimed calls after building: compile and autotune happen in the first; reduce-overhead records
 # its CUDA graphs on a later one. A CPU has no graphs to record and its steps are slow.
 WARMUP_CALLS = {"cuda": 3, "cpu": 1}
@@ -54,7 +64,9 @@ def pair_id(case, provider):
 
 def applies(case, provider):
     """channels_last means nothing for the loss's 1-D logits; the interpreter cannot run bfloat16
-    convolutions (numpy has no bfloat16 dot)."""
+    convolutions (numpy has no bfloat16 dot); fused-graph is a whole step at GRAPH_STEPS' sizes."""
+    if provider == "fused-graph":
+        return isinstance(case, TrainStepCase) and (case.image_size, case.batch) in GRAPH_STEPS
     return not ((isinstance(case, BCECase) and provider == "eager-channels_last")
                 or (isinstance(case, TrainStepCase) and case.autocast and provider == "fused[interpret]"))
 
@@ -86,6 +98,8 @@ def build(case, provider, device, dtype=torch.float32):
     """The warmed-up call of ``case`` through ``provider``, on inputs drawn fresh for this pair."""
     if provider == "fused":
         _require(device.type == "cuda", "fused runs our Triton kernels on CUDA")
+    if provider == "fused-graph":
+        _require(device.type == "cuda", "fused-graph replays the fused step in a CUDA graph: CUDA only")
     if provider == "fused[interpret]":
         _require(device.type == "cpu" and interpreting(),
                  "fused[interpret] needs CPU tensors and TRITON_INTERPRET=1 set before triton is "
@@ -189,8 +203,8 @@ def _train_step(case, provider, device, dtype):
     fmt = _memory_format(provider)
     G.to(device=device, dtype=dtype, memory_format=fmt)
     D.to(device=device, dtype=dtype, memory_format=fmt)
-    opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    adam = dict(lr=2e-4, betas=(0.5, 0.999), capturable=provider == "fused-graph")
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     real = (torch.rand(case.shapes["real"], device=device, dtype=dtype) * 2 - 1).contiguous(
         memory_format=fmt)
     z = torch.randn(case.shapes["z"], device=device, dtype=dtype)
@@ -201,6 +215,10 @@ def _train_step(case, provider, device, dtype):
     elif provider.startswith("compile"):
         G, D = _compile(G, provider), _compile(D, provider)
     precision = Precision(case.autocast or "fp32", device)  # "fp32": no autocast, no scaler
+    if provider == "fused-graph":  # captured at the second warm-up call
+        graphed = GraphedStep(lambda real, z: train_step(G, D, opt_g, opt_d, real, z, loss_fn,
+                                                         precision))
+        return lambda: graphed(real, z)
     return lambda: train_step(G, D, opt_g, opt_d, real, z, loss_fn, precision)
 
 

@@ -1,7 +1,7 @@
 """Launches and bytes of one DCGAN training step, eager against fused, counted without a GPU.
 
-Counting: one :class:`TorchDispatchMode` sees every aten op; each op that computes (not a view, not
-an allocation) counts as one launch, and its bytes are those of the unique tensors it reads and
+Counting: one :class:`TorchDispatchMode` sees every aten op, inside our ``aigc_fast::`` operators
+too; each op that computes (not a view, not an allocation) counts as one launch, and its bytes are those of the unique tensors it reads and
 writes. Each Triton launch counts as one launch, its bytes those of the unique tensors passed to it.
 Both are upper bounds of real traffic: a kernel that reads only part of a tensor is charged all of it.
 With ``execute=False`` the Triton kernels are counted but not run: the ops have no data-dependent
@@ -14,14 +14,16 @@ The optimisers are Adam with ``foreach=True``, as PyTorch picks on CUDA.
 import argparse
 import collections
 import contextlib
+import functools
 
 import torch
+from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ops that launch no device kernel: allocations, aliasing, the profiler's markers, dtype arithmetic
 # (promote_types returns a dtype), and reading a CPU scalar (Adam's step count lives on the host
 # unless capturable)
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "set_", "detach",
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "lift_fresh", "set_", "detach",
               "_record_function_enter_new", "_record_function_exit", "_local_scalar_dense",
               "promote_types"}
 
@@ -38,6 +40,16 @@ def _unique_bytes(tensors):
         key = (t.untyped_storage()._cdata, t.storage_offset(), t.shape, t.stride(), t.dtype)
         seen[key] = t.numel() * t.element_size()
     return sum(seen.values())
+
+
+def _computes(func, args, kwargs, out):
+    """Whether an op writes memory: it mutates an input, or returns a tensor that aliases none of
+    its inputs. Judged by the result, since the ops inside our operators arrive undecomposed (a
+    ``contiguous`` or ``to`` that returns its input, or a copy)."""
+    if func._schema.is_mutable:
+        return True
+    inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+    return any(t.untyped_storage()._cdata not in inputs for t in _tensors(out))
 
 
 class AtenTraffic(TorchDispatchMode):
@@ -61,9 +73,13 @@ class AtenTraffic(TorchDispatchMode):
             self._apart = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aigc_fast":  # our operators: count the aten ops and launches inside
+            implementation = custom_ops.OPDEFS[func._schema.name]._init_fn
+            with self:
+                return implementation(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if not func.is_view and name not in _NO_KERNEL:
+        if name not in _NO_KERNEL and _computes(func, args, kwargs, out):
             ops, nbytes = (self.apart_ops, self.apart_bytes) if self._apart else (self.ops, self.bytes)
             ops[name] += 1
             nbytes[name] += _unique_bytes(_tensors((args, kwargs)) + _tensors(out))
@@ -102,17 +118,16 @@ def triton_traffic(execute=True):
 
 @contextlib.contextmanager
 def _launchers_take_meta(device):
-    """Let the fused ops take meta tensors to their launchers (whose launches are only counted)."""
-    from aigc_fast import functional
+    """Let the fused ops take meta tensors to their launchers (whose launches are only counted), as
+    the GPU compile check does."""
+    from aigc_fast.kernels import META_LAUNCHES
 
-    real = functional._triton_blocker
-    if torch.device(device).type == "meta":
-        functional._triton_blocker = lambda dev, dtype, dtypes: (
-            "" if dev.type == "meta" and dtype in dtypes else real(dev, dtype, dtypes))
+    before = META_LAUNCHES.enabled
+    META_LAUNCHES.enabled = before or torch.device(device).type == "meta"
     try:
         yield
     finally:
-        functional._triton_blocker = real
+        META_LAUNCHES.enabled = before
 
 
 def step_traffic(backend, *, image_size=32, batch=64, nz=100, ngf=64, ndf=64, execute=False,
@@ -184,6 +199,36 @@ def saved_bytes(forward):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()  # noqa: F841 (alive until counted)
     return sum(nbytes for _, nbytes in storages.values())
+
+
+def counted_for(case, provider):
+    """A training step's counted launches, bytes and saved bytes beside its measured time, for the
+    backend the provider runs: eager PyTorch, or our fused kernels (a CUDA graph replays the same
+    launches); {} for other cases. Compiled providers run Inductor's kernels, not counted here."""
+    from benchmarks.cases import TrainStepCase
+    from benchmarks.providers import FUSED_IMPL
+
+    if not isinstance(case, TrainStepCase) or case.autocast:
+        return {}
+    backend = ("fused" if provider in FUSED_IMPL
+               else "eager" if provider.startswith("eager") else None)
+    if backend is None:
+        return {"counted_launches": None, "counted_by": "not counted: Inductor's own kernels"}
+    n = case.network
+    return counted(backend, case.image_size, case.batch, n.nz, n.ngf, n.ndf)
+
+
+@functools.lru_cache(maxsize=None)
+def counted(backend, image_size, batch, nz, ngf, ndf):
+    """The counted proxies of one training step (model only) for the benchmark suite's extra_info:
+    launches, bytes, the optimisers' launches apart, and the bytes G and D save for backward."""
+    row = step_traffic(backend, image_size=image_size, batch=batch, nz=nz, ngf=ngf, ndf=ndf,
+                       device="meta")
+    return {"counted_launches": row["launches"], "counted_bytes": row["bytes"],
+            "counted_optimizer_launches": row["optimizer_launches"],
+            "counted_saved_bytes_G": row["saved_bytes"]["G"],
+            "counted_saved_bytes_D": row["saved_bytes"]["D"],
+            "counted_by": "benchmarks.step_traffic on meta tensors (model only; 132-SM split-K)"}
 
 
 def main(argv=None):

@@ -18,17 +18,17 @@ from ._config import pow2_block
 # activation codes of the ``ACT`` constexpr
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3}
 
-# A BN layer's per-channel numbers, one float32 (8, C) "vec" that its neighbours' kernels read:
+# A BN layer's per-channel numbers, one float32 (6, C) "vec" that its neighbours' kernels read:
 # the forward writes MEAN, INVSTD, SCALE, SHIFT (and, in eval, zero COEF rows: the statistics are
-# constants there); the backward's reductions write COEF0, COEF1 (dy's coefficients), DGAMMA, DBETA.
-VEC_ROWS = ("mean", "invstd", "scale", "shift", "coef0", "coef1", "dgamma", "dbeta")
+# constants there); the backward's reductions write COEF0, COEF1 (dy's coefficients).
+VEC_ROWS = ("mean", "invstd", "scale", "shift", "coef0", "coef1")
 ROW = {name: i for i, name in enumerate(VEC_ROWS)}  # the rows' indices, for the launchers
 # the same, for the kernels (which read only constexpr globals)
-MEAN, INVSTD, SCALE, SHIFT, COEF0, COEF1, DGAMMA, DBETA = map(tl.constexpr, range(len(VEC_ROWS)))
+MEAN, INVSTD, SCALE, SHIFT, COEF0, COEF1 = map(tl.constexpr, range(len(VEC_ROWS)))
 
 
 def new_vec(c, device):
-    """An (8, c) float32 vec (rows: VEC_ROWS), written by the kernels."""
+    """A (6, c) float32 vec (rows: VEC_ROWS), written by the kernels."""
     return torch.empty((len(VEC_ROWS), c), device=device, dtype=torch.float32)
 
 
@@ -81,7 +81,7 @@ def activate_grad_from_out(out, g, ACT: tl.constexpr, slope):
 def chain_operand(v, MODE: tl.constexpr, ACT: tl.constexpr, slope, y_ptr, y_offs, vec_ptr, C, c,
                   c_ok, ok):
     """A float32 [pixels, channels ``c``] operand tile ``v`` as a GEMM uses it, given its layer's
-    activation and (``vec_ptr``, its (8, C) vec) BN: MODE 0 as it is; 1 act(v*scale+shift), the
+    activation and (``vec_ptr``, its (6, C) vec) BN: MODE 0 as it is; 1 act(v*scale+shift), the
     forward prologue (v is the layer's y); 2 the backward of a BN layer whose output gradient is v,
     dy = scale*dz + coef0 + coef1*xhat, dz = act'(z)*v with z recomputed from y (at ``y_ptr +
     y_offs``) exactly as the forward computed it; 3 the backward of a layer without BN, act'(out)*v
@@ -161,9 +161,11 @@ def chan_combine(part_ptr, T, C, c, c_ok, BLOCK_T: tl.constexpr, BLOCK_C: tl.con
 
 @triton.jit
 def mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr,
-                       scale_ptr, shift_ptr):
+                       scale_ptr, shift_ptr, coef_ptr, C):
     """Store mean, invstd = 1/sqrt(biased var + eps) and BN's affine map (scale, shift) of the
-    channels ``c`` from their combined statistics."""
+    channels ``c`` from their combined statistics, and zero dy's two coefficient rows at
+    ``coef_ptr`` (C apart: a vec's COEF rows, set by a backward's reductions; never left
+    unwritten)."""
     var = m2 / tl.maximum(total, 1.0)  # total >= 2 on real channels; masked lanes stay finite
     invstd = 1.0 / tl.sqrt(var + eps)
     gamma = tl.load(gamma_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
@@ -173,6 +175,9 @@ def mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, mean_
     tl.store(invstd_ptr + c, invstd, mask=c_ok)
     tl.store(scale_ptr + c, scale, mask=c_ok)
     tl.store(shift_ptr + c, shift, mask=c_ok)
+    zero = tl.zeros_like(scale)
+    tl.store(coef_ptr + c, zero, mask=c_ok)
+    tl.store(coef_ptr + C + c, zero, mask=c_ok)
 
 
 @triton.jit
@@ -201,7 +206,7 @@ def _bn_finalize_kernel(part_ptr, T, C, gamma_ptr, beta_ptr, bias_ptr, rmean_ptr
     c_ok = c < C
     total, mean, m2 = chan_combine(part_ptr, T, C, c, c_ok, BLOCK_T, BLOCK_C)
     mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr,
-                       affine_ptr, affine_ptr + C)
+                       affine_ptr, affine_ptr + C, affine_ptr + 2 * C, C)
     if UPDATE_RUNNING:
         if MOMENTUM_FROM_PTR:
             momentum = tl.load(momentum_ptr).to(tl.float32)
@@ -365,19 +370,19 @@ def apply(y, affine, activation, slope):
 
 
 def grad_reductions(grad_out, y, vec, bn_params, activation, slope, training, has_bias):
-    """The per-channel sums of the backward of act(bn(y)) given grad_out, into ``vec`` (its COEF
-    rows in training, the coefficients of dy = scale * dz + coef0 + coef1 * xhat, and DGAMMA,
-    DBETA); returns (dgamma, dbeta, dbias), float32 (C,) each (dgamma, dbeta None without BN; dbias
-    None unless ``has_bias``). ``vec``: the vec the forward wrote, and ``bn_params`` (gamma, beta),
+    """The per-channel sums of the backward of act(bn(y)) given grad_out: dy's coefficients into
+    ``vec``'s COEF rows in training (dy = scale * dz + coef0 + coef1 * xhat); returns (dgamma,
+    dbeta, dbias), fresh float32 (C,) each (dgamma, dbeta None without BN; dbias None unless
+    ``has_bias``). ``vec``: the vec the forward wrote, and ``bn_params`` (gamma, beta),
     or both None for a layer without BN (then y is the output of act, or None without one)."""
     n, c, h, w = grad_out.shape
     m = n * h * w
     dev = grad_out.device
     affine = vec is not None
     y = y if y is not None else grad_out  # placeholder, never read
-    sums = new_vec(c, dev) if not affine else vec  # without BN only the dbias row is meaningful
+    sums = new_vec(c, dev) if not affine else vec  # without BN: placeholders, never read
     gamma, beta = bn_params if affine else (sums, sums)  # placeholders, never read
-    dbias = torch.empty(c, device=dev, dtype=torch.float32) if has_bias else sums
+    dgamma, dbeta, dbias = (torch.empty(c, device=dev, dtype=torch.float32) for _ in range(3))
     block_p, block_c, grid = _tiles(m, c)
     partials = torch.empty((2, grid[0], c), device=dev, dtype=torch.float32)
     _grad_partials_kernel[grid](grad_out, y, sums[ROW["mean"]], sums[ROW["invstd"]], gamma, beta,
@@ -386,8 +391,7 @@ def grad_reductions(grad_out, y, vec, bn_params, activation, slope, training, ha
                                 ACT=ACTIVATIONS[activation], AFFINE=affine, BLOCK_P=block_p,
                                 BLOCK_C=block_c)
     _grad_finish_kernel[(triton.cdiv(c, block_c),)](
-        partials, grid[0], c, gamma, sums[ROW["invstd"]], 1.0 / m, sums[ROW["dgamma"]],
-        sums[ROW["dbeta"]], dbias, sums[ROW["coef0"]:], TRAINING=training and affine,
-        HAS_BIAS=has_bias, AFFINE=affine, BLOCK_T=_PARTIAL_ROWS, BLOCK_C=block_c)
-    return (vec[ROW["dgamma"]] if affine else None, vec[ROW["dbeta"]] if affine else None,
-            dbias if has_bias else None)
+        partials, grid[0], c, gamma, sums[ROW["invstd"]], 1.0 / m, dgamma, dbeta, dbias,
+        sums[ROW["coef0"]:], TRAINING=training and affine, HAS_BIAS=has_bias, AFFINE=affine,
+        BLOCK_T=_PARTIAL_ROWS, BLOCK_C=block_c)
+    return (dgamma if affine else None, dbeta if affine else None, dbias if has_bias else None)

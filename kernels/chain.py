@@ -119,12 +119,12 @@ RECOMPUTE_MAX_CHANNELS = 128
 RECOMPUTE_MIN_SHARE = 0.25
 
 
-def recomputes_first(saved, x) -> bool:
-    """Whether :func:`backward` recomputes the first layer's stored tensor from x, so that the
-    caller need not keep it; ``saved``: :func:`forward`'s."""
-    sizes = [y.numel() for y, _ in saved]
-    return (len(saved) > 1 and x.shape[1] <= RECOMPUTE_MAX_CHANNELS
-            and sizes[0] >= RECOMPUTE_MIN_SHARE * sum(sizes))
+def recomputes_first(stored_sizes, in_channels) -> bool:
+    """Whether :func:`backward` recomputes the first layer's stored tensor from the chain's input
+    (``in_channels`` channels), so that the caller need not keep it; ``stored_sizes``: the element
+    counts of what :func:`forward` stores per layer."""
+    return (len(stored_sizes) > 1 and in_channels <= RECOMPUTE_MAX_CHANNELS
+            and stored_sizes[0] >= RECOMPUTE_MIN_SHARE * sum(stored_sizes))
 
 
 def _recompute_first(x, layer):
@@ -149,9 +149,12 @@ def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn):
         saved = [(_recompute_first(x, layers[0]), saved[0][1]), *saved[1:]]
     last = layers[-1]
     y, vec = saved[-1]
+    dbn = [None] * len(layers)
     if last.bn is not None:  # no consumer closed the last layer's reductions: bn_act's launches
-        bn_act.grad_reductions(grad_out, y, vec, (last.bn.gamma, last.bn.beta), last.activation,
-                               last.slope, training=True, has_bias=False)
+        dgamma, dbeta, _ = bn_act.grad_reductions(grad_out, y, vec, (last.bn.gamma, last.bn.beta),
+                                                  last.activation, last.slope, training=True,
+                                                  has_bias=False)
+        dbn[-1] = (dgamma, dbeta) if need_bn[-1] else None
         grad = Side(grad_out, 2, last.act, last.slope, y=y, vec=vec)
     else:
         grad = Side(grad_out, 3 if last.act else 0, last.act, last.slope, y=y)
@@ -165,16 +168,22 @@ def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn):
                 prev = layers[i - 1] if i > 0 else None
                 stored = saved[i - 1][0] if i > 0 else x
                 da = empty_nhwc(grad.tensor.shape[0], stored.shape[1], stored.shape[2:], grad.tensor)
+                bn_grads = (None, None)
                 if prev is None:
                     out = Side(da)
                 elif prev.bn is not None:
                     out = Side(da, 2, prev.act, prev.slope, y=stored, vec=saved[i - 1][1])
+                    if need_bn[i - 1]:
+                        dbn[i - 1] = bn_grads = tuple(
+                            torch.empty(stored.shape[1], device=da.device, dtype=torch.float32)
+                            for _ in range(2))
                 else:
                     out = Side(da, 3 if prev.act else 0, prev.act, prev.slope, y=stored)
                 in_grad = dict(a=grad, weight_view=swap_kn(pack_weight(layer.weight,
                                                                        layer.transposed)),
                                kernel=kernel, transposed=not layer.transposed, stride=layer.stride,
-                               padding=layer.padding, out_hw=tuple(stored.shape[2:]), out=out)
+                               padding=layer.padding, out_hw=tuple(stored.shape[2:]), out=out,
+                               bn_grads=bn_grads)
             if need_weight[i]:  # the weight gradient (a ConvTranspose2d's: its operands swapped)
                 dws[i] = torch.empty_like(layer.weight)
                 inp = _input_side(x, layers, i, saved)
@@ -193,6 +202,4 @@ def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn):
     except BaseException:
         reset_counters(x.device)
         raise
-    dbn = [((v[ROW["dgamma"]], v[ROW["dbeta"]]) if need and v is not None else None)
-           for (_, v), need in zip(saved, need_bn)]
     return dx, dws, dbn

@@ -3,9 +3,10 @@ BatchNorm-apply and activation (forward) or its backward (gradients), and the ep
 reduction over the whole launch, so that a run of layers never stores a post-BN activation and
 needs no separate statistics launches.
 
-Per BN layer a float32 ``vec`` (8, C) carries the per-channel numbers its neighbours read
+Per BN layer a float32 ``vec`` (6, C) carries the per-channel numbers its neighbours read
 (bn_act.VEC_ROWS): MEAN, INVSTD, SCALE, SHIFT written by the producing GEMM's finalize, COEF0,
-COEF1, DGAMMA, DBETA by the input-gradient GEMM that produces the layer's output gradient.
+COEF1 (and dgamma, dbeta into their own tensors) by the input-gradient GEMM that produces the
+layer's output gradient.
 Operands load through bn_act.chain_operand (its modes: as stored, the forward prologue
 act(y*scale+shift), a BN layer's backward, an activation's backward).
 Epilogues (``OUT_MODE``): 0 act(acc); 1 y plus per-(tile, channel) (count, mean, M2) partials;
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._config import dot_precision, gemm_tuning
-from .bn_act import (COEF0, COEF1, DBETA, DGAMMA, INVSTD, MEAN, SCALE, SHIFT, Side, activate,
+from .bn_act import (COEF0, COEF1, INVSTD, MEAN, SCALE, SHIFT, Side, activate,
                      activate_grad, activate_grad_from_out, chan_combine, chain_operand,
                      mean_invstd_affine, sum_grad_partials, update_running)
 from .conv_gemm import (_nhwc_strides, counters, gemm_rows, last_arrival, out_coords, row_tiling,
@@ -30,20 +31,21 @@ from .conv_gemm import (_nhwc_strides, counters, gemm_rows, last_arrival, out_co
 # partial rows a finalize or finish loads per step (as bn_act._PARTIAL_ROWS: more spill)
 _PARTIAL_ROWS = tl.constexpr(16)
 
-# As conv_gemm's conv configs (BLOCK_M set by the launcher), but for exact products: (64, 16, 8, 1)
-# spilled 8 B with the chain's epilogues (GPU compile check, sm_90, Triton 3.9).
+# As conv_gemm's conv configs (BLOCK_M set by the launcher), less what spilled with the chain's
+# prologues and epilogues (GPU compile check): (64, 16, 8, 3) (sm_80, Triton 3.6: 8 B), and with
+# exact products (64, 16, 8, 1) (sm_90, Triton 3.9: 8 B).
 _CHAIN_CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
-                                 tensor_cores=[(64, 16, 8, 3)],
+                                 tensor_cores=[(64, 16, 8, 2)],
                                  exact=[(32, 16, 8, 1)],
                                  interpreter_blocks=(32, 16))
 # The backward pair: a conv config and a weight-gradient config (W_*) sharing warps and stages;
 # the kernel holds the registers of the larger branch. Spilled (GPU compile check, sm_90/sm_80,
-# Triton 3.9): (64, 16, 128 or 64, 64 or 32, 16 or 32, 8, 3 or 2) but the one kept, and with exact
-# products (32 or 16, 16, 64 or 32, 32 or 64, 16, 4 or 8, 1 or 2) but the one kept.
+# Triton 3.6 and 3.9): (64, 16, 128 or 64, 64 or 32, 16 or 32, 8, 3 or 2) but the one kept, and
+# with exact products (32 or 16, 16, 64 or 32, 32 or 64, 16, 4 or 8, 1 or 2) but the one kept.
 _PAIR_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K", "W_BLOCK_M", "W_BLOCK_N", "W_BLOCK_K"),
                            tensor_cores=[(64, 16, 64, 64, 16, 8, 3)],
-                           exact=[(16, 16, 64, 32, 16, 8, 2)],
-                           interpreter_blocks=(32, 16, 32, 32, 32))
+                           exact=[(16, 16, 64, 32, 16, 4, 2)],
+                           interpreter_blocks=(32, 16, 32, 32, 128))
 
 
 @triton.autotune(**_CHAIN_CONV_TUNING,
@@ -52,7 +54,7 @@ _PAIR_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K", "W_BLOCK_M", "W_BLOCK_N", "W_B
                  restore_value=["rmean_ptr", "rvar_ptr", "nbt_ptr"])
 @triton.jit
 def _chain_conv_kernel(x_ptr, w_ptr, ay_ptr, avec_ptr, out_ptr, oy_ptr, ovec_ptr, part_ptr, cnt_ptr,
-                       gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                       gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, dgamma_ptr, dbeta_ptr,
                        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
                        momentum, unbias, eps, a_slope, o_slope,
                        sxn, sxh, sxw, sxc, swh, sww, swk, swn,
@@ -65,7 +67,7 @@ def _chain_conv_kernel(x_ptr, w_ptr, ay_ptr, avec_ptr, out_ptr, oy_ptr, ovec_ptr
     """:func:`chain_conv_program` on a (row tiles, column blocks) grid."""
     chain_conv_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
                        x_ptr, w_ptr, ay_ptr, avec_ptr, out_ptr, oy_ptr, ovec_ptr, part_ptr, cnt_ptr,
-                       gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                       gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, dgamma_ptr, dbeta_ptr,
                        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
                        momentum, unbias, eps, a_slope, o_slope,
                        sxn, sxh, sxw, sxc, swh, sww, swk, swn,
@@ -75,7 +77,7 @@ def _chain_conv_kernel(x_ptr, w_ptr, ay_ptr, avec_ptr, out_ptr, oy_ptr, ovec_ptr
 
 @triton.jit
 def chain_conv_program(pid_m, pid_n, num_m, num_n, x_ptr, w_ptr, ay_ptr, avec_ptr, out_ptr, oy_ptr, ovec_ptr, part_ptr, cnt_ptr,
-                       gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                       gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, dgamma_ptr, dbeta_ptr,
                        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
                        momentum, unbias, eps, a_slope, o_slope,
                        sxn, sxh, sxw, sxc, swh, sww, swk, swn,
@@ -88,7 +90,8 @@ def chain_conv_program(pid_m, pid_n, num_m, num_n, x_ptr, w_ptr, ay_ptr, avec_pt
     """out[n, oh, ow, co] = epilogue(sum over taps and ci of A[n, ih, iw, ci] * w[kh, kw, ci, co])
     with A = chain_operand(x, A_MODE) (``ay_ptr``/``avec_ptr``: the A side layer's y and vec) and
     the OUT_MODE epilogue (``oy_ptr``/``ovec_ptr``: the output side layer's y (mode 2) or output
-    (mode 3) and vec; ``gamma_ptr`` .. ``nbt_ptr``: its BN parameters and state for the finalize).
+    (mode 3) and vec; ``gamma_ptr`` .. ``nbt_ptr``: its BN parameters and state for the finalize;
+    ``dgamma_ptr``/``dbeta_ptr``: where mode 2 writes its BN parameters' gradients).
     Geometry as :func:`conv_gemm._conv_kernel`'s. This program computes row tile ``pid_m`` (of
     ``num_m``) and column block ``pid_n`` (of ``num_n``)."""
     row_ok, n, qh, qw, ph, pw, taps_h, taps_w = gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH,
@@ -159,8 +162,8 @@ def chain_conv_program(pid_m, pid_n, num_m, num_n, x_ptr, w_ptr, ay_ptr, avec_pt
                 inv_count = 1.0 / (N * OH * OW).to(tl.float32)
                 tl.store(ovec_ptr + COEF0 * C_out + co, -scale * dbeta * inv_count, mask=co_ok)
                 tl.store(ovec_ptr + COEF1 * C_out + co, -scale * dgamma * inv_count, mask=co_ok)
-                tl.store(ovec_ptr + DGAMMA * C_out + co, dgamma, mask=co_ok)
-                tl.store(ovec_ptr + DBETA * C_out + co, dbeta, mask=co_ok)
+                tl.store(dgamma_ptr + co, dgamma, mask=co_ok)
+                tl.store(dbeta_ptr + co, dbeta, mask=co_ok)
 
 
 @triton.autotune(**_PAIR_TUNING,
@@ -170,6 +173,7 @@ def chain_conv_program(pid_m, pid_n, num_m, num_n, x_ptr, w_ptr, ay_ptr, avec_pt
 @triton.jit
 def _backward_pair_kernel(x_ptr, w_ptr, ay_ptr, avec_ptr, out_ptr, oy_ptr, ovec_ptr, part_ptr,
                           cnt_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                          dgamma_ptr, dbeta_ptr,
                           N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
                           momentum, unbias, eps, a_slope, o_slope,
                           sxn, sxh, sxw, sxc, swh, sww, swk, swn,
@@ -197,6 +201,7 @@ def _backward_pair_kernel(x_ptr, w_ptr, ay_ptr, avec_ptr, out_ptr, oy_ptr, ovec_
         chain_conv_program(pid % ROWS, pid // ROWS, ROWS, col_blocks,
                            x_ptr, w_ptr, ay_ptr, avec_ptr, out_ptr, oy_ptr, ovec_ptr, part_ptr,
                            cnt_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                          dgamma_ptr, dbeta_ptr,
                            N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
                            momentum, unbias, eps, a_slope, o_slope,
                            sxn, sxh, sxw, sxc, swh, sww, swk, swn,
@@ -226,7 +231,8 @@ def _finalize(part_ptr, tiles, C, c, c_ok, momentum, unbias, eps, gamma_ptr, bet
     before any block has advanced it: 1 / (num_batches_tracked + 1), as nn.BatchNorm2d."""
     total, mean, m2 = chan_combine(part_ptr, tiles, C, c, c_ok, _PARTIAL_ROWS, BLOCK_C)
     mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, vec_ptr + MEAN * C,
-                       vec_ptr + INVSTD * C, vec_ptr + SCALE * C, vec_ptr + SHIFT * C)
+                       vec_ptr + INVSTD * C, vec_ptr + SCALE * C, vec_ptr + SHIFT * C,
+                       vec_ptr + COEF0 * C, C)
     if HAS_NBT:
         batches = tl.load(nbt_ptr, cache_modifier=".cg")
     if UPDATE_RUNNING:
@@ -242,7 +248,7 @@ def _finalize(part_ptr, tiles, C, c, c_ok, momentum, unbias, eps, gamma_ptr, bet
 # --- launchers ------------------------------------------------------------------------------------
 
 def _conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, bn, momentum,
-                 eps):
+                 eps, bn_grads):
     """(args, constexprs, row tiles, C_out) of one chain GEMM launch (:func:`chain_conv`)."""
     x = a.tensor
     n, c_in, h, w = x.shape
@@ -258,7 +264,7 @@ def _conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, ou
     fill = lambda t: t if t is not None else out.vec  # noqa: E731 (placeholders)
     args = (x, weight_view, a.y, a.vec, out.tensor, out.y, out.vec, fill(partials),
             counters(conv_tickets(c_out), dev), fill(gamma), fill(beta), fill(rmean), fill(rvar),
-            fill(nbt), n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles,
+            fill(nbt), *map(fill, bn_grads), n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles,
             0.0 if momentum is None else float(momentum), _unbias(n * out_hw[0] * out_hw[1]), eps,
             a.slope, out.slope, *_nhwc_strides(x), *weight_view.stride())
     constexprs = dict(KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed,
@@ -275,20 +281,21 @@ def conv_tickets(c_out: int) -> int:
 
 
 def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out_hw, out: Side,
-               bn=None, momentum=0.0, eps=0.0):
+               bn=None, momentum=0.0, eps=0.0, bn_grads=(None, None)):
     """One chain GEMM launch into ``out.tensor`` (channels-last (N, C_out, OH, OW)). ``weight_view``:
     a ``[kH, kW, C_in, C_out]`` view (conv_gemm.pack_weight / swap_kn). ``out.mode`` 1 (the forward
     of a BN layer) takes ``bn`` = (gamma, beta, running_mean, running_var, num_batches_tracked),
     each may be None but gamma and beta, and ``momentum`` (a float, or None: from
-    num_batches_tracked)."""
+    num_batches_tracked); ``out.mode`` 2 writes the output side layer's (dgamma, dbeta) into
+    ``bn_grads``."""
     args, constexprs, rows, c_out = _conv_launch(a, weight_view, kernel, transposed, stride,
-                                                 padding, out_hw, out, bn, momentum, eps)
+                                                 padding, out_hw, out, bn, momentum, eps, bn_grads)
     grid = lambda meta: (rows, triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
     _chain_conv_kernel[grid](*args, **constexprs)
 
 
 def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, padding, out_hw,
-                        out: Side, wgrad_x: Side, wgrad_g: Side, dw):
+                        out: Side, wgrad_x: Side, wgrad_g: Side, dw, bn_grads=(None, None)):
     """A layer's two backward GEMMs in one launch: its input gradient (:func:`chain_conv`'s
     arguments, no BN finalize) and its weight gradient (conv_gemm.conv2d_weight_grad of
     ``wgrad_x``, ``wgrad_g`` into ``dw``, same kernel, stride and padding). They are independent: the first writes the previous
@@ -296,7 +303,7 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
     layer's forward numbers. One launch instead of two, and each tile of dy is read from L2 by
     both."""
     args, constexprs, rows, c_out = _conv_launch(a, weight_view, kernel, transposed, stride,
-                                                 padding, out_hw, out, None, 0.0, 0.0)
+                                                 padding, out_hw, out, None, 0.0, 0.0, bn_grads)
     wgrad = weight_grad_launch(wgrad_x, wgrad_g, kernel, stride, padding, out=dw,
                                tickets_from=conv_tickets(c_out))
     w_constexprs = {"W_" + k: v for k, v in wgrad.constexprs.items()}

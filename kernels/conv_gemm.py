@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
 from ._config import dot_precision, gemm_tuning, multiprocessor_count, pow2_block
 from .bn_act import (COEF0, COEF1, INVSTD, MEAN, SCALE, SHIFT, Side, activate, chain_operand,
                      scale_shift)
@@ -28,20 +29,21 @@ from .bn_act import (COEF0, COEF1, INVSTD, MEAN, SCALE, SHIFT, Side, activate, c
 # (128, 16, 8, 2), (32, 32, 8, 3), (16, 32, 4, 4), (16, 16, 4, 3), (64, 16, 4, 2), (128, 64, 8, 3),
 # (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 4), (32, 32, 4, 3), and (64, 32, 8, 3) under
 # --precision fp16|bf16 (float32 BN state beside half activations: 20 B on sm_80); exact conv (64, 16, 8, 2),
-# (32, 16, 8, 2), (32, 16, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2); weight gradient (64, 64, 16, 4,
+# (32, 16, 8, 2), (32, 16, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2), (64, 16, 8, 1) (a drop-in layer
+# with a bias, Triton 3.6: 12 B); weight gradient (64, 64, 16, 4,
 # 2), (16, 64, 64, 4, 3), (32, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
 # (32, 64, 64, 4, 3), (128, 128, 32, 8, 3) and (128, 64, 16, 8, 3) (with prologues on both operands:
 # 1 KB and 12-20 B), and with exact products (128, 32, 32, 8, 3) (Triton 3.6, sm_90: 8 B),
 # (128, 64, 16, 8, 3) (12-116 B) and (64, 32, 16, 4, 2) (4 B).
 _CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
                            tensor_cores=[(64, 16, 8, 3)],
-                           exact=[(64, 16, 8, 1)],
+                           exact=[(32, 16, 8, 1)],
                            interpreter_blocks=(32, 16))
 _WEIGHT_GRAD_TUNING = gemm_tuning(
     ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     tensor_cores=[(64, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
     exact=[(64, 64, 16, 8, 3), (64, 32, 16, 8, 2)],
-    interpreter_blocks=(32, 32, 32))
+    interpreter_blocks=(32, 32, 128))
 
 
 @triton.jit
@@ -245,6 +247,10 @@ def output_size(in_hw, kernel, stride, padding, transposed, output_padding=(0, 0
     return tuple((i + 2 * p - k) // s + 1 for i, k, s, p in zip(in_hw, kernel, stride, padding))
 
 
+# the largest row tile: 128 rows on a GPU; the interpreter, whose cost is per program, takes more
+_MAX_BLOCK_M = 512 if interpreting() else 128
+
+
 def row_tiling(n, out_hw, stride, transposed):
     """(BLOCK_M, row tiles per phase, phases): with TRANSPOSED every phase gets the tile count of the
     largest one (the statistics partials have one row per row tile of every phase)."""
@@ -252,7 +258,7 @@ def row_tiling(n, out_hw, stride, transposed):
     _check_rows(n * oh * ow, "N*OH*OW")
     phases = stride[0] * stride[1] if transposed else 1
     rows = n * triton.cdiv(oh, stride[0]) * triton.cdiv(ow, stride[1]) if transposed else n * oh * ow
-    block_m = pow2_block(rows, 16, 128)
+    block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
     return block_m, triton.cdiv(rows, block_m), phases
 
 

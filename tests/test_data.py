@@ -187,6 +187,9 @@ def test_batch_stream_and_model_range():
         assert torch.equal(next(batches), images[index])
     x = to_model_range(torch.tensor([0, 255, 128], dtype=torch.uint8))
     torch.testing.assert_close(x, torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
+    batch = to_model_range(images[:2])  # image batches come channels-last, values unchanged
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(batch, images[:2].float() / 127.5 - 1)
 
 
 def _take(iterator, n):

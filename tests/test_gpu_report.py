@@ -96,3 +96,20 @@ def test_time_limit_interrupts_a_measurement():
         with gpu_report.time_limit(0.2):
             time.sleep(5)
     assert time.monotonic() - start < 2
+
+
+def test_fused_graph_provider_rows():
+    """fused-graph (the fused step in one CUDA graph) sits beside compile-reduce-overhead for the
+    whole step at 32 px b64 and 64 px b512 in the GPU plan; without CUDA its row fails, saying why."""
+    gpu_report.prepare_imports()
+    from benchmarks import cases, providers
+
+    plan = providers.plan(gpu_report.torch.device("cuda"))  # the plan only: nothing runs on CUDA
+    graphed = [c for c, p in plan if p == "fused-graph"]
+    sizes = {(c.image_size, c.batch) for c in graphed}
+    assert sizes == {(32, 64), (64, 512)} and all(isinstance(c, cases.TrainStepCase) for c in graphed)
+    assert all((c, "compile-reduce-overhead") in plan for c in graphed)
+    args = gpu_report.parse_args(["--dry-run"])
+    row = gpu_report.measure_row(graphed[0], "fused-graph", gpu_report.torch.device("cpu"), args,
+                                 time.monotonic() + 60)
+    assert row["status"] == "failed" and "CUDA graph: CUDA only" in row["error"], row
