@@ -447,6 +447,37 @@ def _losses(model):
     return [(name or "(the model)", m) for name, m in model.named_modules() if type(m) in kinds]
 
 
+def _chains(fused):
+    """(first module, last module, layers) of each chain a training forward will run
+    (FusedSequential.forward): maximal groups of fused runs that follow one another in one
+    Sequential, without a conv bias, a trailing Tanh included. A lone run is no chain."""
+    groups, last = [], None
+    for run in fused:
+        modules = list(run.parent._modules.values())
+        start = modules.index(run.modules[0])
+        follows = (last is not None and last.parent is run.parent
+                   and modules.index(last.modules[-1]) + 1 == start)
+        if run.modules[0].bias is not None:
+            last = None
+            continue
+        if follows and groups:
+            groups[-1].append(run)
+        else:
+            groups.append([run])
+        last = run
+    described = []
+    for chain_runs in (g for g in groups if len(g) > 1):
+        tail = chain_runs[-1]
+        modules = list(tail.parent._modules.values())
+        end = modules.index(tail.modules[-1]) + 1
+        last = tail.names[-1]
+        if len(tail.modules) == 1 and _trailing_tanh(modules, end):  # the Tanh joins the chain
+            last = last.rsplit(".", 1)[0] + "." + list(tail.parent._modules)[end] if "." in last \
+                else list(tail.parent._modules)[end]
+        described.append((chain_runs[0].names[0], last, len(chain_runs)))
+    return described
+
+
 def _print_report(runs, losses):
     fused = [run for run in runs if run.reason is None]
     print(f"aigc_fast.fuse: fused {len(fused)} convolution run(s) and {len(losses)} BCE loss(es); "
@@ -460,6 +491,10 @@ def _print_report(runs, losses):
     for run in runs:
         if run.reason is not None:
             print(f"  left  {run.names[0]}: {run.reason}")
+    links = chain.ops.CHAIN_MAX_LAYERS
+    for first, last, layers in _chains(fused):
+        print(f"  chain (in training): {first} .. {last}, {layers} layers as "
+              + ("one op" if layers <= links else f"{-(-layers // links)} ops of <= {links} layers"))
     if fused:
         print("  (a fused run runs fused when its nn.Sequential is called; if its modules are called "
               "one by one, it runs unfused and warns)")

@@ -171,12 +171,11 @@ def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn):
                 bn_grads = (None, None)
                 if prev is None:
                     out = Side(da)
-                elif prev.bn is not None:
+                elif prev.bn is not None:  # the epilogue writes dgamma, dbeta: wanted or not
                     out = Side(da, 2, prev.act, prev.slope, y=stored, vec=saved[i - 1][1])
-                    if need_bn[i - 1]:
-                        dbn[i - 1] = bn_grads = tuple(
-                            torch.empty(stored.shape[1], device=da.device, dtype=torch.float32)
-                            for _ in range(2))
+                    bn_grads = tuple(torch.empty(stored.shape[1], device=da.device,
+                                                 dtype=torch.float32) for _ in range(2))
+                    dbn[i - 1] = bn_grads if need_bn[i - 1] else None
                 else:
                     out = Side(da, 3 if prev.act else 0, prev.act, prev.slope, y=stored)
                 in_grad = dict(a=grad, weight_view=swap_kn(pack_weight(layer.weight,

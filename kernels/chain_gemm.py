@@ -261,6 +261,8 @@ def _conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, ou
         partials = torch.empty((3 if out.mode == 1 else 2, phases * tiles, c_out), device=dev,
                                dtype=torch.float32)
     gamma, beta, rmean, rvar, nbt = bn if bn is not None else (None,) * 5
+    if out.mode == 2 and None in bn_grads:
+        raise ValueError("bn_grads must be two float32 (C_out,) tensors for out.mode 2")
     fill = lambda t: t if t is not None else out.vec  # noqa: E731 (placeholders)
     args = (x, weight_view, a.y, a.vec, out.tensor, out.y, out.vec, fill(partials),
             counters(conv_tickets(c_out), dev), fill(gamma), fill(beta), fill(rmean), fill(rvar),
@@ -287,7 +289,7 @@ def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out
     of a BN layer) takes ``bn`` = (gamma, beta, running_mean, running_var, num_batches_tracked),
     each may be None but gamma and beta, and ``momentum`` (a float, or None: from
     num_batches_tracked); ``out.mode`` 2 writes the output side layer's (dgamma, dbeta) into
-    ``bn_grads``."""
+    ``bn_grads`` (required then)."""
     args, constexprs, rows, c_out = _conv_launch(a, weight_view, kernel, transposed, stride,
                                                  padding, out_hw, out, bn, momentum, eps, bn_grads)
     grid = lambda meta: (rows, triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731

@@ -152,6 +152,48 @@ def test_chain_double_backward_matches_float64(device):
         assert_close(g, g64, "R1 gradient", floor=total if g64.norm() <= 1e-9 * total else 0.0)
 
 
+def test_frozen_chain_gives_the_input_gradient(device):
+    """A frozen D (G's step: D's parameters need no gradient) still passes the input gradient
+    through every BN layer's backward: against float64."""
+    torch.manual_seed(27)
+    model = randomize_batch_norms_(nn.Sequential(
+        nn.Conv2d(3, 4, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 6, 4, 2, 1, bias=False), nn.BatchNorm2d(6), nn.LeakyReLU(0.2),
+        nn.Conv2d(6, 5, 3, 1, 1, bias=False), nn.BatchNorm2d(5), nn.LeakyReLU(0.2),
+        nn.Conv2d(5, 1, 2, 1, 0, bias=False)))
+    reference = copy.deepcopy(model).double().to(device)
+    fused = fuse(model).to(device)
+    for net in (fused, reference):
+        net.requires_grad_(False)
+    x = torch.randn(3, 3, 8, 8, device=device)
+    grads = []
+    for net, inp in ((fused, x), (reference, x.double())):
+        inp = inp.clone().requires_grad_()
+        net(inp).sum().backward()
+        grads.append(inp.grad)
+    assert_close(*grads, "input gradient of a frozen chain")
+
+
+def test_verbose_report_and_long_runs(capsys, chain_calls, device):
+    """fuse(verbose=True) names each chain; a run longer than the chain operator takes (8 layers)
+    runs as several chains, matching eager."""
+    from aigc_fast.models import Generator
+
+    fuse(Generator(32, nz=8, ngf=4), verbose=True)
+    assert "chain (in training): main.0 .. main.10, 4 layers as one op" in capsys.readouterr().out
+    torch.manual_seed(26)
+    layers = []
+    for _ in range(10):
+        layers += [nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU()]
+    model = randomize_batch_norms_(nn.Sequential(*layers))
+    reference = copy.deepcopy(model).double()
+    fuse(model, verbose=True)
+    assert "10 layers as 2 ops of <= 8 layers" in capsys.readouterr().out
+    assert_matches_reference(model, reference, lambda: torch.randn(2, 3, 3, 4), device,
+                             train_steps=1)
+    assert chain_calls == [8, 2]
+
+
 def test_bad_links_name_the_argument(device):
     x = torch.randn(2, 3, 4, 4, device=device)
     weight = torch.randn(3, 5, 3, 3, device=device)
