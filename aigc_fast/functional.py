@@ -10,7 +10,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import ops, reference
 from .kernels import META_LAUNCHES, TRITON_AVAILABLE, launches_take

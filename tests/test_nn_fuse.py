@@ -19,13 +19,13 @@ from aigc_fast import chain, functional
 from aigc_fast import nn as fused_nn
 from aigc_fast.models import Discriminator, Generator
 from aigc_fast.nn import ConvBNAct, ConvTransposeBNReLU, FusedSequential, fuse, unfuse
-from fuse_helpers import (RTOL, assert_close, assert_matches_reference, forward_backward,  # noqa: F401
+from fuse_helpers import (assert_close, assert_matches_reference, forward_backward,
                           randomize_batch_norms_)
 
 
 @pytest.fixture(autouse=True)
 def no_tf32(monkeypatch):
-    """RTOL is for IEEE float32 products; the kernels follow cudnn.allow_tf32 on CUDA, as PyTorch does."""
+    """fuse_helpers.RTOL is for IEEE float32 products; the kernels follow cudnn.allow_tf32 on CUDA, as PyTorch does."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 # pytorch/examples dcgan/main.py reads these as globals; tiny here to keep the interpreter fast.
