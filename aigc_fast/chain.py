@@ -51,6 +51,10 @@ def _check(x, links, weights, bn_params, bn_states):
         if link.activation not in CHAIN_ACTIVATIONS:
             raise ValueError(f"links[{i}].activation must be one of {CHAIN_ACTIVATIONS}, got "
                              f"{link.activation!r}")
+        slope = link.negative_slope
+        if (not isinstance(slope, (int, float)) or isinstance(slope, bool)
+                or not 0 <= slope < float("inf")):  # the backward reads act' from signs
+            raise ValueError(f"links[{i}].negative_slope must be a finite float >= 0, got {slope!r}")
         in_dim = 0 if link.transposed else 1
         if (not isinstance(weight, torch.Tensor) or weight.dim() != 4
                 or weight.shape[in_dim] != channels):
@@ -64,6 +68,15 @@ def _check(x, links, weights, bn_params, bn_states):
         if link.has_bn != (bn is not None):
             raise ValueError(f"bn_params[{i}] must be (gamma, beta) exactly when links[{i}].has_bn, "
                              f"got {'None' if bn is None else 'a pair'} with has_bn={link.has_bn}")
+        if bn is None and state is not None:
+            raise ValueError(f"bn_states[{i}] must be None for a layer without BatchNorm "
+                             f"(links[{i}].has_bn is False)")
+        if bn is not None and state is not None and state[2] is not None:
+            batches = state[2]
+            if (not isinstance(batches, torch.Tensor) or batches.dim() != 0
+                    or batches.dtype != torch.long or batches.device != x.device):
+                raise ValueError(f"bn_states[{i}] num_batches_tracked must be a 0-dim int64 tensor "
+                                 f"on {x.device}, got {batches!r}")
         if bn is not None:
             for tensor, what in zip((*bn, *(state or (None, None, None))[:2]),
                                     ("gamma", "beta", "running_mean", "running_var")):

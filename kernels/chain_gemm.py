@@ -263,6 +263,8 @@ def _conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, ou
     gamma, beta, rmean, rvar, nbt = bn if bn is not None else (None,) * 5
     if out.mode == 2 and None in bn_grads:
         raise ValueError("bn_grads must be two float32 (C_out,) tensors for out.mode 2")
+    if out.mode == 1 and momentum is None and nbt is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     fill = lambda t: t if t is not None else out.vec  # noqa: E731 (placeholders)
     args = (x, weight_view, a.y, a.vec, out.tensor, out.y, out.vec, fill(partials),
             counters(conv_tickets(c_out), dev), fill(gamma), fill(beta), fill(rmean), fill(rvar),

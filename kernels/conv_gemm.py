@@ -336,8 +336,11 @@ def counters(count: int, device: torch.device) -> torch.Tensor:
 
 
 def reset_counters(device: torch.device):
-    """Forget the counters of ``device`` (after a failed launch): the next use allocates zeroed ones."""
-    _counters_by_device.pop(device, None)
+    """Zero the counters of ``device`` in place (after a failed launch; in place, since a captured
+    CUDA graph holds their address)."""
+    found = _counters_by_device.get(device)
+    if found is not None:
+        found.zero_()
 
 
 @triton.jit
@@ -429,7 +432,7 @@ def weight_grad_program(pid_mn, tap, split, splits, x_ptr, xy_ptr, xvec_ptr, g_p
     ok = co_ok[:, None] & ci_ok[None, :]
     dw_offs = co.to(tl.int64)[:, None] * sdo + ci[None, :] * sdi + kh * sdh + kw * sdw
     if SPLIT:
-        numel = C_out * C_in * KH * KW
+        numel = split.to(tl.int64) * 0 + C_out * C_in * KH * KW  # int64: split * numel may not fit
         offs = (co.to(tl.int64)[:, None] * C_in + ci[None, :]) * (KH * KW) + tap
         tl.store(part_ptr + split * numel + offs, acc, mask=ok)
         if last_arrival(cnt_ptr + pid_mn * (KH * KW) + tap, splits):

@@ -210,3 +210,15 @@ def test_bad_links_name_the_argument(device):
     with pytest.raises(ValueError, match=r"links\[0\].activation must be one of"):
         chain.conv_chain(x, [chain.Link(True, (1, 1), (0, 0), activation="gelu")], [weight],
                          [None], [None])
+    # the backward reads a layer's activation derivative from its output's sign: slope >= 0
+    with pytest.raises(ValueError, match=r"links\[0\].negative_slope must be a finite float >= 0"):
+        chain.conv_chain(x, [chain.Link(True, (1, 1), (0, 0), activation="leaky_relu",
+                                        negative_slope=-0.1)], [weight], [None], [None])
+    state = (torch.zeros(5, device=device), torch.ones(5, device=device),
+             torch.tensor(0, device=device))
+    with pytest.raises(ValueError, match=r"bn_states\[0\] must be None for a layer without"):
+        chain.conv_chain(x, [link], [weight], [None], [state])
+    bn_link = chain.Link(True, (1, 1), (0, 0), has_bn=True)
+    params = [(torch.ones(5, device=device), torch.zeros(5, device=device))]
+    with pytest.raises(ValueError, match=r"num_batches_tracked must be a 0-dim int64 tensor"):
+        chain.conv_chain(x, [bn_link], [weight], params, [(*state[:2], torch.tensor(0.0))])

@@ -446,6 +446,7 @@ def test_verbose_report_on_generator_and_package_entry_points(capsys):
         "  fused main.6 -> main.7 -> main.8",
         "  fused main.9 -> main.10 -> main.11",
         "  fused main.12",
+        "  chain (in training): main.0 .. main.13, 5 layers as one op",
         "  (a fused run runs fused when its nn.Sequential is called; if its modules are called one "
         "by one, it runs unfused and warns)",
     ]

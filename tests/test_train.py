@@ -387,7 +387,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, npz,
     assert last.read_bytes() == before
 
 
-def test_ctrl_c_checkpoints_and_exits_130(tmp_path, npz, capsys, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test, whatever pytest inherited (a shell's background job
+    starts with SIGINT ignored), and the inherited one back afterwards."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_ctrl_c_checkpoints_and_exits_130(tmp_path, npz, capsys, monkeypatch, default_sigint):
     calls = []
 
     def interrupted_at_step_3(logits, target):  # 3 loss calls per step
