@@ -84,8 +84,7 @@ def _check(x, links, weights, bn_params, bn_states):
                                                  if what in ("gamma", "beta") else
                                                  f"bn_states[{i}] {what}", c_out, x,
                                                  optional=what.startswith("running"))
-        hw = functional._check_output_size(torch.empty((1, channels, *hw), device="meta"), weight,
-                                           link.transposed, link.stride, link.padding,
+        hw = functional._check_output_size(hw, weight, link.transposed, link.stride, link.padding,
                                            link.output_padding)
         if link.has_bn and x.shape[0] * hw[0] * hw[1] == 1:
             raise ValueError("Expected more than 1 value per channel when training, got output size "

@@ -143,18 +143,18 @@ def _check_x_and_weight(x, weight, transposed):
     return weight.shape[1 - in_dim]
 
 
-def _check_output_size(x, weight, transposed, stride, padding, output_padding):
-    """The (OH, OW) of the convolution, which must be at least 1x1."""
+def _check_output_size(in_hw, weight, transposed, stride, padding, output_padding):
+    """The (OH, OW) of the convolution of an ``in_hw`` input, which must be at least 1x1."""
     kernel = weight.shape[2:]
     if transposed:
         out_hw = [(size - 1) * s - 2 * p + k + op for size, s, p, k, op in
-                  zip(x.shape[2:], stride, padding, kernel, output_padding)]
+                  zip(in_hw, stride, padding, kernel, output_padding)]
     else:
-        out_hw = [(size + 2 * p - k) // s + 1 for size, s, p, k in zip(x.shape[2:], stride, padding, kernel)]
+        out_hw = [(size + 2 * p - k) // s + 1 for size, s, p, k in zip(in_hw, stride, padding, kernel)]
     if min(out_hw) < 1:
         what = "large" if transposed else "small"
         raise ValueError(f"the output would be {out_hw[0]}x{out_hw[1]}: padding {padding} is too "
-                         f"{what} for input {tuple(x.shape[2:])}, kernel {tuple(kernel)}")
+                         f"{what} for input {tuple(in_hw)}, kernel {tuple(kernel)}")
     return out_hw
 
 
@@ -218,7 +218,7 @@ def _check_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
     if any(op >= s for op, s in zip(output_padding, stride)) or (not transposed and any(output_padding)):
         limit = f"smaller than stride {stride}" if transposed else "0 for a Conv2d"
         raise ValueError(f"output_padding must be {limit}, got {output_padding}")
-    out_hw = _check_output_size(x, weight, transposed, stride, padding, output_padding)
+    out_hw = _check_output_size(x.shape[2:], weight, transposed, stride, padding, output_padding)
     has_bn = _check_batch_norm(x, c_out, out_hw, bn_weight, bn_bias, running_mean, running_var,
                                training, momentum, eps)
     _check_activation(activation, negative_slope)
