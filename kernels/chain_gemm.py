@@ -23,10 +23,10 @@ import triton.language as tl
 
 from ._config import dot_precision, gemm_tuning
 from .bn_act import (COEF0, COEF1, INVSTD, MEAN, SCALE, SHIFT, Side, activate,
-                     activate_grad, activate_grad_from_out, chan_combine, chain_operand,
-                     mean_invstd_affine, sum_grad_partials, update_running)
-from .conv_gemm import (_nhwc_strides, counters, gemm_rows, last_arrival, out_coords, row_tiling,
-                        tap_coords, weight_grad_launch, weight_grad_program)
+                     activate_grad, activate_grad_from_out, chan_combine, mean_invstd_affine,
+                     sum_grad_partials, update_running)
+from .conv_gemm import (_nhwc_strides, counters, gemm_rows, implicit_gemm, last_arrival,
+                        out_coords, row_tiling, weight_grad_launch, weight_grad_program)
 
 # partial rows a finalize or finish loads per step (as bn_act._PARTIAL_ROWS: more spill)
 _PARTIAL_ROWS = tl.constexpr(16)
@@ -98,24 +98,10 @@ def chain_conv_program(pid_m, pid_n, num_m, num_n, x_ptr, w_ptr, ay_ptr, avec_pt
                                                           KW, SH, SW, TRANSPOSED, BLOCK_M)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < C_out
-    k_blocks = tl.cdiv(C_in, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(0, taps_h * taps_w * k_blocks):
-        ci, ih, iw, kh, kw = tap_coords(it, k_blocks, taps_w, qh, qw, ph, pw, PAD_H, PAD_W, SH, SW,
-                                        TRANSPOSED, BLOCK_K)
-        ci_ok = ci < C_in
-        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_rows = x_ptr + n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        a_ok = ok[:, None] & ci_ok[None, :]
-        a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=a_ok, other=0.0)
-        if A_MODE != 0:
-            pix = (n * H + ih) * W + iw
-            a = chain_operand(a.to(tl.float32), A_MODE, A_ACT, a_slope, ay_ptr,
-                              pix[:, None] * C_in + ci[None, :], avec_ptr, C_in, ci, ci_ok,
-                              a_ok).to(x_ptr.dtype.element_ty)
-        b = tl.load(w_ptr + kh * swh + kw * sww + ci[:, None] * swk + co[None, :] * swn,
-                    mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    acc = implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, row_ok, n, qh, qw, ph, pw, taps_h, taps_w, co,
+                        co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc, swh, sww, swk,
+                        swn, SH, SW, TRANSPOSED, A_MODE, A_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                        BLOCK_K)
 
     oh, ow = out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH, SW, TRANSPOSED)
     ok2 = row_ok[:, None] & co_ok[None, :]

@@ -118,6 +118,36 @@ def out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH: tl.constexpr, SW: tl.constexpr,
     return qh, qw
 
 
+@triton.jit
+def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, row_ok, n, qh, qw, ph, pw, taps_h, taps_w, co,
+                  co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc, swh, sww, swk, swn,
+                  SH: tl.constexpr, SW: tl.constexpr, TRANSPOSED: tl.constexpr,
+                  A_MODE: tl.constexpr, A_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The float32 [BLOCK_M, BLOCK_N] accumulator of the GEMM rows of :func:`gemm_rows` and the
+    output channels ``co``: one flat loop over (tap, input channel block), each A tile loaded through
+    bn_act.chain_operand(A_MODE) (``ay_ptr``/``avec_ptr``: its layer's y or output and vec)."""
+    k_blocks = tl.cdiv(C_in, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, taps_h * taps_w * k_blocks):
+        ci, ih, iw, kh, kw = tap_coords(it, k_blocks, taps_w, qh, qw, ph, pw, PAD_H, PAD_W, SH, SW,
+                                        TRANSPOSED, BLOCK_K)
+        ci_ok = ci < C_in
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_rows = x_ptr + n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        a_ok = ok[:, None] & ci_ok[None, :]
+        a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=a_ok, other=0.0)
+        if A_MODE != 0:
+            pix = (n * H + ih) * W + iw
+            a = chain_operand(a.to(tl.float32), A_MODE, A_ACT, a_slope, ay_ptr,
+                              pix[:, None] * C_in + ci[None, :], avec_ptr, C_in, ci, ci_ok,
+                              a_ok).to(x_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + kh * swh + kw * sww + ci[:, None] * swk + co[None, :] * swn,
+                    mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 @triton.autotune(**_CONV_TUNING,
                  key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "STATS",
                       "AFFINE", "A_MODE", "DOT_PRECISION"])
@@ -147,25 +177,10 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
                                                           KW, SH, SW, TRANSPOSED, BLOCK_M)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < C_out
-    k_blocks = tl.cdiv(C_in, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(0, taps_h * taps_w * k_blocks):  # one flat loop over (tap, channel block)
-        ci, ih, iw, kh, kw = tap_coords(it, k_blocks, taps_w, qh, qw, ph, pw, PAD_H, PAD_W, SH, SW,
-                                        TRANSPOSED, BLOCK_K)
-        ci_ok = ci < C_in
-        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_rows = x_ptr + n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        a_ok = ok[:, None] & ci_ok[None, :]
-        a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=a_ok, other=0.0)
-        if A_MODE != 0:
-            pix = (n * H + ih) * W + iw
-            a = chain_operand(a.to(tl.float32), A_MODE, A_ACT, a_slope, ay_ptr,
-                              pix[:, None] * C_in + ci[None, :], avec_ptr, C_in, ci, ci_ok,
-                              a_ok).to(x_ptr.dtype.element_ty)
-        w_tap = w_ptr + kh * swh + kw * sww
-        b = tl.load(w_tap + ci[:, None] * swk + co[None, :] * swn,
-                    mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    acc = implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, row_ok, n, qh, qw, ph, pw, taps_h, taps_w, co,
+                        co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc, swh, sww, swk,
+                        swn, SH, SW, TRANSPOSED, A_MODE, A_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                        BLOCK_K)
 
     oh, ow = out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH, SW, TRANSPOSED)
     ok2 = row_ok[:, None] & co_ok[None, :]
