@@ -13,6 +13,8 @@ import torch
 
 from . import ops, reference
 from .kernels import META_LAUNCHES, TRITON_AVAILABLE, launches_take
+from .kernels.activations import ACTIVATIONS
+from .kernels.layers import LayerSpec, output_size
 
 IMPLS = ("auto", "triton", "ref")
 _warned_fallbacks = set()  # the causes "auto" has already warned about: one warning per cause
@@ -92,8 +94,6 @@ def _cast_for_autocast(dtype, *tensors):
 # --- Conv2d / ConvTranspose2d [+ BatchNorm2d] [+ ReLU / LeakyReLU] --------------------------------
 
 
-ACTIVATIONS = ("relu", "leaky_relu", None)
-
 
 def _int_pair(value, name, minimum):
     """``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
@@ -145,12 +145,8 @@ def _check_x_and_weight(x, weight, transposed):
 
 def _check_output_size(in_hw, weight, transposed, stride, padding, output_padding):
     """The (OH, OW) of the convolution of an ``in_hw`` input, which must be at least 1x1."""
-    kernel = weight.shape[2:]
-    if transposed:
-        out_hw = [(size - 1) * s - 2 * p + k + op for size, s, p, k, op in
-                  zip(in_hw, stride, padding, kernel, output_padding)]
-    else:
-        out_hw = [(size + 2 * p - k) // s + 1 for size, s, p, k in zip(in_hw, stride, padding, kernel)]
+    kernel = tuple(weight.shape[2:])
+    out_hw = output_size(in_hw, kernel, stride, padding, transposed, output_padding)
     if min(out_hw) < 1:
         what = "large" if transposed else "small"
         raise ValueError(f"the output would be {out_hw[0]}x{out_hw[1]}: padding {padding} is too "
@@ -199,7 +195,7 @@ def _check_batch_norm(x, c_out, out_hw, bn_weight, bn_bias, running_mean, runnin
 
 def _check_activation(activation, negative_slope):
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if (not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool)
             or not 0 <= negative_slope < float("inf")):
         raise ValueError(f"negative_slope must be a finite float >= 0, got {negative_slope!r}")
@@ -261,24 +257,28 @@ def conv_bn_act(x, weight, bn_weight=None, bn_bias=None, running_mean=None, runn
     stride, padding, output_padding, has_bn = _check_conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var, bias, transposed, stride, padding,
         output_padding, activation, negative_slope, training, momentum, eps)
-    # the interpreter's tl.dot has no bfloat16 (numpy lacks it): no bfloat16 convolutions on the CPU
+    spec = LayerSpec(transposed, stride, padding, output_padding, has_bn, float(eps),
+                     momentum if isinstance(momentum, (int, float)) else 0.0, activation,
+                     float(negative_slope), training)
+    bn_state = (running_mean, running_var, None,
+                momentum if isinstance(momentum, torch.Tensor) else None)
+    return run_chain(x, [spec], [weight], bias, [(bn_weight, bn_bias) if has_bn else None],
+                     [bn_state if has_bn else None], impl)
+
+
+def run_chain(x, specs, weights, bias, bn_params, bn_states, impl):
+    """Validated convolution layers (kernels.layers.LayerSpec each; ``bias``: the last one's;
+    ``bn_states``: per BN layer (running_mean, running_var, num_batches_tracked, momentum tensor),
+    each may be None) on the implementation ``impl`` resolves to: the reference, or our operator.
+    The interpreter's tl.dot has no bfloat16 (numpy lacks it): no bfloat16 convolutions on the CPU.
+    An empty batch is PyTorch's own business: an empty output, running stats untouched."""
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if x.device.type != "cpu" else ())
-    # an empty batch is PyTorch's own business: an empty output, running stats untouched
     if resolve_impl(impl, x.device, x.dtype, dtypes) == "ref" or x.shape[0] == 0:
-        return reference.conv_bn_act(
-            x, weight, bn_weight, bn_bias, running_mean, running_var, transposed=transposed,
-            bias=bias, stride=stride, padding=padding, output_padding=output_padding,
-            activation=activation, negative_slope=negative_slope, training=training,
-            momentum=momentum, eps=eps)
+        return reference.conv_chain(x, specs, weights, bn_params, bn_states, bias=bias)
     # ctx.needs_input_grad ignores torch.no_grad(), so whether backward can happen is decided here
-    grad_needed = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias))
-    momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
-    return ops.conv_bn_act_trainable(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum_tensor,
-        0.0 if momentum_tensor is not None else float(momentum), transposed, list(stride),
-        list(padding), list(output_padding), activation, float(negative_slope),
-        training and has_bn, float(eps), grad_needed)
+    params = [*weights, bias, *(t for pair in bn_params if pair is not None for t in pair)]
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    return ops.conv_chain_trainable(x, specs, weights, bias, bn_params, bn_states, keep)
 
 
 def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None,

@@ -10,57 +10,52 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import chain, functional
+from .kernels.activations import ACTIVATIONS
 
 
 # --- Conv2d / ConvTranspose2d [+ BatchNorm2d] [+ ReLU / LeakyReLU] --------------------------------
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
-_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)
-
-
-def _batch_norm_momentum(bn):
-    """The running-average factor of a tracking ``bn`` (the only kind fused) for this call, as
-    BatchNorm2d.forward computes it after advancing ``num_batches_tracked`` (which
-    :func:`_advance_batch_count` does once the op has accepted the call). ``momentum=None``
-    (cumulative average) gives the 0-dim tensor ``1 / (num_batches_tracked + 1)``: nothing is read
-    back to the host."""
-    if not bn.training:
-        return 0.0  # eval mode reads the running stats and does not update them
-    return 1.0 / (bn.num_batches_tracked + 1) if bn.momentum is None else bn.momentum
-
-
-def _advance_batch_count(bn):
-    """BatchNorm2d's ``num_batches_tracked += 1`` in training, after the fused op ran: a call the op
-    rejects (bad input) leaves every piece of state as it was."""
-    if bn.training:
-        bn.num_batches_tracked.add_(1)
+# the activation modules a run ends with (fuse()'s table entries with a module; a Tanh only ends a
+# chain: _trailing_tanh), by class
+_ACTIVATIONS = {act.module: name for name, act in ACTIVATIONS.items()
+                if act.module is not None and name != "tanh"}
 
 
 def _activation_kind(act):
     """The fused op's ``activation`` for an nn.ReLU / nn.LeakyReLU module (or None)."""
     if act is None:
         return None
-    return "leaky_relu" if isinstance(act, nn.LeakyReLU) else "relu"
+    return next(name for cls, name in _ACTIVATIONS.items() if isinstance(act, cls))
+
+
+def _link(conv, bn, activation, negative_slope, output_padding=None):
+    """The chain's description of ``act(bn(conv(x)))`` (``bn`` a module or None), in the modules'
+    current mode."""
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    if output_padding is None:
+        output_padding = tuple(conv.output_padding) if transposed else (0, 0)
+    return chain.Link(transposed, tuple(conv.stride), tuple(conv.padding), tuple(output_padding),
+                      bn is not None, bn.eps if bn is not None else 1e-5,
+                      bn.momentum if bn is not None else 0.0, activation, negative_slope,
+                      bn.training if bn is not None else True)
+
+
+def _bn_state(bn):
+    return (bn.running_mean, bn.running_var, bn.num_batches_tracked) if bn is not None else None
 
 
 def _fused_forward(conv, bn, activation, negative_slope, x, output_size=None):
     """``act(bn(conv(x, output_size)))`` (bn: a module or None; ``activation``: "relu",
-    "leaky_relu" or None) through the fused op, reading the modules' parameters, buffers and mode."""
-    transposed = isinstance(conv, nn.ConvTranspose2d)
-    output_padding = 0
-    if transposed:
-        output_padding = conv.output_padding if output_size is None else conv._output_padding(
-            x, output_size, conv.stride, conv.padding, conv.kernel_size, 2, conv.dilation)
-    bn_args = () if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    bn_kwargs = {} if bn is None else dict(training=bn.training, momentum=_batch_norm_momentum(bn),
-                                           eps=bn.eps)
-    out = functional.conv_bn_act(
-        x, conv.weight, *bn_args, transposed=transposed, bias=conv.bias, stride=conv.stride,
-        padding=conv.padding, output_padding=output_padding, activation=activation,
-        negative_slope=negative_slope, **bn_kwargs)
-    if bn is not None:
-        _advance_batch_count(bn)
-    return out
+    "leaky_relu" or None) as a chain of one, reading the modules' parameters, buffers and mode (BN's
+    num_batches_tracked advances in the kernel, as nn.BatchNorm2d advances it in training)."""
+    output_padding = None
+    if isinstance(conv, nn.ConvTranspose2d) and output_size is not None:
+        output_padding = conv._output_padding(x, output_size, conv.stride, conv.padding,
+                                              conv.kernel_size, 2, conv.dilation)
+    return chain.conv_chain(x, [_link(conv, bn, activation, negative_slope, output_padding)],
+                            [conv.weight], [(bn.weight, bn.bias) if bn is not None else None],
+                            [_bn_state(bn)], bias=conv.bias)
 
 
 class _WarnIfRunUnfused:
@@ -301,7 +296,7 @@ def _run_at(modules, i):
     following = modules[i + 1:i + 3] + [None, None]
     bn = following[0] if _is_or_becomes(following[0], nn.BatchNorm2d) else None
     act = following[1 if bn is not None else 0]
-    return modules[i], bn, act if isinstance(act, _ACTIVATIONS) else None
+    return modules[i], bn, act if isinstance(act, tuple(_ACTIVATIONS)) else None
 
 
 def _run_length(run):
@@ -326,66 +321,53 @@ def _fusable_runs(modules, i):
     return runs, i
 
 
-def _chainable(runs):
-    """Whether ``runs`` can run as one chain: BNs in training (eval folds BN into each layer's own
-    epilogue, already one launch per layer) and no conv bias (BN cancels it; the chain has none).
-    Not under torch.jit.trace, which cannot record the chain operator's list arguments: a traced
-    model runs one fused op per layer."""
-    return (not torch.jit.is_tracing()
-            and all(conv.bias is None and (bn is None or bn.training) for conv, bn, _ in runs))
+def _chain_groups(runs):
+    """``runs`` split into chains: a run whose conv has a bias ends its chain (only a chain's last
+    layer may have one), and a chain holds at most CHAIN_MAX_LAYERS runs."""
+    groups, group = [], []
+    for run in runs:
+        group.append(run)
+        if run[0].bias is not None or len(group) == chain.ops.CHAIN_MAX_LAYERS:
+            groups.append(group)
+            group = []
+    return groups + ([group] if group else [])
 
 
 def _chain_forward(runs, tanh, input):
     """``runs`` (and a trailing Tanh when ``tanh``) as one :func:`conv_chain` call."""
-    links, weights, bn_params, bn_states = [], [], [], []
-    for k, (conv, bn, act) in enumerate(runs):
-        activation = _activation_kind(act)
-        if tanh and k == len(runs) - 1:
-            activation = "tanh"
-        transposed = isinstance(conv, nn.ConvTranspose2d)
-        links.append(chain.Link(transposed, tuple(conv.stride), tuple(conv.padding),
-                          tuple(conv.output_padding) if transposed else (0, 0), bn is not None,
-                          bn.eps if bn is not None else 1e-5,
-                          bn.momentum if bn is not None else 0.0, activation,
-                          getattr(act, "negative_slope", 0.0)))
-        weights.append(conv.weight)
-        bn_params.append((bn.weight, bn.bias) if bn is not None else None)
-        bn_states.append((bn.running_mean, bn.running_var, bn.num_batches_tracked)
-                         if bn is not None else None)
-    return chain.conv_chain(input, links, weights, bn_params, bn_states)
+    last = len(runs) - 1
+    links = [_link(conv, bn, "tanh" if tanh and k == last else _activation_kind(act),
+                   getattr(act, "negative_slope", 0.0)) for k, (conv, bn, act) in enumerate(runs)]
+    return chain.conv_chain(input, links, [conv.weight for conv, _, _ in runs],
+                            [(bn.weight, bn.bias) if bn is not None else None for _, bn, _ in runs],
+                            [_bn_state(bn) for _, bn, _ in runs], bias=runs[-1][0].bias)
 
 
 class FusedSequential(nn.Sequential):
     """An nn.Sequential that runs its fusable Conv2d / ConvTranspose2d [-> BatchNorm2d] [-> ReLU /
-    LeakyReLU] runs as fused ops: consecutive runs in training as one chain
-    (:func:`aigc_fast.chain.conv_chain`, with a Tanh that ends them), others one fused op each.
-    :func:`fuse` swaps a Sequential's class to this one, so the children, hence the state_dict keys,
-    stay where they were; :func:`unfuse` swaps it back. Fusability is checked at every call, so a
-    hook or module added later is honoured (that run then runs eagerly), and a lazy run runs eagerly
-    once, then fused."""
+    LeakyReLU] runs as chains (:func:`aigc_fast.chain.conv_chain`: consecutive runs as one op, a
+    conv bias ending one, a Tanh that ends the runs included). :func:`fuse` swaps a Sequential's
+    class to this one, so the children, hence the state_dict keys, stay where they were;
+    :func:`unfuse` swaps it back. Fusability is checked at every call, so a hook or module added
+    later is honoured (that run then runs eagerly), and a lazy run runs eagerly once, then
+    fused."""
 
     def forward(self, input):
         modules = list(self._modules.values())
         i = 0
         while i < len(modules):
             runs, end = _fusable_runs(modules, i)
-            if runs and _chainable(runs):
-                links = chain.ops.CHAIN_MAX_LAYERS  # longer runs: several chains
-                for k in range(0, len(runs) - links, links):
-                    input = _chain_forward(runs[k:k + links], False, input)
-                tail = runs[(len(runs) - 1) // links * links:]
-                tanh = tail[-1][1] is None and tail[-1][2] is None and _trailing_tanh(modules, end)
-                input = _chain_forward(tail, tanh, input)
-                i = end + int(tanh)
+            if not runs:
+                input = modules[i](input)
+                i += 1
                 continue
-            for conv, bn, act in runs:
-                input = _fused_forward(conv, bn, _activation_kind(act),
-                                       getattr(act, "negative_slope", 0.0), input)
-            if runs:
-                i = end
-                continue
-            input = modules[i](input)
-            i += 1
+            groups = _chain_groups(runs)
+            for group in groups[:-1]:
+                input = _chain_forward(group, False, input)
+            tail = groups[-1][-1]
+            tanh = tail[1] is None and tail[2] is None and _trailing_tanh(modules, end)
+            input = _chain_forward(groups[-1], tanh, input)
+            i = end + int(tanh)
         return input
 
 
@@ -448,23 +430,20 @@ def _losses(model):
 
 
 def _chains(fused):
-    """(first module, last module, layers) of each chain a training forward will run
+    """(first module, last module, layers) of each chain of several layers a forward will run
     (FusedSequential.forward): maximal groups of fused runs that follow one another in one
-    Sequential, without a conv bias, a trailing Tanh included. A lone run is no chain."""
-    groups, last = [], None
+    Sequential, a conv bias ending one, a trailing Tanh included."""
+    groups, last, ended = [], None, True
     for run in fused:
         modules = list(run.parent._modules.values())
         start = modules.index(run.modules[0])
         follows = (last is not None and last.parent is run.parent
                    and modules.index(last.modules[-1]) + 1 == start)
-        if run.modules[0].bias is not None:
-            last = None
-            continue
-        if follows and groups:
+        if follows and not ended:
             groups[-1].append(run)
         else:
             groups.append([run])
-        last = run
+        last, ended = run, run.modules[0].bias is not None
     described = []
     for chain_runs in (g for g in groups if len(g) > 1):
         tail = chain_runs[-1]
@@ -493,7 +472,7 @@ def _print_report(runs, losses):
             print(f"  left  {run.names[0]}: {run.reason}")
     links = chain.ops.CHAIN_MAX_LAYERS
     for first, last, layers in _chains(fused):
-        print(f"  chain (in training): {first} .. {last}, {layers} layers as "
+        print(f"  chain: {first} .. {last}, {layers} layers as "
               + ("one op" if layers <= links else f"{-(-layers // links)} ops of <= {links} layers"))
     if fused:
         print("  (a fused run runs fused when its nn.Sequential is called; if its modules are called "

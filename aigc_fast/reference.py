@@ -1,6 +1,9 @@
-"""The fused ops in plain PyTorch: the oracle for tests and the CPU fallback. Imports only torch."""
+"""The fused ops in plain PyTorch: the oracle for tests and the CPU fallback. Imports only torch
+and the activation table (plain PyTorch too)."""
 import torch
 import torch.nn.functional as F
+
+from .kernels.activations import ACTIVATIONS
 
 
 # --- Conv2d / ConvTranspose2d [+ BatchNorm2d] [+ ReLU / LeakyReLU] --------------------------------
@@ -35,33 +38,33 @@ def conv_bn_act(x, weight, bn_weight=None, bn_bias=None, running_mean=None, runn
     return activate(y, activation, negative_slope)
 
 
-def conv_chain(x, links, weights, bn_params, bn_states):
-    """Twin of :func:`aigc_fast.chain.conv_chain` (its ``links`` describe the layers): per layer as
-    :func:`conv_bn_act` in training, advancing num_batches_tracked as nn.BatchNorm2d does."""
-    for link, weight, bn, state in zip(links, weights, bn_params, bn_states):
-        running_mean, running_var, batches = state if state is not None else (None, None, None)
+def conv_chain(x, links, weights, bn_params, bn_states, bias=None):
+    """Twin of :func:`aigc_fast.chain.conv_chain` (its ``links`` describe the layers; ``bias`` is
+    the last layer's): per layer :func:`conv_bn_act`, advancing num_batches_tracked in training as
+    nn.BatchNorm2d does. ``bn_states``: per BN layer (running_mean, running_var,
+    num_batches_tracked) or None, optionally with a 0-dim momentum tensor fourth."""
+    last = len(links) - 1
+    for i, (link, weight, bn, state) in enumerate(zip(links, weights, bn_params, bn_states)):
+        running_mean, running_var, batches, momentum_tensor = (*(state or ()), None, None, None,
+                                                                None)[:4]
         momentum = link.momentum
-        if bn is not None and batches is not None:
+        if bn is not None and link.training and batches is not None:
             batches.add_(1)
             if momentum is None:
                 momentum = 1.0 / batches
+        momentum = momentum_tensor if momentum_tensor is not None else momentum
         x = conv_bn_act(x, weight, *(bn or (None, None)), running_mean, running_var,
                         transposed=link.transposed, stride=link.stride, padding=link.padding,
-                        output_padding=link.output_padding, activation=link.activation,
-                        negative_slope=link.negative_slope, training=True,
+                        output_padding=link.output_padding, bias=bias if i == last else None,
+                        activation=link.activation, negative_slope=link.negative_slope,
+                        training=link.training,
                         momentum=momentum if momentum is not None else 0.0, eps=link.eps)
     return x
 
 
 def activate(y, activation, negative_slope=0.01):
-    """ReLU, LeakyReLU(negative_slope), tanh or (None) nothing, as PyTorch computes them."""
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
-    if activation == "tanh":
-        return torch.tanh(y)
-    return y
+    """An activation of kernels.activations.ACTIVATIONS (None: none), as PyTorch computes it."""
+    return ACTIVATIONS[activation].reference(y, negative_slope)
 
 
 # --- sigmoid + binary cross-entropy -------------------------------------------------------------

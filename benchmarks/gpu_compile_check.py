@@ -245,8 +245,8 @@ def _losses(n, dtype):
 
 
 def _drop_ins(batch, dtype):
-    """The per-layer fused op, which chains do not use: DCGAN-sized drop-in layers with a conv bias
-    (so not chained), forward and backward in training and in eval."""
+    """DCGAN-sized drop-in layers with a conv bias (chains of one whose epilogues add it), forward
+    and backward in training and in eval."""
     from aigc_fast.nn import ConvBNAct, ConvTransposeBNReLU
 
     layers = [(ConvTransposeBNReLU(256, 128, 4, 2, 1), (batch, 256, 8, 8)),

@@ -9,47 +9,64 @@ in a fixed order: no atomics, the same bits every run. Layers without BN use the
 the identity affine (``AFFINE=False``): there y is the layer's output, whose sign is the activation's
 input's sign for ReLU and LeakyReLU with a slope >= 0.
 """
+import enum
+
 import torch
 import triton
 import triton.language as tl
 
 from ._config import pow2_block
+from .activations import code as activation_code
 
-# activation codes of the ``ACT`` constexpr
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3}
-
-# A BN layer's per-channel numbers, one float32 (6, C) "vec" that its neighbours' kernels read:
-# the forward writes MEAN, INVSTD, SCALE, SHIFT (and, in eval, zero COEF rows: the statistics are
-# constants there); the backward's reductions write COEF0, COEF1 (dy's coefficients).
-VEC_ROWS = ("mean", "invstd", "scale", "shift", "coef0", "coef1")
+# A BN layer's per-channel numbers from its forward, one float32 (4, C) "vec" that its neighbours'
+# kernels read: MEAN, INVSTD, SCALE, SHIFT (z = y * scale + shift). Its backward's reductions write
+# dy's two coefficients into a separate float32 (2, C) "coef" (dy = scale*dz + coef0 + coef1*xhat),
+# so that the saved vec is never written after the forward and a graph can be backpropagated again.
+VEC_ROWS = ("mean", "invstd", "scale", "shift")
 ROW = {name: i for i, name in enumerate(VEC_ROWS)}  # the rows' indices, for the launchers
 # the same, for the kernels (which read only constexpr globals)
-MEAN, INVSTD, SCALE, SHIFT, COEF0, COEF1 = map(tl.constexpr, range(len(VEC_ROWS)))
+MEAN, INVSTD, SCALE, SHIFT = map(tl.constexpr, range(len(VEC_ROWS)))
+
+# partial rows a finalize or finish loads per step, at most 64 channels wide: 16 rows of the
+# finalize's three float32 tiles build without spills with 4 warps
+PARTIAL_ROWS = tl.constexpr(16)
+
+
+class Operand(enum.IntEnum):
+    """How a GEMM operand tile is loaded (:func:`chain_operand`'s MODE), given its layer."""
+
+    AS_STORED = 0  # the tensor as it is
+    BN_ACT = 1  # act(y * scale + shift): the forward of a BN layer whose y is stored
+    BN_ACT_GRAD = 2  # dy of a BN layer from its output gradient (y, vec and coef read)
+    ACT_GRAD = 3  # dy of a layer without BN, act'(out) * g (its output read)
+
+
+# the same, for the kernels
+AS_STORED, BN_ACT, BN_ACT_GRAD, ACT_GRAD = (tl.constexpr(int(m)) for m in Operand)
 
 
 def new_vec(c, device):
-    """A (6, c) float32 vec (rows: VEC_ROWS), written by the kernels."""
+    """A (4, c) float32 vec (rows: VEC_ROWS), written by the kernels."""
     return torch.empty((len(VEC_ROWS), c), device=device, dtype=torch.float32)
 
 
-class Side:
-    """A GEMM operand (or output) and what a kernel does to it in its load (or epilogue), in the
-    terms of :func:`chain_operand`: ``mode``, the layer's activation code ``act`` and ``slope``, and
-    the layer's saved y (mode 2) or output (mode 3) ``y`` and ``vec``; placeholders where unused."""
+def new_coef(c, device):
+    """A (2, c) float32 coef (dy's coefficients), written by a backward's reductions."""
+    return torch.empty((2, c), device=device, dtype=torch.float32)
 
-    def __init__(self, tensor, mode=0, act=0, slope=0.0, y=None, vec=None):
-        self.tensor, self.mode, self.act, self.slope = tensor, mode, act, slope
+
+class Side:
+    """A GEMM operand (or output) and what a kernel does to it in its load (or epilogue):
+    ``mode`` (an :class:`Operand`, or an epilogue's code), the layer's ``activation`` name and
+    ``slope``, and the layer's saved y (BN) or output (no BN) ``y``, ``vec`` and ``coef``;
+    placeholders (the tensor itself) where unused."""
+
+    def __init__(self, tensor, mode=0, activation=None, slope=0.0, y=None, vec=None, coef=None):
+        self.tensor, self.mode, self.slope = tensor, int(mode), slope
+        self.act = activation_code(activation)
         self.y = y if y is not None else tensor
         self.vec = vec if vec is not None else tensor
-
-
-def grad_side(grad, y, vec, activation, slope):
-    """The output gradient ``grad`` of a layer act(bn(y)) as the operand that loads as dy: mode 2
-    with BN (``vec`` given), 3 (y is then the layer's output) with only an activation, else 0."""
-    act = ACTIVATIONS[activation]
-    if vec is not None:
-        return Side(grad, 2, act, slope, y=y, vec=vec)
-    return Side(grad, 3, act, slope, y=y) if act else Side(grad)
+        self.coef = coef if coef is not None else tensor
 
 
 @triton.jit
@@ -78,19 +95,20 @@ def activate_grad_from_out(out, g, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def chain_operand(v, MODE: tl.constexpr, ACT: tl.constexpr, slope, y_ptr, y_offs, vec_ptr, C, c,
-                  c_ok, ok):
+def chain_operand(v, MODE: tl.constexpr, ACT: tl.constexpr, slope, y_ptr, y_offs, vec_ptr, coef_ptr,
+                  C, c, c_ok, ok):
     """A float32 [pixels, channels ``c``] operand tile ``v`` as a GEMM uses it, given its layer's
-    activation and (``vec_ptr``, its (6, C) vec) BN: MODE 0 as it is; 1 act(v*scale+shift), the
-    forward prologue (v is the layer's y); 2 the backward of a BN layer whose output gradient is v,
-    dy = scale*dz + coef0 + coef1*xhat, dz = act'(z)*v with z recomputed from y (at ``y_ptr +
-    y_offs``) exactly as the forward computed it; 3 the backward of a layer without BN, act'(out)*v
-    (its output at ``y_ptr + y_offs``). 0 outside ``ok`` (padding)."""
-    if MODE == 1:
+    activation and BN (``vec_ptr``/``coef_ptr``: its (4, C) vec and (2, C) coef): MODE AS_STORED as
+    it is; BN_ACT act(v*scale+shift), the forward prologue (v is the layer's y); BN_ACT_GRAD the
+    backward of a BN layer whose output gradient is v, dy = scale*dz + coef0 + coef1*xhat,
+    dz = act'(z)*v with z recomputed from y (at ``y_ptr + y_offs``) exactly as the forward computed
+    it; ACT_GRAD the backward of a layer without BN, act'(out)*v (its output at ``y_ptr + y_offs``).
+    0 outside ``ok`` (padding)."""
+    if MODE == BN_ACT:
         scale = tl.load(vec_ptr + SCALE * C + c, mask=c_ok, other=0.0)
         shift = tl.load(vec_ptr + SHIFT * C + c, mask=c_ok, other=0.0)
         v = activate(v * scale[None, :] + shift[None, :], ACT, slope)
-    elif MODE == 2:
+    elif MODE == BN_ACT_GRAD:
         y = tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(vec_ptr + MEAN * C + c, mask=c_ok, other=0.0)
         invstd = tl.load(vec_ptr + INVSTD * C + c, mask=c_ok, other=0.0)
@@ -98,10 +116,10 @@ def chain_operand(v, MODE: tl.constexpr, ACT: tl.constexpr, slope, y_ptr, y_offs
         shift = tl.load(vec_ptr + SHIFT * C + c, mask=c_ok, other=0.0)
         dz = activate_grad(y * scale[None, :] + shift[None, :], v, ACT, slope)
         v = scale[None, :] * dz
-        v += (tl.load(vec_ptr + COEF0 * C + c, mask=c_ok, other=0.0)[None, :]
-              + tl.load(vec_ptr + COEF1 * C + c, mask=c_ok, other=0.0)[None, :]
+        v += (tl.load(coef_ptr + c, mask=c_ok, other=0.0)[None, :]
+              + tl.load(coef_ptr + C + c, mask=c_ok, other=0.0)[None, :]
               * ((y - mean[None, :]) * invstd[None, :]))
-    elif MODE == 3:
+    elif MODE == ACT_GRAD:
         out = tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32)
         v = activate_grad_from_out(out, v, ACT, slope)
     return tl.where(ok, v, 0.0)
@@ -160,24 +178,30 @@ def chan_combine(part_ptr, T, C, c, c_ok, BLOCK_T: tl.constexpr, BLOCK_C: tl.con
 
 
 @triton.jit
-def mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr,
-                       scale_ptr, shift_ptr, coef_ptr, C):
-    """Store mean, invstd = 1/sqrt(biased var + eps) and BN's affine map (scale, shift) of the
-    channels ``c`` from their combined statistics, and zero dy's two coefficient rows at
-    ``coef_ptr`` (C apart: a vec's COEF rows, set by a backward's reductions; never left
-    unwritten)."""
-    var = m2 / tl.maximum(total, 1.0)  # total >= 2 on real channels; masked lanes stay finite
-    invstd = 1.0 / tl.sqrt(var + eps)
+def bn_affine(gamma_ptr, beta_ptr, c, c_ok, mean, invstd):
+    """(scale, shift) of the channels ``c``: BN with these statistics as one affine map."""
     gamma = tl.load(gamma_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
     beta = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    scale, shift = scale_shift(gamma, beta, mean, invstd)
-    tl.store(mean_ptr + c, mean, mask=c_ok)
-    tl.store(invstd_ptr + c, invstd, mask=c_ok)
-    tl.store(scale_ptr + c, scale, mask=c_ok)
-    tl.store(shift_ptr + c, shift, mask=c_ok)
-    zero = tl.zeros_like(scale)
-    tl.store(coef_ptr + c, zero, mask=c_ok)
-    tl.store(coef_ptr + C + c, zero, mask=c_ok)
+    return scale_shift(gamma, beta, mean, invstd)
+
+
+@triton.jit
+def store_vec(vec_ptr, C, c, c_ok, mean, invstd, scale, shift):
+    """The vec rows of the channels ``c``."""
+    tl.store(vec_ptr + MEAN * C + c, mean, mask=c_ok)
+    tl.store(vec_ptr + INVSTD * C + c, invstd, mask=c_ok)
+    tl.store(vec_ptr + SCALE * C + c, scale, mask=c_ok)
+    tl.store(vec_ptr + SHIFT * C + c, shift, mask=c_ok)
+
+
+@triton.jit
+def mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, vec_ptr, C):
+    """Store into the vec at ``vec_ptr`` the mean, invstd = 1/sqrt(biased var + eps) and BN's
+    affine map (scale, shift) of the channels ``c`` from their combined statistics."""
+    var = m2 / tl.maximum(total, 1.0)  # total >= 2 on real channels; masked lanes stay finite
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale, shift = bn_affine(gamma_ptr, beta_ptr, c, c_ok, mean, invstd)
+    store_vec(vec_ptr, C, c, c_ok, mean, invstd, scale, shift)
 
 
 @triton.jit
@@ -193,25 +217,6 @@ def update_running(mean, m2, total, c, c_ok, momentum, unbias, bias_ptr, rmean_p
     rvar = tl.load(rvar_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     tl.store(rmean_ptr + c, (1.0 - momentum) * rmean + momentum * batch_mean, mask=c_ok)
     tl.store(rvar_ptr + c, (1.0 - momentum) * rvar + momentum * (var * unbias), mask=c_ok)
-
-
-@triton.jit
-def _bn_finalize_kernel(part_ptr, T, C, gamma_ptr, beta_ptr, bias_ptr, rmean_ptr, rvar_ptr,
-                        momentum_ptr, momentum, unbias, eps, mean_ptr, invstd_ptr, affine_ptr,
-                        HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-                        MOMENTUM_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """:func:`chan_combine` of the (count, mean, M2) partials, then mean/invstd, the affine map and
-    the running-stat update."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    total, mean, m2 = chan_combine(part_ptr, T, C, c, c_ok, BLOCK_T, BLOCK_C)
-    mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr,
-                       affine_ptr, affine_ptr + C, affine_ptr + 2 * C, C)
-    if UPDATE_RUNNING:
-        if MOMENTUM_FROM_PTR:
-            momentum = tl.load(momentum_ptr).to(tl.float32)
-        update_running(mean, m2, total, c, c_ok, momentum, unbias, bias_ptr, rmean_ptr, rvar_ptr,
-                       HAS_BIAS)
 
 
 @triton.jit
@@ -301,7 +306,8 @@ def _grad_finish_kernel(part_ptr, T, C, gamma_ptr, invstd_ptr, inv_count,
                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """dbeta = sum(dz), dgamma = sum(dz * xhat) over the T block partials in ascending order;
     dbias = sum(dy) (0 in training: BN removes any per-channel constant); and the coefficients of
-    dy = scale * dz + coef0 + coef1 * xhat (both 0 in eval, where the statistics are constants)."""
+    dy = scale * dz + coef0 + coef1 * xhat (both 0 in eval, where the statistics are constants, and
+    without BN, where dy = dz)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     dbeta, dgamma = sum_grad_partials(part_ptr, T, C, c, c_ok, BLOCK_T, BLOCK_C)
@@ -316,14 +322,12 @@ def _grad_finish_kernel(part_ptr, T, C, gamma_ptr, invstd_ptr, inv_count,
         tl.store(coef_ptr + C + c, -scale * dgamma * inv_count, mask=c_ok)
         if HAS_BIAS:  # 0, or NaN as PyTorch's sum(dy) when the statistics are NaN
             tl.store(dbias_ptr + c, (dbeta + dgamma) * 0.0, mask=c_ok)
-    elif HAS_BIAS:
-        tl.store(dbias_ptr + c, scale * dbeta, mask=c_ok)
-
-
-# Rows of partials a finalize or finish program loads per step (at most 64 channels wide): with 4
-# warps, 128 and even 32 rows of the finalize's three float32 tiles spilled on sm_90 (GPU compile
-# check: 240 registers + 12 B, and 80 + 12 B); 16 rows build in 56 registers without spills.
-_PARTIAL_ROWS = 16
+    else:
+        zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        tl.store(coef_ptr + c, zero, mask=c_ok)
+        tl.store(coef_ptr + C + c, zero, mask=c_ok)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + c, scale * dbeta, mask=c_ok)
 
 
 def _channel_block(c: int) -> int:
@@ -337,61 +341,42 @@ def _tiles(m: int, c: int):
     return block_p, block_c, (triton.cdiv(m, block_p), triton.cdiv(c, block_c))
 
 
-def finalize_stats(partials, gamma, beta, bias, running_mean, running_var, momentum, eps, count):
-    """A vec (rows MEAN, INVSTD, SCALE, SHIFT written) from the partials a producer's epilogue
-    wrote: float32 (3, T, C), per tile and channel the count, the mean and M2 (sum of squared
-    deviations from that mean) of its values; ``count`` values per channel in all. Updates the
-    running stats in place when they are given (``bias`` is added to the batch mean there).
-    ``momentum``: a float or a 0-dim tensor, read on the device."""
-    _, tiles, c = partials.shape
-    vec = new_vec(c, partials.device)
-    from_ptr = isinstance(momentum, torch.Tensor)
-    block_c = _channel_block(c)
-    _bn_finalize_kernel[(triton.cdiv(c, block_c),)](
-        partials, tiles, c, gamma, beta, bias if bias is not None else vec,
-        running_mean if running_mean is not None else vec,
-        running_var if running_var is not None else vec,
-        momentum if from_ptr else vec, 0.0 if from_ptr else float(momentum),
-        count / (count - 1), eps, vec[ROW["mean"]], vec[ROW["invstd"]], vec[ROW["scale"]:],
-        HAS_BIAS=bias is not None, UPDATE_RUNNING=running_mean is not None,
-        MOMENTUM_FROM_PTR=from_ptr, BLOCK_T=_PARTIAL_ROWS, BLOCK_C=block_c)
-    return vec
-
-
-def apply(y, affine, activation, slope):
-    """act(y * scale + shift) for channels-last contiguous y; a new channels-last tensor in y's
-    dtype. ``activation``: a key of ACTIVATIONS."""
+def apply(y, vec, activation, slope):
+    """act(y * scale + shift) for channels-last contiguous y and its layer's vec; a new
+    channels-last tensor in y's dtype. ``activation``: a key of activations.ACTIVATIONS."""
     n, c, h, w = y.shape
     out = torch.empty_like(y)
     block_p, block_c, grid = _tiles(n * h * w, c)
-    _apply_kernel[grid](y, affine, out, n * h * w, c, slope, ACT=ACTIVATIONS[activation],
-                        BLOCK_P=block_p, BLOCK_C=block_c)
+    _apply_kernel[grid](y, vec[ROW["scale"]:], out, n * h * w, c, slope,
+                        ACT=activation_code(activation), BLOCK_P=block_p, BLOCK_C=block_c)
     return out
 
 
 def grad_reductions(grad_out, y, vec, bn_params, activation, slope, training, has_bias):
-    """The per-channel sums of the backward of act(bn(y)) given grad_out: dy's coefficients into
-    ``vec``'s COEF rows in training (dy = scale * dz + coef0 + coef1 * xhat); returns (dgamma,
-    dbeta, dbias), fresh float32 (C,) each (dgamma, dbeta None without BN; dbias None unless
-    ``has_bias``). ``vec``: the vec the forward wrote, and ``bn_params`` (gamma, beta),
-    or both None for a layer without BN (then y is the output of act, or None without one)."""
+    """The per-channel sums of the backward of act(bn(y)) given grad_out: (dgamma, dbeta, dbias,
+    coef), fresh float32 each: (C,) sums (dgamma, dbeta None without BN; dbias None unless
+    ``has_bias``) and dy's (2, C) coefficients (dy = scale * dz + coef0 + coef1 * xhat; zero in
+    eval). ``vec``: the vec the forward wrote, and ``bn_params`` (gamma, beta), or both None for a
+    layer without BN (then y is the output of act, or None without one)."""
     n, c, h, w = grad_out.shape
     m = n * h * w
     dev = grad_out.device
     affine = vec is not None
     y = y if y is not None else grad_out  # placeholder, never read
-    sums = new_vec(c, dev) if not affine else vec  # without BN: placeholders, never read
-    gamma, beta = bn_params if affine else (sums, sums)  # placeholders, never read
+    coef = new_coef(c, dev)
+    vec = vec if affine else coef  # without BN: placeholders, never read
+    gamma, beta = bn_params if affine else (coef, coef)  # placeholders, never read
     dgamma, dbeta, dbias = (torch.empty(c, device=dev, dtype=torch.float32) for _ in range(3))
     block_p, block_c, grid = _tiles(m, c)
     partials = torch.empty((2, grid[0], c), device=dev, dtype=torch.float32)
-    _grad_partials_kernel[grid](grad_out, y, sums[ROW["mean"]], sums[ROW["invstd"]], gamma, beta,
+    _grad_partials_kernel[grid](grad_out, y, vec[ROW["mean"]], vec[ROW["invstd"]], gamma, beta,
                                 partials, m, c, h * w, w,
                                 *(grad_out.stride(i) for i in (0, 2, 3, 1)), slope,
-                                ACT=ACTIVATIONS[activation], AFFINE=affine, BLOCK_P=block_p,
+                                ACT=activation_code(activation), AFFINE=affine, BLOCK_P=block_p,
                                 BLOCK_C=block_c)
     _grad_finish_kernel[(triton.cdiv(c, block_c),)](
-        partials, grid[0], c, gamma, sums[ROW["invstd"]], 1.0 / m, dgamma, dbeta, dbias,
-        sums[ROW["coef0"]:], TRAINING=training and affine, HAS_BIAS=has_bias, AFFINE=affine,
-        BLOCK_T=_PARTIAL_ROWS, BLOCK_C=block_c)
-    return (dgamma if affine else None, dbeta if affine else None, dbias if has_bias else None)
+        partials, grid[0], c, gamma, vec[ROW["invstd"]], 1.0 / m, dgamma, dbeta, dbias, coef,
+        TRAINING=training and affine, HAS_BIAS=has_bias, AFFINE=affine, BLOCK_T=PARTIAL_ROWS,
+        BLOCK_C=block_c)
+    return (dgamma if affine else None, dbeta if affine else None, dbias if has_bias else None,
+            coef)

@@ -7,9 +7,8 @@ so a channel row is one contiguous vector load), weights packed ``[kH, kW, K, N]
 reduction channels) and N (its output channels) contiguous, so every operand tile is a block of
 contiguous rows that Triton can pipeline with cp.async. GEMM rows are output pixels, columns output
 channels, and K runs over taps x input channels in one flat loop (pipelined across taps too).
-Accumulation is float32. The epilogue is the layer's: raw store plus per-(row tile, channel) Welford
-partials for training BN, or act(y * scale + shift) from the running stats (eval BN), or
-act(y + bias) (no BN; the input gradients use it with no activation).
+Accumulation is float32. This module holds the main loops and the layout; the kernels that wrap
+the forward / input-gradient loop with a layer's prologue and epilogue are in chain_gemm.
 """
 import torch
 import triton
@@ -17,28 +16,11 @@ import triton.language as tl
 
 from . import interpreting
 from ._config import dot_precision, gemm_tuning, multiprocessor_count, pow2_block
-from .bn_act import (COEF0, COEF1, INVSTD, MEAN, SCALE, SHIFT, Side, activate, chain_operand,
-                     scale_shift)
+from .bn_act import AS_STORED, Side, chain_operand
 
-# BLOCK_M is set by the launcher, not tuned: the statistics partials have one row per row tile.
-# Configs (block sizes, num_warps, num_stages) per product kind: every one built spill-free for
-# every recorded launch (benchmarks/gpu_compile_check.py: fused 32 px b64 and 64 px b512 steps, eval
-# G; sm_90 and sm_80; float16, bfloat16, autocast, float32 with tf32 and with exact products;
-# Triton 3.6 and 3.9; see gemm_tuning). Dropped for spilling somewhere (with or without the
-# input-gradient prologue, or on unaligned channels such as C_in = 3 or 100): conv (128, 32, 8, 3),
-# (128, 16, 8, 2), (32, 32, 8, 3), (16, 32, 4, 4), (16, 16, 4, 3), (64, 16, 4, 2), (128, 64, 8, 3),
-# (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 4), (32, 32, 4, 3), and (64, 32, 8, 3) under
-# --precision fp16|bf16 (float32 BN state beside half activations: 20 B on sm_80); exact conv (64, 16, 8, 2),
-# (32, 16, 8, 2), (32, 16, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2), (64, 16, 8, 1) (a drop-in layer
-# with a bias, Triton 3.6: 12 B); weight gradient (64, 64, 16, 4,
-# 2), (16, 64, 64, 4, 3), (32, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4),
-# (32, 64, 64, 4, 3), (128, 128, 32, 8, 3) and (128, 64, 16, 8, 3) (with prologues on both operands:
-# 1 KB and 12-20 B), and with exact products (128, 32, 32, 8, 3) (Triton 3.6, sm_90: 8 B),
-# (128, 64, 16, 8, 3) (12-116 B) and (64, 32, 16, 4, 2) (4 B).
-_CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
-                           tensor_cores=[(64, 16, 8, 3)],
-                           exact=[(32, 16, 8, 1)],
-                           interpreter_blocks=(32, 16))
+# Configs (block sizes, num_warps, num_stages) of the weight gradient by product kind (see
+# gemm_tuning): the GPU compile check (benchmarks/gpu_compile_check.py) builds every one for every
+# recorded launch and fails on a spill.
 _WEIGHT_GRAD_TUNING = gemm_tuning(
     ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     tensor_cores=[(64, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
@@ -119,14 +101,15 @@ def out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH: tl.constexpr, SW: tl.constexpr,
 
 
 @triton.jit
-def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, row_ok, n, qh, qw, ph, pw, taps_h, taps_w, co,
-                  co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc, swh, sww, swk, swn,
-                  SH: tl.constexpr, SW: tl.constexpr, TRANSPOSED: tl.constexpr,
+def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw, taps_h,
+                  taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc,
+                  swh, sww, swk, swn, SH: tl.constexpr, SW: tl.constexpr, TRANSPOSED: tl.constexpr,
                   A_MODE: tl.constexpr, A_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The float32 [BLOCK_M, BLOCK_N] accumulator of the GEMM rows of :func:`gemm_rows` and the
     output channels ``co``: one flat loop over (tap, input channel block), each A tile loaded through
-    bn_act.chain_operand(A_MODE) (``ay_ptr``/``avec_ptr``: its layer's y or output and vec)."""
+    bn_act.chain_operand(A_MODE) (``ay_ptr``/``avec_ptr``/``acoef_ptr``: its layer's y or output,
+    vec and coef)."""
     k_blocks = tl.cdiv(C_in, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, taps_h * taps_w * k_blocks):
@@ -137,88 +120,15 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, row_ok, n, qh, qw, ph, pw, tap
         x_rows = x_ptr + n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         a_ok = ok[:, None] & ci_ok[None, :]
         a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=a_ok, other=0.0)
-        if A_MODE != 0:
+        if A_MODE != AS_STORED:
             pix = (n * H + ih) * W + iw
             a = chain_operand(a.to(tl.float32), A_MODE, A_ACT, a_slope, ay_ptr,
-                              pix[:, None] * C_in + ci[None, :], avec_ptr, C_in, ci, ci_ok,
-                              a_ok).to(x_ptr.dtype.element_ty)
+                              pix[:, None] * C_in + ci[None, :], avec_ptr, acoef_ptr, C_in, ci,
+                              ci_ok, a_ok).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + kh * swh + kw * sww + ci[:, None] * swk + co[None, :] * swn,
                     mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
-
-
-@triton.autotune(**_CONV_TUNING,
-                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "STATS",
-                      "AFFINE", "A_MODE", "DOT_PRECISION"])
-@triton.jit
-def _conv_kernel(x_ptr, w_ptr, y_ptr, out_ptr, part_ptr,
-                 bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, vec_ptr, ay_ptr, avec_ptr,
-                 N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, eps, slope, a_slope,
-                 sxn, sxh, sxw, sxc, swh, sww, swk, swn,
-                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                 TRANSPOSED: tl.constexpr, STATS: tl.constexpr, AFFINE: tl.constexpr,
-                 WRITE_Y: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                 A_MODE: tl.constexpr, A_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n, oh, ow, co] = sum over taps and ci of A[n, ih, iw, ci] * w[kh, kw, ci, co], where
-    ih = oh*SH - PAD_H + kh (Conv2d), or oh = ih*SH - PAD_H + kh (TRANSPOSED, phase-decomposed:
-    :func:`gemm_rows`). w's strides: per kh, per kw, per ci and per co (one of the last two is 1, see
-    :func:`pack_weight`). A is x loaded through bn_act.chain_operand(A_MODE) (input gradients: x is
-    the output gradient of a layer act(bn(y)) and A its dy; ``ay_ptr``/``avec_ptr``: that layer's
-    y or output and vec).
-    Epilogues: STATS writes y and this row tile's (count, mean, M2) per channel into
-    part[:, pid_m, :]; AFFINE writes act(y*scale+shift) with BN's running stats (and, with WRITE_Y,
-    y and the vec backward reads: mean, invstd, scale, shift and zero coefficients); otherwise
-    out = act(y + bias)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    row_ok, n, qh, qw, ph, pw, taps_h, taps_w = gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH,
-                                                          KW, SH, SW, TRANSPOSED, BLOCK_M)
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co < C_out
-    acc = implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, row_ok, n, qh, qw, ph, pw, taps_h, taps_w, co,
-                        co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc, swh, sww, swk,
-                        swn, SH, SW, TRANSPOSED, A_MODE, A_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                        BLOCK_K)
-
-    oh, ow = out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH, SW, TRANSPOSED)
-    ok2 = row_ok[:, None] & co_ok[None, :]
-    y_offs = ((n * OH + oh) * OW + ow)[:, None] * C_out + co[None, :]
-    if HAS_BIAS and not STATS and not AFFINE:  # BN folds a conv bias into its mean instead
-        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(y_ptr.dtype.element_ty).to(tl.float32)  # statistics of the values stored and reread
-    if STATS:
-        tl.store(y_ptr + y_offs, y, mask=ok2)
-        count = tl.sum(row_ok.to(tl.float32), axis=0)
-        tile_mean = tl.sum(tl.where(ok2, y, 0.0), axis=0) / tl.maximum(count, 1.0)
-        dev = tl.where(ok2, y - tile_mean[None, :], 0.0)
-        p_offs = pid_m.to(tl.int64) * C_out + co
-        stride = tl.num_programs(0).to(tl.int64) * C_out
-        tl.store(part_ptr + p_offs, tl.zeros((BLOCK_N,), dtype=tl.float32) + count, mask=co_ok)
-        tl.store(part_ptr + stride + p_offs, tile_mean, mask=co_ok)
-        tl.store(part_ptr + 2 * stride + p_offs, tl.sum(dev * dev, axis=0), mask=co_ok)
-    elif AFFINE:
-        invstd = 1.0 / tl.sqrt(tl.load(rvar_ptr + co, mask=co_ok, other=1.0).to(tl.float32) + eps)
-        mean = tl.load(rmean_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:  # y excludes the conv bias: fold it into the mean
-            mean -= tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-        scale, shift = scale_shift(tl.load(gamma_ptr + co, mask=co_ok, other=0.0).to(tl.float32),
-                                   tl.load(beta_ptr + co, mask=co_ok, other=0.0).to(tl.float32),
-                                   mean, invstd)
-        tl.store(out_ptr + y_offs, activate(y * scale[None, :] + shift[None, :], ACT, slope), mask=ok2)
-        if WRITE_Y:
-            tl.store(y_ptr + y_offs, y, mask=ok2)
-            if pid_m == 0:
-                tl.store(vec_ptr + MEAN * C_out + co, mean, mask=co_ok)
-                tl.store(vec_ptr + INVSTD * C_out + co, invstd, mask=co_ok)
-                tl.store(vec_ptr + SCALE * C_out + co, scale, mask=co_ok)
-                tl.store(vec_ptr + SHIFT * C_out + co, shift, mask=co_ok)
-                zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                tl.store(vec_ptr + COEF0 * C_out + co, zero, mask=co_ok)
-                tl.store(vec_ptr + COEF1 * C_out + co, zero, mask=co_ok)
-    else:
-        tl.store(out_ptr + y_offs, activate(y, ACT, slope), mask=ok2)
 
 
 def _check_rows(count: int, what: str):
@@ -254,14 +164,6 @@ def swap_kn(packed: torch.Tensor) -> torch.Tensor:
     return packed.transpose(2, 3)
 
 
-def output_size(in_hw, kernel, stride, padding, transposed, output_padding=(0, 0)):
-    """Spatial output size of a Conv2d or ConvTranspose2d."""
-    if transposed:
-        return tuple((i - 1) * s - 2 * p + k + op for i, k, s, p, op in
-                     zip(in_hw, kernel, stride, padding, output_padding))
-    return tuple((i + 2 * p - k) // s + 1 for i, k, s, p in zip(in_hw, kernel, stride, padding))
-
-
 # the largest row tile: 128 rows on a GPU; the interpreter, whose cost is per program, takes more
 _MAX_BLOCK_M = 512 if interpreting() else 128
 
@@ -277,50 +179,10 @@ def row_tiling(n, out_hw, stride, transposed):
     return block_m, triton.cdiv(rows, block_m), phases
 
 
-def conv(x, packed, kernel, *, transposed, stride, padding, out_hw, out=None, y=None, partials=None,
-         bias=None, bn=(None,) * 4, vec=None, eps=0.0, activation=0, slope=0.0):
-    """One launch of the core into ``out`` / ``y`` / ``partials`` (channels-last (N, C, OH, OW)
-    tensors and the float32 (3, tiles, C) partials; unused ones None): with ``partials`` the STATS
-    epilogue, with ``bn`` = (gamma, beta, running_mean, running_var) the AFFINE one (``vec``: the
-    vec it writes, with ``y``), else out = act(y + bias). ``x``: an NHWC-strided tensor, or a
-    bn_act.Side whose mode transforms it in the load (input gradients); ``packed``: a
-    ``[kH, kW, C_in, C_out]`` operand of :func:`pack_weight` or :func:`swap_kn`; ``activation``: an
-    ACT code."""
-    a = x if isinstance(x, Side) else Side(x)
-    x = a.tensor
-    n, c_in, h, w = x.shape
-    c_out = packed.shape[3]
-    (sh, sw), (pad_h, pad_w) = stride, padding
-    block_m, tiles, phases = row_tiling(n, out_hw, stride, transposed)
-    any_buf = next(t for t in (out, y) if t is not None)
-    fill = lambda t: t if t is not None else any_buf  # noqa: E731 (placeholders for unused pointers)
-    grid = lambda meta: (phases * tiles, triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
-    _conv_kernel[grid](
-        x, packed, fill(y), fill(out), fill(partials), fill(bias), *map(fill, bn), fill(vec), a.y,
-        a.vec, n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles, eps, slope, a.slope,
-        *_nhwc_strides(x), *packed.stride(),
-        KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed, STATS=partials is not None,
-        AFFINE=bn[0] is not None, WRITE_Y=y is not None and partials is None,
-        HAS_BIAS=bias is not None, ACT=activation, A_MODE=a.mode, A_ACT=a.act,
-        DOT_PRECISION=dot_precision(x.dtype, x.device), BLOCK_M=block_m)
-
-
 def empty_nhwc(n, c, hw, like):
     """A fresh channels-last (n, c, *hw) tensor of ``like``'s dtype and device."""
     return torch.empty((n, c, *hw), device=like.device, dtype=like.dtype,
                        memory_format=torch.channels_last)
-
-
-def input_grad(grad, packed, *, transposed, stride, padding, in_hw):
-    """The input gradient of a Conv2d (``transposed=False``) or ConvTranspose2d whose forward read
-    the operand ``packed``, given the (NHWC-strided) gradient of its output, or a bn_act.Side that
-    loads as it (the output gradient of its BN and activation): the other direction's forward, on
-    the same operand."""
-    g = grad if isinstance(grad, Side) else Side(grad)
-    dx = empty_nhwc(g.tensor.shape[0], packed.shape[2], in_hw, g.tensor)
-    conv(g, swap_kn(packed), tuple(packed.shape[:2]), transposed=not transposed, stride=stride,
-         padding=padding, out_hw=tuple(in_hw), out=dx)
-    return dx
 
 
 def _split_count(pixels: int, tiles: int, operands: int, weights: int, device: torch.device) -> int:
@@ -375,41 +237,51 @@ def last_arrival(cnt_ptr, arrivals):
                  key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT", "X_MODE",
                       "G_MODE", "DOT_PRECISION"])
 @triton.jit
-def _weight_grad_kernel(x_ptr, xy_ptr, xvec_ptr, g_ptr, gy_ptr, gvec_ptr, dw_ptr, part_ptr,
-                        cnt_ptr, N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT,
-                        x_slope, g_slope, sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc,
-                        sdo, sdi, sdh, sdw,
-                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
-                        SW: tl.constexpr, X_MODE: tl.constexpr, X_ACT: tl.constexpr,
-                        G_MODE: tl.constexpr, G_ACT: tl.constexpr, SPLIT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weight_grad_kernel(
+        # operand X and what its load applies (bn_act.chain_operand: y or output, vec, coef)
+        x_ptr, xy_ptr, xvec_ptr, xcoef_ptr,
+        # operand G, likewise
+        g_ptr, gy_ptr, gvec_ptr, gcoef_ptr,
+        # the output, the split-K partials and their ticket counters
+        dw_ptr, part_ptr, cnt_ptr,
+        # sizes (plain arguments) and the two operands' activation slopes
+        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT, x_slope, g_slope,
+        # strides: X and G (n, h, w, c), dw (C_out, C_in, kH, kW)
+        sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc, sdo, sdi, sdh, sdw,
+        # geometry, operand modes, split-K, products, tile
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        X_MODE: tl.constexpr, X_ACT: tl.constexpr, G_MODE: tl.constexpr, G_ACT: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """:func:`weight_grad_program` on a (tiles, taps, splits) grid."""
     weight_grad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
-                        x_ptr, xy_ptr, xvec_ptr, g_ptr, gy_ptr, gvec_ptr, dw_ptr, part_ptr,
-                        cnt_ptr, N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT,
-                        x_slope, g_slope, sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc,
-                        sdo, sdi, sdh, sdw, KH, KW, SH, SW, X_MODE, X_ACT, G_MODE, G_ACT, SPLIT,
-                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                        x_ptr, xy_ptr, xvec_ptr, xcoef_ptr, g_ptr, gy_ptr, gvec_ptr, gcoef_ptr,
+                        dw_ptr, part_ptr, cnt_ptr,
+                        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT, x_slope,
+                        g_slope, sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc, sdo, sdi, sdh, sdw,
+                        KH, KW, SH, SW, X_MODE, X_ACT, G_MODE, G_ACT, SPLIT, DOT_PRECISION,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def weight_grad_program(pid_mn, tap, split, splits, x_ptr, xy_ptr, xvec_ptr, g_ptr, gy_ptr, gvec_ptr, dw_ptr, part_ptr,
-                        cnt_ptr, N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT,
-                        x_slope, g_slope, sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc,
-                        sdo, sdi, sdh, sdw,
-                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
-                        SW: tl.constexpr, X_MODE: tl.constexpr, X_ACT: tl.constexpr,
-                        G_MODE: tl.constexpr, G_ACT: tl.constexpr, SPLIT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def weight_grad_program(
+        pid_mn, tap, split, splits,
+        x_ptr, xy_ptr, xvec_ptr, xcoef_ptr, g_ptr, gy_ptr, gvec_ptr, gcoef_ptr,
+        dw_ptr, part_ptr, cnt_ptr,
+        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT, x_slope, g_slope,
+        sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc, sdo, sdi, sdh, sdw,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        X_MODE: tl.constexpr, X_ACT: tl.constexpr, G_MODE: tl.constexpr, G_ACT: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[co, ci, kh, kw] = sum over output pixels p = (n, oh, ow) of G[n, oh, ow, co] *
     X[n, oh*SH-PAD_H+kh, ow*SW-PAD_W+kw, ci] (Conv2d geometry; a ConvTranspose2d swaps the
     operands): one GEMM per tap, K = pixels, both operand tiles rows of contiguous channels, with
     X = chain_operand(x, X_MODE) and G = chain_operand(g, G_MODE) (bn_act). With SPLIT, program
     axis 2 splits the pixels: each split stores float32 partials, and the last split to finish a
     tile adds them in split order into dw (any strides ``sd*``): the same bits every run. This
-    program computes (co, ci) tile ``pid_mn`` of tap ``tap`` over pixel split ``split`` of ``splits``."""
+    program computes (co, ci) tile ``pid_mn`` of tap ``tap`` over pixel split ``split`` of
+    ``splits``."""
     num_m = tl.cdiv(C_out, BLOCK_M)
     co = (pid_mn % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     ci = (pid_mn // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -432,17 +304,17 @@ def weight_grad_program(pid_mn, tap, split, splits, x_ptr, xy_ptr, xvec_ptr, g_p
         g_ok = p_ok[:, None] & co_ok[None, :]
         g = tl.load(g_ptr + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None]
                     + co[None, :] * sgc, mask=g_ok, other=0.0)
-        if G_MODE != 0:
+        if G_MODE != AS_STORED:
             g = chain_operand(g.to(tl.float32), G_MODE, G_ACT, g_slope, gy_ptr,
-                              p.to(tl.int64)[:, None] * C_out + co[None, :], gvec_ptr, C_out, co,
-                              co_ok, g_ok).to(g_ptr.dtype.element_ty)
+                              p.to(tl.int64)[:, None] * C_out + co[None, :], gvec_ptr, gcoef_ptr,
+                              C_out, co, co_ok, g_ok).to(g_ptr.dtype.element_ty)
         b_ok = x_ok[:, None] & ci_ok[None, :]
         b = tl.load(x_ptr + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
                     + ci[None, :] * sxc, mask=b_ok, other=0.0)
-        if X_MODE != 0:
+        if X_MODE != AS_STORED:
             b = chain_operand(b.to(tl.float32), X_MODE, X_ACT, x_slope, xy_ptr,
-                              ((n * H + ih) * W + iw)[:, None] * C_in + ci[None, :], xvec_ptr, C_in,
-                              ci, ci_ok, b_ok).to(x_ptr.dtype.element_ty)
+                              ((n * H + ih) * W + iw)[:, None] * C_in + ci[None, :], xvec_ptr,
+                              xcoef_ptr, C_in, ci, ci_ok, b_ok).to(x_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(g), b, acc, input_precision=DOT_PRECISION)
     ok = co_ok[:, None] & ci_ok[None, :]
     dw_offs = co.to(tl.int64)[:, None] * sdo + ci[None, :] * sdi + kh * sdh + kw * sdw
@@ -498,7 +370,7 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
     # the smallest tile is 32 x 32: counters for every (tile, tap) of any config
     count = triton.cdiv(c_out, 32) * triton.cdiv(c_in, 32) * kh * kw
     tickets = counters(tickets_from + count, dev)[tickets_from:]
-    args = (x.tensor, x.y, x.vec, g.tensor, g.y, g.vec, dw, part, tickets,
+    args = (x.tensor, x.y, x.vec, x.coef, g.tensor, g.y, g.vec, g.coef, dw, part, tickets,
             n, c_in, h, w, c_out, oh, ow, ph, pw, per_split, x.slope, g.slope,
             *_nhwc_strides(x.tensor), *_nhwc_strides(g.tensor), *dw.stride())
     constexprs = dict(KH=kh, KW=kw, SH=sh, SW=sw, X_MODE=x.mode, X_ACT=x.act, G_MODE=g.mode,

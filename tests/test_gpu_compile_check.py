@@ -16,9 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 # Kernels every fused training step launches (forward, backward, loss), whatever their tiling.
-FUSED_STEP_KERNELS = {"_conv_kernel", "_weight_grad_kernel", "_bn_finalize_kernel", "_apply_kernel",
-                      "_grad_partials_kernel", "_grad_finish_kernel", "_bce_fwd_kernel",
-                      "_bce_bwd_kernel"}
+FUSED_STEP_KERNELS = {"_chain_conv_kernel", "_backward_pair_kernel", "_weight_grad_kernel",
+                      "_apply_kernel", "_grad_partials_kernel", "_grad_finish_kernel",
+                      "_bce_fwd_kernel", "_bce_bwd_kernel"}
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,28 @@ from aigc_fast import ops
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # log(0) in the numpy interpreter
 
 
-def _conv_args(device, *, transposed, bn, training, activation, momentum_tensor=False,
-               channels_last=True, bias=False, keep=True):
-    """The 18 arguments of aigc_fast::conv_bn_act for a 3 -> 5 channel layer, k=3, stride 2."""
+def _layer_args(device, *, transposed, bn, training, activation, momentum_tensor=False,
+                channels_last=True, bias=False, keep=True):
+    """The arguments of aigc_fast::conv_chain for one 3 -> 5 channel layer (a chain of one),
+    k=3, stride 2: what the per-layer drop-ins and functional.conv_bn_act run."""
+    from aigc_fast.chain import Link
+
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
     x = rand(2, 3, 5, 4)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight = rand(3, 5, 3, 3) if transposed else rand(5, 3, 3, 3)
-    stats = [rand(5), rand(5).abs() + 0.5] if bn else [None, None]
-    affine = [rand(5), rand(5)] if bn else [None, None]
-    momentum = torch.tensor(0.25, device=device) if momentum_tensor else None
-    return (x, weight, rand(5) if bias else None, *affine, *stats, momentum, 0.1, transposed,
-            [2, 2], [1, 1], [1, 0] if transposed else [0, 0], activation, 0.2, training, 1e-5, keep)
+    link = Link(transposed, (2, 2), (1, 1), (1, 0) if transposed else (0, 0), bn, 1e-5, 0.1,
+                activation, 0.2, training)
+    state = ([[rand(5)], [rand(5)], [rand(5)], [rand(5).abs() + 0.5],
+              [torch.tensor(3, device=device)],
+              [torch.tensor(0.25, device=device) if momentum_tensor else x.new_empty(0)]]
+             if bn else [[]] * 6)
+    return (x, [weight], rand(5) if bias else None, *state, *ops._encode([link]), keep)
 
 
-CONV_CASES = {
+LAYER_CASES = {
     "transposed-bn-train-relu": dict(transposed=True, bn=True, training=True, activation="relu"),
     "conv-bn-train-leaky-nchw": dict(transposed=False, bn=True, training=True,
                                      activation="leaky_relu", channels_last=False, bias=True),
@@ -41,26 +46,32 @@ CONV_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CONV_CASES)
-def test_conv_bn_act_opcheck(case, device):
-    args = _conv_args(device, **CONV_CASES[case])
-    torch.library.opcheck(torch.ops.aigc_fast.conv_bn_act.default, args)
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_chain_of_one_opcheck(case, device):
+    torch.library.opcheck(torch.ops.aigc_fast.conv_chain.default,
+                          _layer_args(device, **LAYER_CASES[case]))
+
+
+def _backward_args(args, layers, grad):
+    """conv_chain_backward's arguments after a conv_chain call with ``args``, every gradient
+    asked for."""
+    outs = torch.ops.aigc_fast.conv_chain(*args)
+    m = ops.CHAIN_MAX_LAYERS
+    out, stored, vecs = outs[0], list(outs[1:1 + layers]), list(outs[1 + m:1 + m + layers])
+    x, weights, bias, gammas, betas = args[:5]
+    specs = ops._decode(*args[9:18])
+    if not specs[-1].has_bn and specs[-1].activation is not None:
+        stored[-1] = out  # the last layer (no BN) reads its activation's derivative from the output
+    return (grad(out), x, weights, bias, gammas, betas, stored, vecs, *args[9:18], True,
+            [True] * layers, [spec.has_bn for spec in specs], bias is not None)
 
 
 @pytest.mark.parametrize("case", ["transposed-bn-train-relu", "conv-bn-train-leaky-nchw",
                                   "conv-bn-eval-leaky", "transposed-plain-bias"])
-def test_conv_bn_act_backward_opcheck(case, device):
-    args = _conv_args(device, **CONV_CASES[case])
-    out, x_read, y, vec = torch.ops.aigc_fast.conv_bn_act(*args)
-    x, weight, bias, bn_weight, bn_bias = args[:5]
-    transposed, stride, padding, _, activation, slope, training = args[9:16]
-    y = out if bn_weight is None and activation is not None else y
-    grad = torch.randn_like(out)
-    needs = [True, True, bias is not None, bn_weight is not None, bn_bias is not None]
-    torch.library.opcheck(torch.ops.aigc_fast.conv_bn_act_backward.default,
-                          (grad, x_read if x_read.numel() else x, weight, bias, bn_weight, bn_bias,
-                           y, vec, transposed, stride, padding, activation, slope,
-                           training, needs))
+def test_chain_of_one_backward_opcheck(case, device):
+    args = _layer_args(device, **LAYER_CASES[case])
+    torch.library.opcheck(torch.ops.aigc_fast.conv_chain_backward.default,
+                          _backward_args(args, 1, torch.randn_like))
 
 
 def _chain_args(device, keep=True):
@@ -76,8 +87,8 @@ def _chain_args(device, keep=True):
              Link(True, (2, 2), (0, 0), (0, 0), activation="tanh")]
     weights = [cl(rand(3, 5, 3, 3)), cl(rand(7, 5, 3, 3)), cl(rand(7, 3, 2, 2))]
     bn = [rand(5), rand(5), rand(5), rand(5).abs() + 0.5, torch.tensor(3, device=device)]
-    return (cl(rand(2, 3, 4, 3)), weights, bn[:1], bn[1:2], bn[2:3], bn[3:4], bn[4:5],
-            *ops._encode_links(links), keep)
+    return (cl(rand(2, 3, 4, 3)), weights, None, bn[:1], bn[1:2], bn[2:3], bn[3:4], bn[4:5],
+            [weights[0].new_empty(0)], *ops._encode(links), keep)
 
 
 @pytest.mark.parametrize("keep", [True, False])
@@ -86,15 +97,8 @@ def test_conv_chain_opcheck(keep, device):
 
 
 def test_conv_chain_backward_opcheck(device):
-    args = _chain_args(device)
-    outs = torch.ops.aigc_fast.conv_chain(*args)
-    m = ops.CHAIN_MAX_LAYERS
-    out, stored, vecs = outs[0], list(outs[1:4]), outs[1 + m:4 + m]
-    stored[-1] = out  # the last layer (no BN) reads tanh's derivative from the output
-    x, weights, gammas, betas = args[:4]
     torch.library.opcheck(torch.ops.aigc_fast.conv_chain_backward.default,
-                          (torch.randn_like(out), x, weights, gammas, betas, stored, list(vecs),
-                           *args[7:15], True, [True, True, True], [True, False, False]))
+                          _backward_args(_chain_args(device), 3, torch.randn_like))
 
 
 def test_operators_declare_what_they_mutate():
@@ -102,11 +106,9 @@ def test_operators_declare_what_they_mutate():
         schema = getattr(torch.ops.aigc_fast, name).default._schema
         return {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
 
-    assert mutated("conv_bn_act") == {"running_mean", "running_var"}
     assert mutated("conv_chain") == {"running_means", "running_vars", "batch_counts"}
-    # the backward writes dy's coefficients into the saved per-channel vectors
-    assert mutated("conv_bn_act_backward") == {"vec"}
-    assert mutated("conv_chain_backward") == {"vecs"}
+    # the backward writes nothing it is given: a graph can be backpropagated again
+    assert mutated("conv_chain_backward") == set()
     for name in ("bce_with_logits", "binary_cross_entropy", "bce_backward"):
         assert getattr(torch.ops.aigc_fast, name).default._schema.is_mutable is False, name
 
