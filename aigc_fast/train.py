@@ -32,22 +32,22 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import (load_checkpoint, load_state_checked, rng_states, save_checkpoint,
+from .training.checkpoint import (load_checkpoint, load_state_checked, rng_states, save_checkpoint,
                          set_rng_states, write_bytes_atomic)
-from .cli import (EXIT_INTERRUPTED, ArgumentParser, UsageError, add_device_argument,
+from .training.cli import (EXIT_INTERRUPTED, ArgumentParser, UsageError, add_device_argument,
                   positive_float, positive_int, resolve_device, run_main)
 from .functional import bce_with_logits, triton_can_run
-from .curves import write_curves
-from .data import SHAPES, BatchOrder, batch_stream, load_images, to_model_range
-from .distributed import DEFAULT_TIMEOUT_S, World, convert_sync_bn, init_world
-from .ema import DEFAULT_DECAY, EMA, EMA_KEY
-from .eval import Evaluator
-from .metrics import DEFAULT_N
+from .training.curves import write_curves
+from .training.data import SHAPES, BatchOrder, batch_stream, load_images, to_model_range
+from .training.distributed import DEFAULT_TIMEOUT_S, World, convert_sync_bn, init_world
+from .training.ema import DEFAULT_DECAY, EMA, EMA_KEY
+from .training.eval import Evaluator
+from .training.metrics import DEFAULT_N
 from .models import SUPPORTED_IMAGE_SIZES, build_models, cpu_channels_last
 from .nn import fuse
-from .precision import PRECISIONS, Precision, resolve_precision, set_tf32
-from .sample import eval_mode, save_grid
-from .step_graph import GraphedStep, graph_unavailable, set_capturable
+from .training.precision import PRECISIONS, Precision, resolve_precision, set_tf32
+from .training.sample import eval_mode, save_grid
+from .training.step_graph import GraphedStep, graph_unavailable, set_capturable
 
 
 def _set_requires_grad(module, flag):

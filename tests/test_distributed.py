@@ -18,9 +18,9 @@ import time
 import pytest
 import torch
 
-from aigc_fast.cli import UsageError
-from aigc_fast.data import BatchOrder
-from aigc_fast.distributed import World, init_world
+from aigc_fast.training.cli import UsageError
+from aigc_fast.training.data import BatchOrder
+from aigc_fast.training.distributed import World, init_world
 from aigc_fast.models import build_models
 from aigc_fast.train import main, parse_args, setup
 
@@ -35,7 +35,7 @@ METRICS = ("loss_d", "loss_g", "d_real", "d_fake")
 DUMPING_ENTRY = """
 import os, sys, torch
 from aigc_fast import train
-from aigc_fast.cli import run_main
+from aigc_fast.training.cli import run_main
 fit = train.fit
 def fit_and_dump(run):
     status = fit(run)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from aigc_fast import __version__, train
-from aigc_fast.cli import UsageError, resolve_device
+from aigc_fast.training.cli import UsageError, resolve_device
 from aigc_fast.models import build_models
 from aigc_fast.train import BACKENDS, Backend, Prepared, main, resolve_backend, train_step
 from cli_helpers import assert_one_line_error, run_cli
