@@ -1,4 +1,4 @@
-"""``python -m aigc_fast.eval``: score a checkpoint's generator by SWD to real images (see ``--help``).
+"""``python -m aigc_fast.eval``: score a checkpoint's generator by SWD to real images.
 
 The command lives in :mod:`aigc_fast.training.eval`; this module is its entry point.
 """

@@ -13,7 +13,8 @@ from aigc_fast import functional
 from aigc_fast.training.cli import UsageError
 from aigc_fast.models import Discriminator, Generator
 from aigc_fast.training.step_graph import GraphedStep, set_capturable
-from aigc_fast.train import resolve_cuda_graph, train_step
+from aigc_fast.train import train_step
+from aigc_fast.training.run import resolve_cuda_graph
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
