@@ -1,6 +1,7 @@
 """setuptools entry point; all metadata lives in pyproject.toml.
 
-Kept as its own file because a later step builds the optional CUDA C++ extension (kernels/cuda) here.
+setup() with no arguments reads that metadata. The file serves tools that still run setup.py
+(``python setup.py develop``; pip before 21.3, which cannot make an editable install without it).
 """
 from setuptools import setup
 

@@ -21,8 +21,9 @@ It prints one row per compile (launch, kernel, dtype, products, config, arch, re
 shared memory, tensor-core instruction, cp.async), a summary per kernel x dtype x arch, and one line:
 ``compile check: N compiles, F failed, S spilling ... (triton X)``. It exits 1 on any failure: a
 compile error, a launch-time check that raises, shared memory beyond the target's per-block limit,
-registers x threads beyond the 64K registers of an SM, or a config that spills (spilling configs are pruned from the autotune lists in kernels/, so every
-config a GPU would try is spill-free).
+registers x threads beyond the 64K registers of an SM, or a config that spills (spilling
+configs are pruned from the autotune lists in kernels/, so every config a GPU would try is
+spill-free).
 
 It proves that this Triton builds every launch recorded here for those GPUs and that the builds fit;
 other shapes give other integer specialisations (a value of 1, multiples of 16), which it has not
@@ -42,7 +43,7 @@ import tempfile
 import time
 from functools import partial
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

@@ -6,9 +6,9 @@
 - ``compile-reduce-overhead``: ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), CUDA only.
 - ``fused``: our Triton kernels (:mod:`aigc_fast.functional`, :func:`aigc_fast.fuse`), CUDA only.
 - ``fused-graph``: the fused training step captured in one CUDA graph and replayed, as
-  ``--cuda-graph on`` trains (:mod:`aigc_fast.step_graph`; capturable Adam; each call copies the batch
-  and the noise into the graph's static inputs), CUDA only; the whole step at 32 px b64 and 64 px
-  b512 only (:data:`GRAPH_STEPS`).
+  ``--cuda-graph on`` trains (:mod:`aigc_fast.training.step_graph`; capturable Adam; each call
+  copies the batch and the noise into the graph's static inputs), CUDA only; the whole step at
+  32 px b64 and 64 px b512 only (:data:`GRAPH_STEPS`).
 - ``fused[ref]``: the fused ops' plain-PyTorch reference path: what ``aigc_fast`` runs on a CPU.
 - ``fused[interpret]``: our Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1):
   a sanity check at tiny sizes, its times mean nothing.
@@ -29,8 +29,8 @@ import aigc_fast
 from aigc_fast import functional
 from aigc_fast.kernels import interpreting
 from aigc_fast.models import build_models, dcgan_init_
-from aigc_fast.precision import Precision
-from aigc_fast.step_graph import GraphedStep
+from aigc_fast.training.precision import Precision
+from aigc_fast.training.step_graph import GraphedStep
 from aigc_fast.train import train_step
 
 from .cases import (CPU_BATCHES, CUDA_AUTOCAST_STEPS, CUDA_BATCHES, IMAGE_SIZES, BCECase,

@@ -1,9 +1,10 @@
 """Launches and bytes of one DCGAN training step, eager against fused, counted without a GPU.
 
 Counting: one :class:`TorchDispatchMode` sees every aten op, inside our ``aigc_fast::`` operators
-too; each op that computes (not a view, not an allocation) counts as one launch, and its bytes are those of the unique tensors it reads and
-writes. Each Triton launch counts as one launch, its bytes those of the unique tensors passed to it.
-Both are upper bounds of real traffic: a kernel that reads only part of a tensor is charged all of it.
+too; each op that computes (not a view, not an allocation) counts as one launch, and its bytes
+are those of the unique tensors it reads and writes. Each Triton launch counts as one launch, its
+bytes those of the unique tensors passed to it. Both are upper bounds of real traffic: a kernel
+that reads only part of a tensor is charged all of it.
 With ``execute=False`` the Triton kernels are counted but not run: the ops have no data-dependent
 control flow, so the launches and bytes are the same, and on meta tensors (shapes, no data; the
 fused ops are let through to their launchers) the full-size steps of both backends count in seconds.

@@ -1,7 +1,7 @@
 """Running a command-line entry point in-process as a user would, and checking its errors."""
 import pytest
 
-from aigc_fast.cli import run_main
+from aigc_fast.training.cli import run_main
 
 
 def run_cli(main, argv, capsys, prog):

@@ -23,7 +23,7 @@ def shapes_npz(tmp_path_factory):
     its path: a small --data file, faster to load than the embedded 16k set."""
     import numpy as np
 
-    from aigc_fast.data import make_shapes
+    from aigc_fast.training.data import make_shapes
 
     def write(n, seed):
         path = tmp_path_factory.mktemp("data") / f"shapes{n}_seed{seed}.npz"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from aigc_fast import checkpoint
-from aigc_fast.checkpoint import (load_checkpoint, load_state_checked, rng_states, save_checkpoint,
+from aigc_fast.training import checkpoint
+from aigc_fast.training.checkpoint import (load_checkpoint, load_state_checked, rng_states, save_checkpoint,
                                   set_rng_states, write_bytes_atomic)
-from aigc_fast.cli import UsageError
+from aigc_fast.training.cli import UsageError
 from aigc_fast.models import Generator
 
 

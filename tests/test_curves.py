@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aigc_fast import curves
-from aigc_fast.data import make_shapes
+from aigc_fast.training import curves
+from aigc_fast.training.data import make_shapes
 from aigc_fast.train import main as train_main
 from cli_helpers import run_cli
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from aigc_fast import data
-from aigc_fast.cli import UsageError
-from aigc_fast.data import BatchOrder, batch_stream, load_images, make_shapes, to_model_range
+from aigc_fast.training import data
+from aigc_fast.training.cli import UsageError
+from aigc_fast.training.data import BatchOrder, batch_stream, load_images, make_shapes, to_model_range
 
 
 # --- shapes ----------------------------------------------------------------------------------------

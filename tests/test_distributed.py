@@ -3,8 +3,9 @@
 What must hold: the ranks keep bitwise identical weights while drawing distinct data and noise;
 with --sync-bn, 2 processes x batch 4 train as 1 process x batch 8 on the same images and noise
 (losses and weights within 1e-5 relative; measured: <= 7e-7); a checkpoint resumes under the other
-world size (both ways) and continues as the one-process run does; Ctrl-C of one rank stops every rank at the same step; a killed or stalled rank ends the other
-within the process-group timeout instead of hanging it.
+world size (both ways) and continues as the one-process run does; Ctrl-C of one rank stops every
+rank at the same step; a killed or stalled rank ends the other within the process-group timeout
+instead of hanging it.
 """
 import json
 import os
@@ -18,11 +19,13 @@ import time
 import pytest
 import torch
 
-from aigc_fast.cli import UsageError
-from aigc_fast.data import BatchOrder
-from aigc_fast.distributed import World, init_world
+from aigc_fast.training.cli import UsageError
+from aigc_fast.training.data import BatchOrder
+from aigc_fast.training.distributed import World, init_world
 from aigc_fast.models import build_models
-from aigc_fast.train import main, parse_args, setup
+from aigc_fast.train import main
+from aigc_fast.training.options import parse_args
+from aigc_fast.training.run import setup
 
 NZ, WIDTH = 8, 4
 TINY = ["--ngf", str(WIDTH), "--ndf", str(WIDTH), "--nz", str(NZ), "--workers", "0", "--device", "cpu",
@@ -34,8 +37,8 @@ METRICS = ("loss_d", "loss_g", "d_real", "d_fake")
 # the ranks (rank 0's checkpoint alone would not show that rank 1 holds the same weights).
 DUMPING_ENTRY = """
 import os, sys, torch
-from aigc_fast import train
-from aigc_fast.cli import run_main
+from aigc_fast.training import train  # the command, whose run_training calls train.fit
+from aigc_fast.training.cli import run_main
 fit = train.fit
 def fit_and_dump(run):
     status = fit(run)

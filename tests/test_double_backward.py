@@ -64,7 +64,7 @@ def test_r1_penalty_through_the_fused_loss_matches_float64(device):
     D = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)).to(device)
     D64 = copy.deepcopy(D).double()
     x = torch.randn(4, 5, device=device)
-    grads = r1_penalty_grads(D, x, lambda l, t: functional.bce_with_logits(l, t, impl="triton"))
+    grads = r1_penalty_grads(D, x, lambda logits, t: functional.bce_with_logits(logits, t, impl="triton"))
     expected = r1_penalty_grads(D64, x.double(), torch.nn.functional.binary_cross_entropy_with_logits)
     for name, grad in expected.items():
         assert grads[name] is not None, name

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from aigc_fast.ema import EMA
+from aigc_fast.training.ema import EMA
 
 
 def _net(seed=0):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from aigc_fast.data import load_images, make_shapes
-from aigc_fast.eval import Evaluator, main, real_subset
-from aigc_fast.sample import load_generator
+from aigc_fast.training.data import load_images, make_shapes
+from aigc_fast.training.eval import Evaluator, main, real_subset
+from aigc_fast.training.sample import load_generator
 from aigc_fast.train import main as train_main
 from cli_helpers import assert_one_line_error, run_cli
 

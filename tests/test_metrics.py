@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aigc_fast import metrics
-from aigc_fast.data import make_shapes, to_model_range
-from aigc_fast.metrics import Descriptors, describe, swd
+from aigc_fast.training import metrics
+from aigc_fast.training.data import make_shapes, to_model_range
+from aigc_fast.training.metrics import Descriptors, describe, swd
 
 N = 256  # images per side at 32 px: small enough for CPU tests, large enough for stable ranks
 

@@ -1,5 +1,6 @@
-"""aigc_fast.nn.ConvTransposeBNReLU / ConvBNAct and fuse()/unfuse(): the fused model must behave as the eager one
-(outputs, gradients, running statistics, num_batches_tracked, state_dict), in train and eval mode.
+"""aigc_fast.nn.ConvTransposeBNReLU / ConvBNAct and fuse()/unfuse(): the fused model must behave
+as the eager one (outputs, gradients, running statistics, num_batches_tracked, state_dict), in
+train and eval mode.
 
 Fused float32 models are compared with float64 eager copies: relative error (Frobenius norm) <= 1e-4.
 The fused op runs through "auto": the Triton kernels here (interpreted on CPU), the reference elsewhere.
@@ -25,7 +26,8 @@ from fuse_helpers import (assert_close, assert_matches_reference, forward_backwa
 
 @pytest.fixture(autouse=True)
 def no_tf32(monkeypatch):
-    """fuse_helpers.RTOL is for IEEE float32 products; the kernels follow cudnn.allow_tf32 on CUDA, as PyTorch does."""
+    """fuse_helpers.RTOL is for IEEE float32 products; the kernels follow cudnn.allow_tf32 on CUDA,
+    as PyTorch does."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 # pytorch/examples dcgan/main.py reads these as globals; tiny here to keep the interpreter fast.

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aigc_fast.data import make_shapes
+from aigc_fast.training.data import make_shapes
 from aigc_fast.models import build_models
-from aigc_fast.precision import Precision, resolve_precision
+from aigc_fast.training.precision import Precision, resolve_precision
 from aigc_fast.train import main, train_step
 from cli_helpers import assert_one_line_error, run_cli
 

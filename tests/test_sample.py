@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aigc_fast.sample import generate, load_generator, main, make_grid, to_uint8
+from aigc_fast.training.sample import generate, load_generator, main, make_grid, to_uint8
 from aigc_fast.train import main as train_main
 from cli_helpers import run_cli
 

@@ -1,7 +1,7 @@
-"""The training step in a CUDA graph (aigc_fast.step_graph, --cuda-graph). Capture needs CUDA: the
-bitwise comparison of captured and uncaptured steps skips without it. On a CPU the rest of what the
-capture relies on is tested: the fused step (Triton path) reads nothing back to the host, Adam's
-state follows the run's capturable setting across checkpoints, and --cuda-graph resolves."""
+"""The training step in a CUDA graph (aigc_fast.training.step_graph, --cuda-graph). Capture needs
+CUDA: the bitwise comparison of captured and uncaptured steps skips without it. On a CPU the rest
+of what the capture relies on is tested: the fused step (Triton path) reads nothing back to the
+host, Adam's state follows the run's capturable setting across checkpoints, and --cuda-graph resolves."""
 import copy
 
 import pytest
@@ -10,10 +10,11 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import aigc_fast
 from aigc_fast import functional
-from aigc_fast.cli import UsageError
+from aigc_fast.training.cli import UsageError
 from aigc_fast.models import Discriminator, Generator
-from aigc_fast.step_graph import GraphedStep, set_capturable
-from aigc_fast.train import resolve_cuda_graph, train_step
+from aigc_fast.training.step_graph import GraphedStep, set_capturable
+from aigc_fast.train import train_step
+from aigc_fast.training.run import resolve_cuda_graph
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

@@ -12,10 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aigc_fast import __version__, train
-from aigc_fast.cli import UsageError, resolve_device
+from aigc_fast import __version__
 from aigc_fast.models import build_models
-from aigc_fast.train import BACKENDS, Backend, Prepared, main, resolve_backend, train_step
+from aigc_fast.train import main, prepare_backend
+from aigc_fast.training import loop
+from aigc_fast.training.backends import BACKENDS, Backend, Prepared, resolve_backend, train_step
+from aigc_fast.training.cli import UsageError, resolve_device
+from aigc_fast.training.options import EXAMPLES_ALIASES, parse_args
+from aigc_fast.training.report import format_rate
+from aigc_fast.training.run import CHECKPOINT_KEYS, _next_run_dir, resolve_out_and_resume
 from cli_helpers import assert_one_line_error, run_cli
 
 _cli = partial(run_cli, main, prog="aigc_fast.train")  # _cli(argv, capsys) -> (status, out, err)
@@ -124,7 +129,7 @@ def test_backend_table():
     with pytest.raises(ValueError, match="--backend must be one of"):
         resolve_backend("turbo", cpu)
     G, D = build_models(32, nz=4, ngf=2, ndf=2)
-    prepared = train.prepare_backend("compile", G, D)
+    prepared = prepare_backend("compile", G, D)
     assert prepared.G is G and prepared.D is D and prepared.G_run is not G  # compiled wrappers
     assert list(prepared.G.state_dict()) == list(G.state_dict())
 
@@ -134,7 +139,7 @@ def test_eager_on_cpu_is_channels_last_with_nchw_numerics():
     torch.manual_seed(0)
     G, D = build_models(32, nz=8, ngf=4, ndf=4)
     nchw = copy.deepcopy(G).eval()
-    prepared = train.prepare_backend("eager", G, D)
+    prepared = prepare_backend("eager", G, D)
     assert prepared.G is G and prepared.D is D and prepared.G_run is G
     for module in (G, D):
         for p in module.parameters():
@@ -169,7 +174,7 @@ def test_version_and_the_backend_help(capsys):
 
 def test_device_takes_any_torch_device_string(capsys):
     for name in ("cuda:1", "cuda", "cpu", "cpu:0", "auto"):
-        assert train.parse_args(["--device", name])[0].device == name
+        assert parse_args(["--device", name])[0].device == name
     assert resolve_device("cpu:0") == torch.device("cpu:0")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     missing = "no CUDA device is available" if not count else f"this machine has {count} CUDA"
@@ -181,17 +186,17 @@ def test_device_takes_any_torch_device_string(capsys):
 
 def test_pytorch_examples_flags_are_hidden_aliases(capsys):
     """dcgan/main.py's spellings set our settings; --help names them once, after the list."""
-    args, explicit = train.parse_args(["--dataroot", "imgs", "--imageSize", "64", "--batchSize", "16",
+    args, explicit = parse_args(["--dataroot", "imgs", "--imageSize", "64", "--batchSize", "16",
                                        "--manualSeed", "7", "--outf", "o", "--niter", "3", "--cuda"])
     assert (args.data, args.image_size, args.batch_size, args.seed, args.out, args.epochs,
             args.device) == ("imgs", 64, 16, 7, "o", 3, "cuda")
     assert {"data", "image_size", "batch_size", "seed"} <= explicit
-    defaults = vars(train.parse_args([])[0])  # the aliases leave our defaults alone
+    defaults = vars(parse_args([])[0])  # the aliases leave our defaults alone
     assert (defaults["data"], defaults["device"], defaults["epochs"], defaults["out"]) == (
         "shapes", "auto", None, None)
     status, out, _ = _cli(["--help"], capsys)
     listing, epilog = out.split("pytorch/examples' dcgan/main.py flags work too")
-    for flag, _, _ in train.EXAMPLES_ALIASES + (("--niter", None, None),):
+    for flag, _, _ in EXAMPLES_ALIASES + (("--niter", None, None),):
         listed = re.findall(rf"{flag}(?![\w-])", listing)  # --cuda, not --cuda-graph
         assert not listed and len(re.findall(rf"{flag}(?![\w-])", epilog)) == 1, flag
     status, _, err = _cli(["--imageSize", "48"], capsys)
@@ -204,12 +209,12 @@ def test_a_slow_run_reports_its_rate_not_zero(tmp_path, capsys, monkeypatch):
     """A dry run of the fused backend, interpreted on a CPU, makes well under one image a second:
     it printed "0 images/s". A clock that advances 50 s at each reading makes any run that slow."""
     clock = iter(range(0, 10**6, 50))
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     status, out, _ = _cli(["--dry-run", "--out", str(tmp_path / "run")] + TINY, capsys)
     assert status == 0
     rate = re.search(r"\(([0-9.e+-]+) images/s of training\)", out).group(1)
     assert 0 < float(rate) < 1, rate
-    assert [train.format_rate(r) for r in (0.01234, 12.345, 99.94, 1234.4)] == [
+    assert [format_rate(r) for r in (0.01234, 12.345, 99.94, 1234.4)] == [
         "0.0123", "12.3", "99.9", "1234"]
 
 
@@ -226,7 +231,7 @@ def test_dry_run_writes_every_output(tmp_path, capsys):
     assert (out / "samples" / "real.png").exists() and (out / "samples" / "step_000001.png").exists()
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 1 and ckpt["version"] == __version__ and ckpt["config"] == config
-    assert set(train.CHECKPOINT_KEYS) <= set(ckpt) and "main.0.weight" in ckpt["G"]
+    assert set(CHECKPOINT_KEYS) <= set(ckpt) and "main.0.weight" in ckpt["G"]
     assert ckpt["G"]["main.9.weight"].shape == (8, 1, 4, 4)  # --nc 1
 
 
@@ -303,19 +308,19 @@ def test_epochs_and_resume_auto(tmp_path, npz, capsys):
 
 def test_resume_auto_and_output_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    parse = lambda *argv: train.parse_args(list(argv))[0]  # noqa: E731
-    assert train.resolve_out_and_resume(parse("--resume", "auto")) == (None, None)  # fresh run
+    parse = lambda *argv: parse_args(list(argv))[0]  # noqa: E731
+    assert resolve_out_and_resume(parse("--resume", "auto")) == (None, None)  # fresh run
     for name in ("001", "002"):
         (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
         (tmp_path / "runs" / name / "checkpoints" / "last.pt").write_bytes(b"x")
         (tmp_path / "runs" / name / "checkpoints" / "step_000004.pt").write_bytes(b"x")
     newest = Path("runs/002/checkpoints/last.pt")
     os.utime(Path("runs/001/checkpoints/last.pt"), (1e9, 1e9))  # 002 is the newest
-    assert train.resolve_out_and_resume(parse("--resume", "auto")) == (Path("runs/002"), newest)
-    assert train.resolve_out_and_resume(parse("--resume", str(newest))) == (Path("runs/002"), newest)
+    assert resolve_out_and_resume(parse("--resume", "auto")) == (Path("runs/002"), newest)
+    assert resolve_out_and_resume(parse("--resume", str(newest))) == (Path("runs/002"), newest)
     with pytest.raises(UsageError, match="already holds a run whose last.pt is not"):
-        train.resolve_out_and_resume(parse("--resume", "runs/002/checkpoints/step_000004.pt"))
-    assert train._next_run_dir() == Path("runs/003") and Path("runs/003").is_dir()
+        resolve_out_and_resume(parse("--resume", "runs/002/checkpoints/step_000004.pt"))
+    assert _next_run_dir() == Path("runs/003") and Path("runs/003").is_dir()
 
 
 # --- bad input: one line, exit 2, nothing lost ------------------------------------------------------

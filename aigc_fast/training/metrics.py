@@ -47,7 +47,6 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -7,7 +7,7 @@ trainer is unchanged.
 Under torchrun a run is defined by its *global* batch, world_size x --batch-size:
 
 - data: every step takes the next global batch of one seeded permutation per epoch, and rank r
-  takes rows [r*B, (r+1)*B) of it (:class:`aigc_fast.data.BatchOrder`); noise: every rank draws the
+  takes rows [r*B, (r+1)*B) of it (:class:`aigc_fast.training.data.BatchOrder`); noise: every rank draws the
   same global (world_size*B, nz) block from the same generator and keeps the same rows
   (:meth:`World.shard`). So the ranks see distinct images and noise, W processes x B see exactly
   what one process x W*B sees, and the position after s steps depends on s alone: a checkpoint

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .cli import UsageError
-from .models import SUPPORTED_IMAGE_SIZES
+from ..models import SUPPORTED_IMAGE_SIZES
 
 SHAPES = "shapes"
 SHAPES_COUNT = 16384  # the embedded set: 50 MB of uint8 pixels at 32 px, made in about a second

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from . import __version__
+from .. import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
