@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 import aigc_fast
-from aigc_fast import chain, functional
 from aigc_fast import nn as fused_nn
 from aigc_fast.models import Discriminator, Generator
 from aigc_fast.nn import ConvBNAct, ConvTransposeBNReLU, FusedSequential, fuse, unfuse
-from fuse_helpers import (assert_close, assert_matches_reference, forward_backward,
-                          randomize_batch_norms_)
+from fuse_helpers import (assert_close, assert_matches_reference, count_calls, forward_backward,
+                          randomize_batch_norms_, record_fused_calls)
 
 
 @pytest.fixture(autouse=True)
@@ -105,33 +104,9 @@ class DcganNetD(nn.Module):
         return output.view(-1, 1).squeeze(1)
 
 
-def count_calls(monkeypatch, op_name):
-    """Record each call of ``functional.<op_name>`` (its ``training`` argument, None if it has none),
-    to prove that the fused path, not the eager one, ran."""
-    calls = []
-    op = getattr(functional, op_name)
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("training"))
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(functional, op_name, counting)
-    return calls
-
-
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """The fused ops' calls: per-layer ones as their ``training`` argument, chains as
-    ("chain", number of layers)."""
-    calls = count_calls(monkeypatch, "conv_bn_act")
-    conv_chain = chain.conv_chain
-
-    def counting(x, links, *args, **kwargs):
-        calls.append(("chain", len(links)))
-        return conv_chain(x, links, *args, **kwargs)
-
-    monkeypatch.setattr(chain, "conv_chain", counting)
-    return calls
+    return record_fused_calls(monkeypatch)
 
 
 # --- the drop-in module ---------------------------------------------------------------------------
