@@ -1,13 +1,14 @@
 """Drop-in modules backed by the fused ops, and ``fuse``/``unfuse``, which convert an existing model
 in place with its state_dict unchanged."""
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from . import chain, functional
 from .kernels.activations import ACTIVATIONS
@@ -77,7 +78,8 @@ class _WarnIfRunUnfused:
             warnings.warn(f"aigc_fast.fuse: {self.run}, reported fused, ran unfused: its modules were "
                           "called one by one (does the parent iterate over or index its "
                           "nn.Sequential? call the Sequential itself to run the fused op), or the run "
-                          "no longer qualifies (see fuse(verbose=True))", stacklevel=2)
+                          "no longer qualifies (a hook added later, a global module hook: see "
+                          "fuse(verbose=True))", stacklevel=2)
 
 
 def _uninitialized_lazy(*modules):
@@ -104,6 +106,17 @@ def _has_hooks(module):
     pre_hooks = [h for h in module._forward_pre_hooks.values() if not _is_bookkeeping_hook(h)]
     return bool(pre_hooks or module._forward_hooks or module._backward_pre_hooks
                 or module._backward_hooks)
+
+
+def _why_global_hooks():
+    """The reason every run falls back while a global module hook is registered
+    (torch.nn.modules.module.register_module_forward_pre_hook, _forward_hook,
+    _full_backward_pre_hook, _full_backward_hook): such a hook expects to see the input and output
+    of every module called, which a fused run never materialises. None when there is none."""
+    if (module_hooks._global_forward_pre_hooks or module_hooks._global_forward_hooks
+            or module_hooks._global_backward_pre_hooks or module_hooks._global_backward_hooks):
+        return "a global module hook is registered (torch.nn.modules.module.register_module_*_hook)"
+    return None
 
 
 def _overrides_forward(module, base):
@@ -215,7 +228,7 @@ class ConvTransposeBNReLU(_ConvBN):
         return _why_not_fusable(self.conv, self.bn, None)
 
     def forward(self, x, output_size=None):
-        if self.why_not_fused() is None:
+        if self.why_not_fused() is None and _why_global_hooks() is None:
             return _fused_forward(self.conv, self.bn, "relu", 0.0, x, output_size)
         return torch.relu(self.bn(self.conv(x, output_size)))
 
@@ -244,7 +257,7 @@ class ConvBNAct(_ConvBN):
         return _why_not_fusable(self.conv, self.bn, None)
 
     def forward(self, x):
-        if self.why_not_fused() is None:
+        if self.why_not_fused() is None and _why_global_hooks() is None:
             return _fused_forward(self.conv, self.bn, self.activation, self.negative_slope, x)
         z = self.bn(self.conv(x))
         if self.activation == "relu":
@@ -312,6 +325,8 @@ def _fusable_runs(modules, i):
     """(runs, end): the consecutive fusable runs starting at ``modules[i]`` (each (conv, bn, act)),
     and the index after them."""
     runs = []
+    if _why_global_hooks() is not None:
+        return runs, i
     while i < len(modules) and isinstance(modules[i], _CONVS):
         run = _run_at(modules, i)
         if _why_not_fusable(*run) is not None:
@@ -470,6 +485,9 @@ def _print_report(runs, losses):
     for run in runs:
         if run.reason is not None:
             print(f"  left  {run.names[0]}: {run.reason}")
+    global_hooks = _why_global_hooks()
+    if fused and global_hooks is not None:
+        print(f"  note: {global_hooks}: every fused run runs unfused while one is registered")
     links = chain.ops.CHAIN_MAX_LAYERS
     for first, last, layers in _chains(fused):
         print(f"  chain: {first} .. {last}, {layers} layers as "
@@ -479,20 +497,23 @@ def _print_report(runs, losses):
               "one by one, it runs unfused and warns)")
 
 
-# convolutions whose contiguous weights fuse() made channels-last, for unfuse() to restore
-_RESTRIDED = weakref.WeakSet()
+# Set on a convolution whose contiguous weight fuse() made channels-last, for unfuse() to restore.
+# An attribute of the module, so that a deepcopy or a torch.load-ed copy carries it too.
+_RESTRIDED = "_aigc_fast_weight_was_contiguous"
 
 
 def _weight_channels_last(conv):
     """Give a fused convolution's weight channels-last strides in place (values, Parameter and
     state_dict unchanged, as ``module.to(memory_format=torch.channels_last)`` does): the kernels
     then read its GEMM operand tiles as contiguous rows, where other strides cost a packed copy of
-    the weight at every call."""
+    the weight at every call. A parametrized weight (spectral norm) is left alone: reading it runs
+    its parametrization, which in training advances its state (a power iteration)."""
+    if _uninitialized_lazy(conv) or parametrize.is_parametrized(conv, "weight"):
+        return
     weight = conv.weight
-    if (not _uninitialized_lazy(conv) and weight.dim() == 4
-            and not weight.is_contiguous(memory_format=torch.channels_last)):
+    if weight.dim() == 4 and not weight.is_contiguous(memory_format=torch.channels_last):
         if weight.is_contiguous():
-            _RESTRIDED.add(conv)
+            setattr(conv, _RESTRIDED, True)
         with torch.no_grad():
             weight.data = weight.data.contiguous(memory_format=torch.channels_last)
 
@@ -506,8 +527,12 @@ def fuse(model, verbose=False):
     with strict=True). Runs the fused op cannot reproduce exactly (groups or dilation != 1, padding
     modes other than zeros, affine=False or non-tracking BatchNorm, mismatched channels, LeakyReLU
     with a negative slope, subclasses overriding forward, modules with hooks) are left as they are;
-    lazy modules fuse from their second call. Consecutive fused runs in training run as one chain
-    (:func:`aigc_fast.chain.conv_chain`, which also takes a Tanh that ends them). Fused
+    lazy modules fuse from their second call. While a global module hook is registered
+    (torch.nn.modules.module.register_module_*_hook) every fused run runs eagerly, so that the hook
+    sees every module. Fusing changes no state: a parametrized weight (spectral norm) is not read,
+    so its power iteration runs once per training forward, as in the unfused model. Consecutive
+    fused runs run as one chain (:func:`aigc_fast.chain.conv_chain`, which also takes a Tanh that
+    ends them; a conv bias ends one). Fused
     convolutions' weights get channels-last strides (as ``model.to(memory_format=
     torch.channels_last)`` gives them). ``verbose=True`` prints what was fused and what was left,
     and why, and the chains. A fused run whose modules are called one by one (a parent that
@@ -536,8 +561,8 @@ def unfuse(model):
     (weights that fuse() made channels-last are contiguous again)."""
     _check_model(model)
     for module in model.modules():
-        if module in _RESTRIDED:
-            _RESTRIDED.discard(module)
+        if getattr(module, _RESTRIDED, False):
+            delattr(module, _RESTRIDED)
             with torch.no_grad():
                 module.weight.data = module.weight.data.contiguous()
         if type(module) in _UNFUSED:

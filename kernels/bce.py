@@ -24,6 +24,9 @@ MAX_PROGRAMS = 1024
 # PyTorch's binary_cross_entropy: log terms clamped at -100, gradient denominator at least 1e-12.
 LOG_CLAMP = tl.constexpr(-100.0)
 GRAD_EPS = tl.constexpr(1e-12)
+# What lanes past the end load as the input: a probability (and a logit) at which no log or division
+# is singular, so that the lanes whose results are discarded raise no floating-point warning.
+UNUSED_LANE_INPUT = tl.constexpr(0.5)
 
 
 @triton.jit
@@ -79,7 +82,7 @@ def _bce_fwd_kernel(
         # tile * BLOCK < n fits in int32; the lanes are int64 so that offs does not overflow.
         offs = tl.arange(0, BLOCK).to(tl.int64) + tile * BLOCK
         mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + offs, mask=mask, other=UNUSED_LANE_INPUT).to(COMPUTE)
         t = _load_periodic(t_ptr, offs, t_inner, t_span, mask, COMPUTE)
         pw = 1.0
         if HAS_POS_WEIGHT:
@@ -118,7 +121,7 @@ def _bce_bwd_kernel(
 ):
     offs = tl.arange(0, BLOCK).to(tl.int64) + tl.program_id(0) * BLOCK
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    x = tl.load(x_ptr + offs, mask=mask, other=UNUSED_LANE_INPUT).to(COMPUTE)
     t = _load_periodic(t_ptr, offs, t_inner, t_span, mask, COMPUTE)
     # "mean" divides the incoming gradient by n here, exactly as the forward divided the sum.
     g = _load_periodic(g_ptr, offs, g_inner, g_span, mask, COMPUTE) / denom

@@ -3,6 +3,8 @@ against float64 eager copies, relative error (Frobenius norm) <= RTOL."""
 import torch
 from torch import nn
 
+from aigc_fast import chain
+
 RTOL = 1e-4  # float32 without tf32
 
 
@@ -72,3 +74,33 @@ def assert_matches_reference(fused, reference, make_input, device, train_steps=3
                 assert torch.equal(buf, buf64), name
             else:
                 assert_close(buf, buf64, f"{mode} buffer {name}")
+
+
+def count_calls(monkeypatch, module, name):
+    """Record each call of ``module.<name>`` (its ``training`` argument, None if it has none), to
+    prove that the fused path, not the eager one, ran."""
+    calls = []
+    op = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("training"))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def record_fused_calls(monkeypatch):
+    """The fused op's calls (to prove that the fused path, not the eager one, ran): a chain of one
+    layer as its BN's ``training`` (None without BN), longer chains as ("chain", number of
+    layers)."""
+    calls = []
+    conv_chain = chain.conv_chain
+
+    def counting(x, links, *args, **kwargs):
+        calls.append(("chain", len(links)) if len(links) > 1
+                     else links[0].training if links[0].has_bn else None)
+        return conv_chain(x, links, *args, **kwargs)
+
+    monkeypatch.setattr(chain, "conv_chain", counting)
+    return calls

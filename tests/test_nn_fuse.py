@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 import aigc_fast
-from aigc_fast import chain, functional
+from aigc_fast import functional
 from aigc_fast import nn as fused_nn
 from aigc_fast.models import Discriminator, Generator
 from aigc_fast.nn import ConvBNAct, ConvTransposeBNReLU, FusedSequential, fuse, unfuse
-from fuse_helpers import (assert_close, assert_matches_reference, forward_backward,
-                          randomize_batch_norms_)
+from fuse_helpers import (assert_close, assert_matches_reference, count_calls, forward_backward,
+                          randomize_batch_norms_, record_fused_calls)
 
 
 @pytest.fixture(autouse=True)
@@ -107,34 +107,9 @@ class DcganNetD(nn.Module):
         return output.view(-1, 1).squeeze(1)
 
 
-def count_calls(monkeypatch, module, name):
-    """Record each call of ``module.<name>``, to prove that the fused path, not the eager one, ran."""
-    calls = []
-    op = getattr(module, name)
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("training"))
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counting)
-    return calls
-
-
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """The fused op's calls (to prove that the fused path, not the eager one, ran): a chain of one
-    layer as its BN's ``training`` (None without BN), longer chains as ("chain", number of
-    layers)."""
-    calls = []
-    conv_chain = chain.conv_chain
-
-    def counting(x, links, *args, **kwargs):
-        calls.append(("chain", len(links)) if len(links) > 1
-                     else links[0].training if links[0].has_bn else None)
-        return conv_chain(x, links, *args, **kwargs)
-
-    monkeypatch.setattr(chain, "conv_chain", counting)
-    return calls
+    return record_fused_calls(monkeypatch)
 
 
 # --- the drop-in module ---------------------------------------------------------------------------
