@@ -149,10 +149,10 @@ def test_half_model_gradients_as_accurate_as_eager_half(layout, seeds, fused_cal
     as accurately as eager float16 does: G over 8 seeds (seed 0 is the issue's failing one), D over
     4 (its float16 gradients never stood out; the interpreter's time goes to G). Each is measured
     against float64 with the activation pattern (which side of 0 each pre-activation fell) that it
-    computed itself: a pre-activation within float16 rounding of 0 lands on either side in float16 (eager too), and
-    one such element moves a batch-2 gradient by up to several percent, so against the float64
-    pattern eager float16 with float32 BN parameters already differs from eager float16 by 50x
-    on some seeds."""
+    computed itself: a pre-activation within float16 rounding of 0 lands on either side in float16
+    (eager too), and one such element moves a batch-2 gradient by up to several percent, so
+    against the float64 pattern eager float16 with float32 BN parameters already differs from
+    eager float16 by 50x on some seeds."""
     for seed in range(seeds):
         model, x = dcgan_half_case(layout, seed)
         model64 = copy.deepcopy(model).double().to(device)
