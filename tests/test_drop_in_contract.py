@@ -1,7 +1,7 @@
 """The drop-in contract of fuse()/unfuse(), held against float64 unfused copies on both paths (the
 Triton kernels and the reference, each forced through AIGC_FAST_IMPL, with the fused op's calls
 counted so that a fallback to the eager modules cannot pass): spectral norm, float16 models,
-global module hooks, and unfuse() on copies of a fused model.
+global module hooks, unfuse() on copies of a fused model, and a graph backpropagated twice.
 """
 import copy
 import io
@@ -239,3 +239,27 @@ def test_unfuse_on_a_copy_restores_the_weights_memory_format(make_copy, fused_ca
     for (key, value), value64 in zip(fused_copy.state_dict().items(),
                                      reference.state_dict().values()):
         assert_close(value, value64, key)
+
+
+# --- 3. a graph backpropagated twice --------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_graph_backpropagates_twice(training, fused_calls, device):
+    """backward(retain_graph=True), then backward again over the same graph (GAN code that reuses
+    D(fake) for two losses): both passes give the float64 unfused copy's gradients, for a G and a
+    D layout, in training and in eval."""
+    torch.manual_seed(6)
+    for build, shape in ((small_generator, (2, 6, 1, 1)), (small_discriminator, (2, 3, 13, 15))):
+        model = build().to(device).train(training)
+        reference = copy.deepcopy(model).double()
+        fuse(model)
+        x = torch.randn(shape, device=device)
+        out, want = model(x), reference(x.double())
+        grad = torch.randn_like(want)
+        params = list(model.parameters())
+        wanted = torch.autograd.grad(want, list(reference.parameters()), grad)
+        for retain in (True, False):
+            got = torch.autograd.grad(out, params, grad.to(out.dtype), retain_graph=retain)
+            for g, w, (name, _) in zip(got, wanted, model.named_parameters()):
+                assert_close(g, w, f"{name} (retain_graph={retain})")
+    assert fused_calls == [("chain", 3)] * 2
