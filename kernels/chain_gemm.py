@@ -20,12 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import dot_precision, gemm_tuning
+from ._config import dot_precision
 from .bn_act import (INVSTD, MEAN, PARTIAL_ROWS, SCALE, SHIFT, Side, activate, activate_grad,
                      activate_grad_from_out, bn_affine, chan_combine, mean_invstd_affine,
                      store_vec, sum_grad_partials, update_running)
-from .conv_gemm import (_nhwc_strides, counters, gemm_rows, implicit_gemm, last_arrival,
-                        out_coords, row_tiling, weight_grad_launch, weight_grad_program)
+from .conv_gemm import (_nhwc_strides, conv_rows, counters, gemm_rows, implicit_gemm, last_arrival,
+                        out_coords, weight_grad_launch, weight_grad_program)
+from .tiles import conv_tile, pair_tiles
 
 
 class Epilogue(enum.IntEnum):
@@ -53,25 +54,6 @@ class Momentum(enum.IntEnum):
 MOMENTUM_CUMULATIVE, MOMENTUM_TENSOR = tl.constexpr(int(Momentum.CUMULATIVE)), tl.constexpr(
     int(Momentum.TENSOR))
 
-# BLOCK_M is set by the launcher, not tuned: the statistics partials have one row per row tile.
-# Configs per product kind (see _config.gemm_tuning); the GPU compile check builds each for every
-# recorded launch and fails on a spill.
-_CONV_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K"),
-                           tensor_cores=[(64, 16, 8, 2)],
-                           exact=[(32, 16, 8, 1)],
-                           interpreter_blocks=(32, 16))
-# The backward pair: a conv config and a weight-gradient config (W_*) sharing warps and stages;
-# the kernel holds the registers of the larger branch.
-_PAIR_TUNING = gemm_tuning(("BLOCK_N", "BLOCK_K", "W_BLOCK_M", "W_BLOCK_N", "W_BLOCK_K"),
-                           tensor_cores=[(64, 16, 64, 64, 16, 8, 3)],
-                           exact=[(16, 16, 64, 32, 16, 4, 2)],
-                           interpreter_blocks=(32, 16, 32, 32, 128))
-
-
-@triton.autotune(**_CONV_TUNING,
-                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "A_MODE",
-                      "OUT_MODE", "DOT_PRECISION"],
-                 restore_value=["rmean_ptr", "rvar_ptr", "nbt_ptr"])
 @triton.jit
 def _chain_conv_kernel(
         # operand A (the input) and what its load applies: its layer's y or output, vec, coef
@@ -253,10 +235,6 @@ def _finish_grad(part_ptr, tiles, C, c, c_ok, vec_ptr, coef_ptr, dgamma_ptr, dbe
     tl.store(dbeta_ptr + c, dbeta, mask=c_ok)
 
 
-@triton.autotune(**_PAIR_TUNING,
-                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "BLOCK_M", "TRANSPOSED", "A_MODE",
-                      "OUT_MODE", "w_N", "w_C_in", "w_H", "w_W", "w_C_out", "w_OH", "w_OW",
-                      "w_PIXELS_PER_SPLIT", "W_X_MODE", "W_G_MODE", "DOT_PRECISION"])
 @triton.jit
 def _backward_pair_kernel(
         # the input-gradient GEMM: _chain_conv_kernel's arguments
@@ -325,19 +303,42 @@ def conv_tickets(c_out: int) -> int:
     return triton.cdiv(c_out, 16) + 1
 
 
-def _conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_hw, out: Side,
-                 bias, bn, bn_grads):
-    """(args, constexprs, row tiles, C_out) of one conv GEMM launch (:func:`chain_conv`)."""
+class ConvLaunch:
+    """The arguments of one conv GEMM launch (:func:`conv_launch`): ``args`` (positional),
+    ``constexprs`` (its tile's included), the ``tile`` and the grid's extent: ``tiles`` row tiles
+    per phase, ``phases`` and ``c_out`` columns."""
+
+    def __init__(self, args, constexprs, tile, tiles, phases, c_out):
+        self.args, self.constexprs, self.tile = args, constexprs, tile
+        self.tiles, self.phases, self.c_out = tiles, phases, c_out
+
+    @property
+    def rows(self) -> int:
+        """Row tiles of all phases: the grid's first axis."""
+        return self.phases * self.tiles
+
+    @property
+    def programs(self) -> int:
+        return self.rows * triton.cdiv(self.c_out, self.tile.block_n)
+
+
+def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_hw, out: Side,
+                bias, bn, bn_grads, tile=None):
+    """Plan one conv GEMM launch (:func:`chain_conv`'s arguments, which see); ``tile``: the rule's
+    (tiles.conv_tile) unless given."""
     x = a.tensor
     n, c_in, h, w = x.shape
     c_out = weight_view.shape[3]
     (sh, sw), (pad_h, pad_w) = stride, padding
-    block_m, tiles, phases = row_tiling(n, out_hw, stride, transposed)
     dev = x.device
+    precision = dot_precision(x.dtype, dev)
+    rows, phases = conv_rows(n, out_hw, stride, transposed)
+    tile = tile or conv_tile(rows, exact=precision == "ieee")
+    tiles = triton.cdiv(rows, tile.block_m)
     partials = None
     if out.mode in (Epilogue.BN_BATCH, Epilogue.BN_ACT_GRAD):
-        rows = 3 if out.mode == Epilogue.BN_BATCH else 2
-        partials = torch.empty((rows, phases * tiles, c_out), device=dev, dtype=torch.float32)
+        width = 3 if out.mode == Epilogue.BN_BATCH else 2
+        partials = torch.empty((width, phases * tiles, c_out), device=dev, dtype=torch.float32)
     if out.mode == Epilogue.BN_ACT_GRAD and None in bn_grads:
         raise ValueError("bn_grads must be two float32 (C_out,) tensors for Epilogue.BN_ACT_GRAD")
     bn_tensors = (bn.gamma, bn.beta, bn.running_mean, bn.running_var, bn.num_batches_tracked,
@@ -359,9 +360,9 @@ def _conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_
                       WRITE_Y=out.mode == Epilogue.BN_RUNNING and out.y is not out.tensor,
                       UPDATE_RUNNING=bn is not None and bn.running_mean is not None,
                       HAS_NBT=bn is not None and bn.num_batches_tracked is not None,
-                      MOMENTUM_FROM=int(momentum_from), DOT_PRECISION=dot_precision(x.dtype, dev),
-                      BLOCK_M=block_m)
-    return args, constexprs, phases * tiles, c_out
+                      MOMENTUM_FROM=int(momentum_from), DOT_PRECISION=precision,
+                      **tile.constexprs())
+    return ConvLaunch(args, constexprs, tile, tiles, phases, c_out)
 
 
 def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out_hw, out: Side,
@@ -371,10 +372,10 @@ def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out
     (conv_gemm.pack_weight / swap_kn); ``bias``: the conv bias (ACT, BN_BATCH, BN_RUNNING) or None;
     ``bn``: the output side layer's chain.BatchNorm (BN_BATCH, BN_RUNNING; BN_ACT_GRAD reads its
     ``training``); BN_ACT_GRAD writes its (dgamma, dbeta) into ``bn_grads`` (required then)."""
-    args, constexprs, rows, c_out = _conv_launch(a, weight_view, kernel, transposed, stride,
-                                                 padding, out_hw, out, bias, bn, bn_grads)
-    grid = lambda meta: (rows, triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
-    _chain_conv_kernel[grid](*args, **constexprs)
+    launch = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, bias,
+                         bn, bn_grads)
+    grid = (launch.rows, triton.cdiv(launch.c_out, launch.tile.block_n))
+    _chain_conv_kernel[grid](*launch.args, **launch.constexprs, **launch.tile.options())
 
 
 def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, padding, out_hw,
@@ -386,18 +387,17 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
     padding). They are independent: the first writes the previous layer's output gradient and
     backward sums, the second reads this layer's dy and the previous layer's forward numbers. One
     launch instead of two, and each tile of dy is read from L2 by both."""
-    args, constexprs, rows, c_out = _conv_launch(a, weight_view, kernel, transposed, stride,
-                                                 padding, out_hw, out, None, bn, bn_grads)
+    rows, _ = conv_rows(a.tensor.shape[0], out_hw, stride, transposed)
+    conv_tile_, wgrad_tile = pair_tiles(rows, exact=dot_precision(a.tensor.dtype,
+                                                                  a.tensor.device) == "ieee")
+    conv = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, None, bn,
+                       bn_grads, tile=conv_tile_)
     wgrad = weight_grad_launch(wgrad_x, wgrad_g, kernel, stride, padding, out=dw,
-                               tickets_from=conv_tickets(c_out))
+                               tickets_from=conv_tickets(conv.c_out), tile=wgrad_tile)
     w_constexprs = {"W_" + k: v for k, v in wgrad.constexprs.items()}
-
-    def grid(meta):
-        w_programs = wgrad.tiles(meta["W_BLOCK_M"], meta["W_BLOCK_N"]) * wgrad.taps * wgrad.splits
-        return (w_programs + rows * triton.cdiv(c_out, meta["BLOCK_N"]),)
-
-    _backward_pair_kernel[grid](*args, *wgrad.args, wgrad.splits, rows, **constexprs,
-                                **w_constexprs)
+    _backward_pair_kernel[(wgrad.programs + conv.programs,)](
+        *conv.args, *wgrad.args, wgrad.splits, conv.rows, **conv.constexprs, **w_constexprs,
+        **conv_tile_.options())
 
 
 def _unbias(count: int) -> float:

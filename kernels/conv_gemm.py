@@ -14,19 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
-from ._config import dot_precision, gemm_tuning, multiprocessor_count, pow2_block
+from ._config import dot_precision, multiprocessor_count
 from .bn_act import AS_STORED, Side, chain_operand
-
-# Configs (block sizes, num_warps, num_stages) of the weight gradient by product kind (see
-# gemm_tuning): the GPU compile check (benchmarks/gpu_compile_check.py) builds every one for every
-# recorded launch and fails on a spill.
-_WEIGHT_GRAD_TUNING = gemm_tuning(
-    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    tensor_cores=[(64, 64, 32, 8, 3), (64, 32, 64, 4, 3)],
-    exact=[(64, 64, 16, 8, 3), (64, 32, 16, 8, 2)],
-    interpreter_blocks=(32, 32, 128))
-
+from .tiles import Tile, weight_grad_tile
 
 @triton.jit
 def gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH: tl.constexpr, KW: tl.constexpr,
@@ -164,19 +154,14 @@ def swap_kn(packed: torch.Tensor) -> torch.Tensor:
     return packed.transpose(2, 3)
 
 
-# the largest row tile: 128 rows on a GPU; the interpreter, whose cost is per program, takes more
-_MAX_BLOCK_M = 512 if interpreting() else 128
-
-
-def row_tiling(n, out_hw, stride, transposed):
-    """(BLOCK_M, row tiles per phase, phases): with TRANSPOSED every phase gets the tile count of the
-    largest one (the statistics partials have one row per row tile of every phase)."""
+def conv_rows(n, out_hw, stride, transposed):
+    """(GEMM rows per phase, phases) of a convolution: with TRANSPOSED every phase gets the row
+    count of the largest one (the statistics partials have one row per row tile of every phase)."""
     oh, ow = out_hw
     _check_rows(n * oh * ow, "N*OH*OW")
-    phases = stride[0] * stride[1] if transposed else 1
-    rows = n * triton.cdiv(oh, stride[0]) * triton.cdiv(ow, stride[1]) if transposed else n * oh * ow
-    block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
-    return block_m, triton.cdiv(rows, block_m), phases
+    if not transposed:
+        return n * oh * ow, 1
+    return n * triton.cdiv(oh, stride[0]) * triton.cdiv(ow, stride[1]), stride[0] * stride[1]
 
 
 def empty_nhwc(n, c, hw, like):
@@ -185,12 +170,19 @@ def empty_nhwc(n, c, hw, like):
                        memory_format=torch.channels_last)
 
 
-def _split_count(pixels: int, tiles: int, operands: int, weights: int, device: torch.device) -> int:
+# No program loops more than this many times: a longer loop is a serial tail the GPU waits on.
+MAX_K_ITERATIONS = 256
+
+
+def _split_count(pixels: int, tiles: int, operands: int, weights: int, block_k: int,
+                 device: torch.device) -> int:
     """Split-K factor: enough programs to fill the GPU twice over, each summing >= 512 pixels, and
     float32 partials (``weights`` elements per split) that move no more than the ``operands``
-    elements the GEMM reads (small late layers would otherwise be dominated by partials)."""
+    elements the GEMM reads (small late layers would otherwise be dominated by partials); and in
+    any case enough splits that no program loops more than MAX_K_ITERATIONS times."""
     wanted = max(1, 2 * multiprocessor_count(device) // max(tiles, 1))
-    return max(1, min(wanted, pixels // 512, operands // weights))
+    longest = triton.cdiv(pixels, MAX_K_ITERATIONS * block_k)
+    return max(longest, min(wanted, pixels // 512, operands // weights))
 
 
 # --- ticket counters: a reduction closed by the last program to arrive -----------------------------
@@ -233,9 +225,6 @@ def last_arrival(cnt_ptr, arrivals):
     return last
 
 
-@triton.autotune(**_WEIGHT_GRAD_TUNING,
-                 key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "PIXELS_PER_SPLIT", "X_MODE",
-                      "G_MODE", "DOT_PRECISION"])
 @triton.jit
 def _weight_grad_kernel(
         # operand X and what its load applies (bn_act.chain_operand: y or output, vec, coef)
@@ -334,21 +323,28 @@ def weight_grad_program(
 
 class WeightGradLaunch:
     """The arguments of one weight-gradient launch (:func:`weight_grad_launch`): ``args``
-    (positional), ``constexprs``, the output ``dw`` and the grid's extent: (C_out, C_in) tiled by the
-    config's (BLOCK_M, BLOCK_N), ``taps`` and ``splits``."""
+    (positional), ``constexprs``, the output ``dw``, its ``tile`` and the grid's extent: (C_out,
+    C_in) tiled by (BLOCK_M, BLOCK_N), ``taps`` and ``splits``; ``per_split`` pixels each."""
 
-    def __init__(self, dw, args, constexprs, c_out, c_in, taps, splits):
-        self.dw, self.args, self.constexprs = dw, args, constexprs
+    def __init__(self, dw, args, constexprs, tile: Tile, c_out, c_in, taps, splits, per_split):
+        self.dw, self.args, self.constexprs, self.tile = dw, args, constexprs, tile
         self.c_out, self.c_in, self.taps, self.splits = c_out, c_in, taps, splits
+        self.per_split = per_split
 
-    def tiles(self, block_m, block_n) -> int:
-        return triton.cdiv(self.c_out, block_m) * triton.cdiv(self.c_in, block_n)
+    @property
+    def tiles(self) -> int:
+        return triton.cdiv(self.c_out, self.tile.block_m) * triton.cdiv(self.c_in, self.tile.block_n)
+
+    @property
+    def programs(self) -> int:
+        return self.tiles * self.taps * self.splits
 
 
 def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, out=None,
-                       tickets_from=0):
+                       tickets_from=0, tile=None):
     """Plan :func:`conv2d_weight_grad` (its arguments, which see); its ticket counters start at
-    ``tickets_from`` (so that another reduction can run in the same launch)."""
+    ``tickets_from`` (so that another reduction can run in the same launch); ``tile``: the rule's
+    (tiles.weight_grad_tile) unless given."""
     x = x if isinstance(x, Side) else Side(x)
     g = grad_out if isinstance(grad_out, Side) else Side(grad_out)
     n, c_in, h, w = x.tensor.shape
@@ -358,25 +354,27 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
     pixels = n * oh * ow
     _check_rows(pixels, "N*OH*OW")
     dev = x.tensor.device
+    precision = dot_precision(x.tensor.dtype, dev)
+    tile = tile or weight_grad_tile(exact=precision == "ieee")
     if splits is None:
-        splits = _split_count(pixels, triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64) * kh * kw,
-                              x.tensor.numel() + g.tensor.numel(), c_out * c_in * kh * kw, dev)
-    per_split = triton.cdiv(triton.cdiv(pixels, splits), 16) * 16
+        tiles = triton.cdiv(c_out, tile.block_m) * triton.cdiv(c_in, tile.block_n) * kh * kw
+        splits = _split_count(pixels, tiles, x.tensor.numel() + g.tensor.numel(),
+                              c_out * c_in * kh * kw, tile.block_k, dev)
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), tile.block_k) * tile.block_k
     splits = triton.cdiv(pixels, per_split)
     dw = out if out is not None else torch.empty((c_out, c_in, kh, kw), device=dev,
                                                  dtype=x.tensor.dtype)
     part = dw if splits == 1 else torch.empty((splits, c_out, c_in, kh, kw), device=dev,
                                                dtype=torch.float32)
-    # the smallest tile is 32 x 32: counters for every (tile, tap) of any config
-    count = triton.cdiv(c_out, 32) * triton.cdiv(c_in, 32) * kh * kw
+    count = triton.cdiv(c_out, tile.block_m) * triton.cdiv(c_in, tile.block_n) * kh * kw
     tickets = counters(tickets_from + count, dev)[tickets_from:]
     args = (x.tensor, x.y, x.vec, x.coef, g.tensor, g.y, g.vec, g.coef, dw, part, tickets,
             n, c_in, h, w, c_out, oh, ow, ph, pw, per_split, x.slope, g.slope,
             *_nhwc_strides(x.tensor), *_nhwc_strides(g.tensor), *dw.stride())
     constexprs = dict(KH=kh, KW=kw, SH=sh, SW=sw, X_MODE=x.mode, X_ACT=x.act, G_MODE=g.mode,
-                      G_ACT=g.act, SPLIT=splits > 1,
-                      DOT_PRECISION=dot_precision(x.tensor.dtype, dev))
-    return WeightGradLaunch(dw, args, constexprs, c_out, c_in, kh * kw, splits)
+                      G_ACT=g.act, SPLIT=splits > 1, DOT_PRECISION=precision,
+                      **tile.constexprs())
+    return WeightGradLaunch(dw, args, constexprs, tile, c_out, c_in, kh * kw, splits, per_split)
 
 
 def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, out=None):
@@ -388,7 +386,6 @@ def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, o
     contiguous ranges (default: a heuristic) whose float32 partials the launch adds in a fixed
     order."""
     launch = weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits, out)
-    grid = lambda meta: (launch.tiles(meta["BLOCK_M"], meta["BLOCK_N"]), launch.taps,  # noqa: E731
-                         launch.splits)
-    _weight_grad_kernel[grid](*launch.args, **launch.constexprs)
+    _weight_grad_kernel[(launch.tiles, launch.taps, launch.splits)](
+        *launch.args, **launch.constexprs, **launch.tile.options())
     return launch.dw

@@ -96,13 +96,12 @@ def test_training_matches_float64(name, impl, device, request):
         expect_zero_bias_grad(result, expected)
 
 
-def test_finalize_combines_many_tiles(device, poisoned, monkeypatch):
+def test_finalize_combines_many_tiles(device, poisoned):
     """Chan's combine over 150 row tiles (16-row tiles forced), the last one partial, in several
     chunks and channel blocks, with |mean| >> std and a conv bias: output and running stats
     against float64."""
-    from aigc_fast.kernels import conv_gemm
+    from aigc_fast.kernels import tiles
 
-    monkeypatch.setattr(conv_gemm, "_MAX_BLOCK_M", 16)
     gen = torch.Generator().manual_seed(7)
     n, c_in, c, hw = 3, 2, 70, (20, 40)  # 2400 pixels: 150 tiles of 16
     x = 1e3 + torch.randn(n, c_in, *hw, generator=gen, dtype=torch.float64)
@@ -114,9 +113,10 @@ def test_finalize_combines_many_tiles(device, poisoned, monkeypatch):
     expected = functional.conv_bn_act(x, weight, gamma, beta, *expected_running, transposed=False,
                                       bias=bias, activation=None, impl="ref")
     running = [r.float().to(device) for r in running]
-    got = functional.conv_bn_act(*(t.float().to(device) for t in (x, weight, gamma, beta)),
-                                 *running, transposed=False, bias=bias.float().to(device),
-                                 activation=None, impl="triton")
+    with tiles.forced(conv=tiles.Tile(16, 32, 16, 4, 1)):
+        got = functional.conv_bn_act(*(t.float().to(device) for t in (x, weight, gamma, beta)),
+                                     *running, transposed=False, bias=bias.float().to(device),
+                                     activation=None, impl="triton")
     y = torch.nn.functional.conv2d(x, weight)
     assert (y.mean(dim=(0, 2, 3)).abs() > 100 * y.std(dim=(0, 2, 3))).any()
     for have, want in [(got, expected), *zip(running, expected_running)]:

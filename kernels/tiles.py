@@ -1,0 +1,88 @@
+"""The tile of every GEMM launch: a rule on the launch's shape and products, not a search.
+
+Products are "tensor cores" (tf32, float16, bfloat16: the default of ``tl.dot``) or "exact"
+(float32 with IEEE products: FMA, more live registers, so smaller tiles). Under the interpreter,
+where a program's cost is its count and a config only multiplies test time, one small tile each.
+The GPU compile check (benchmarks/gpu_compile_check.py) builds every launch the rule picks for
+sm_90 and sm_80 and fails on a spill; the GEMM plan (benchmarks/gemm_plan.py) prints what each
+launch executes.
+"""
+import contextlib
+from dataclasses import dataclass
+
+from . import interpreting
+from ._config import pow2_block
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A GEMM program's block of outputs (BLOCK_M x BLOCK_N) and of the reduction per iteration
+    (BLOCK_K), with its warps and software-pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+    def constexprs(self, prefix=""):
+        return {f"{prefix}BLOCK_M": self.block_m, f"{prefix}BLOCK_N": self.block_n,
+                f"{prefix}BLOCK_K": self.block_k}
+
+    def options(self):
+        """The launch options ``num_warps`` and ``num_stages``."""
+        return {"num_warps": self.warps, "num_stages": self.stages}
+
+
+# the largest row tile: 128 rows on a GPU; the interpreter, whose cost is per program, takes more
+_MAX_BLOCK_M = 512 if interpreting() else 128
+
+# the tiles :func:`forced` imposes, by rule name
+_FORCED = {}
+
+
+@contextlib.contextmanager
+def forced(**tiles):
+    """The test seam: inside the block the rules named (``conv``, ``weight_grad``, ``pair``: a
+    Tile, or for ``pair`` a pair of them) return the given tiles, so that interpreter tests can run
+    any tile against float64 (many row tiles, a tile past the channels, split-K)."""
+    saved = dict(_FORCED)
+    _FORCED.update(tiles)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
+def conv_tile(rows: int, exact: bool) -> Tile:
+    """The tile of a convolution GEMM (forward or input gradient) with ``rows`` output pixels per
+    phase: rows up to 128 (the statistics partials have one row per row tile)."""
+    if "conv" in _FORCED:
+        return _FORCED["conv"]
+    block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
+    if interpreting():
+        return Tile(block_m, 32, 16, 4, 1)
+    return Tile(block_m, 32, 16, 8, 1) if exact else Tile(block_m, 64, 16, 8, 2)
+
+
+def weight_grad_tile(exact: bool) -> Tile:
+    """The tile of a weight-gradient GEMM: (C_out, C_in) outputs per tap, pixels reduced."""
+    if "weight_grad" in _FORCED:
+        return _FORCED["weight_grad"]
+    if interpreting():
+        return Tile(32, 32, 128, 4, 1)
+    return Tile(64, 64, 16, 8, 3) if exact else Tile(64, 64, 32, 8, 3)
+
+
+def pair_tiles(rows: int, exact: bool):
+    """(conv tile, weight-gradient tile) of a backward pair launch, which runs both GEMMs with one
+    warp count and stage count and holds the registers of the larger branch."""
+    if "pair" in _FORCED:
+        return _FORCED["pair"]
+    conv = conv_tile(rows, exact)
+    if interpreting():
+        return conv, weight_grad_tile(exact)
+    if exact:
+        return Tile(conv.block_m, 16, 16, 4, 2), Tile(64, 32, 16, 4, 2)
+    return Tile(conv.block_m, 64, 16, 8, 3), Tile(64, 64, 16, 8, 3)
