@@ -112,6 +112,39 @@ def resolve_out_and_resume(args):
     return out, resume
 
 
+def load_resume(path, auto, is_main):
+    """(path, state) of the checkpoint to resume from.
+
+    ``--resume PATH`` (``auto`` False): that file, or a UsageError. ``--resume auto`` (``path`` is
+    a run's last.pt): last.pt, or when it cannot be read (a copy or a disk that failed mid-write)
+    the periodic checkpoint beside it with the highest step that loads, saying which and why
+    (rank 0); a UsageError if none loads, so a run is never started afresh over its own files.
+    """
+    try:
+        return path, load_checkpoint(path, required=CHECKPOINT_KEYS)
+    except UsageError as err:
+        if not auto:
+            raise
+        why = err
+    for periodic in sorted(path.parent.glob("step_*.pt"), key=_checkpoint_step, reverse=True):
+        try:
+            ckpt = load_checkpoint(periodic, required=CHECKPOINT_KEYS)
+        except UsageError:
+            continue
+        if is_main:
+            print(f"note: --resume auto: {why}; resuming from {periodic} (step {ckpt['step']}), "
+                  "the newest checkpoint that loads")
+        return periodic, ckpt
+    raise UsageError(f"--resume auto: {why}, and no periodic checkpoint (step_NNNNNN.pt) beside it "
+                     "loads either; expected a readable checkpoint in the run, or a new --out")
+
+
+def _checkpoint_step(path):
+    """The step in a periodic checkpoint's name step_NNNNNN.pt (-1 if the name holds none)."""
+    digits = path.stem.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
+
+
 def make_config(args, explicit, saved):
     """The run's settings: the flags, or for a resumed run its checkpoint's config ``saved``.
 
@@ -151,7 +184,10 @@ def setup(args, explicit, world=None):
     world = world or World(resolve_device(args.device))
     device = world.device
     out, resume = resolve_out_and_resume(args)
-    ckpt = load_checkpoint(resume, required=CHECKPOINT_KEYS) if resume else None
+    if resume:
+        resume, ckpt = load_resume(resume, args.resume == "auto", world.is_main)
+    else:
+        ckpt = None
     # a resumed run keeps its global batch, whatever the number of processes now
     saved = world.per_process_config(ckpt["config"], f"checkpoint {resume}") if ckpt else None
     cfg = make_config(args, explicit, saved)
