@@ -74,11 +74,22 @@ def warn_once(run, kind, message):
 
 def append_metrics_row(run, row):
     """One JSON line appended to metrics.jsonl (rank 0; see :func:`write_run_file`)."""
-    def append(path):
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    line = (json.dumps(row) + "\n").encode()
+    write_run_file(run, run.out / "metrics.jsonl", lambda path: append_whole(path, line))
 
-    write_run_file(run, run.out / "metrics.jsonl", append)
+
+def append_whole(path, data):
+    """Append ``data`` to ``path`` whole or not at all: a write that fails part-way (a full disk)
+    is cut off again, so the file never ends in half a row that would stop a resume reading it."""
+    with open(path, "ab", buffering=0) as f:  # unbuffered: every byte written is known
+        start = f.tell()
+        try:
+            written = 0
+            while written < len(data):
+                written += f.write(data[written:])
+        except OSError:
+            f.truncate(start)
+            raise
 
 
 class Meter:
