@@ -4,8 +4,9 @@ What must hold: the ranks keep bitwise identical weights while drawing distinct 
 with --sync-bn, 2 processes x batch 4 train as 1 process x batch 8 on the same images and noise
 (losses and weights within 1e-5 relative; measured: <= 7e-7); a checkpoint resumes under the other
 world size (both ways) and continues as the one-process run does; Ctrl-C of one rank stops every
-rank at the same step; a killed or stalled rank ends the other within the process-group timeout
-instead of hanging it.
+rank at the same step, and SIGTERM to one rank under torchrun does so within seconds with a
+checkpoint that resumes bitwise; a killed or stalled rank ends the other within the process-group
+timeout instead of hanging it.
 """
 import json
 import os
@@ -287,13 +288,13 @@ def ranks(tmp_path, npz):
         r.close()
 
 
-def test_ctrl_c_on_one_rank_stops_both_at_the_same_logging_step(ranks):
+def test_ctrl_c_on_one_rank_stops_both_at_the_same_step(ranks):
     job = ranks("--log-every", "3", "--dist-timeout", "60")
     job.wait_for_training()
-    job.procs[1].send_signal(signal.SIGINT)  # rank 1 only: rank 0 learns of it at the next log step
+    job.procs[1].send_signal(signal.SIGINT)  # rank 1 only: rank 0 learns of it at the next agreement
     assert job.wait(1, 60)[0] == 130 and job.wait(0, 60)[0] == 130, job.output()
     step = torch.load(job.out / "checkpoints" / "last.pt", weights_only=True)["step"]
-    assert step % 3 == 0 and max(_rows(job.out)) == step
+    assert max(_rows(job.out)) == step  # the stopped step is logged with its checkpoint
     log0 = job.logs[0].read_text()
     assert f"interrupted at step {step}/100000" in log0 and "interrupted" not in job.logs[1].read_text()
 
@@ -318,3 +319,48 @@ def test_a_stalled_rank_ends_the_other_after_the_timeout(ranks):
         job.procs[1].kill()
     assert status not in (0, None), job.output()
     assert seconds >= timeout * 0.5, seconds  # it waited for the peer, then gave up
+
+
+# --- SIGTERM under a real torchrun agent ---------------------------------------------------------------
+
+
+def _worker_pids(agent):
+    """{rank: pid} of the trainer processes a torchrun agent started (from Linux's /proc)."""
+    pids = {}
+    for pid in open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split():
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        pids.update({int(v[5:]): int(pid) for v in env if v.startswith(b"RANK=")})
+    return pids
+
+
+def test_sigterm_to_one_torchrun_rank_checkpoints_within_seconds_and_resumes_bitwise(tmp_path, npz):
+    total = 400  # the signal comes at step 10 or later; both ranks stop about a second after it
+    common = TINY + ["--data", npz, "--batch-size", "2", "--log-every", "10", "--checkpoint-every",
+                     str(total), "--eval-every", "0", "--steps", str(total)]
+    _torchrun(common + ["--out", str(tmp_path / "straight")])
+    split, log = tmp_path / "split", tmp_path / "split.log"
+    with open(log, "w") as f:
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc-per-node", "2", "-m", "aigc_fast.train", *common, "--out",
+                                  str(split)], env=_child_env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not ((split / "metrics.jsonl").exists() and _rows(split)):
+            assert agent.poll() is None and time.monotonic() < end, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(_worker_pids(agent)[1], signal.SIGTERM)  # rank 1 only, as a node's scheduler may
+        t0 = time.monotonic()
+        status = agent.wait(timeout=LAUNCH_TIMEOUT_S)
+        seconds = time.monotonic() - t0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    output = log.read_text()
+    last = split / "checkpoints" / "last.pt"
+    step = torch.load(last, weights_only=True)["step"]
+    assert status != 0 and seconds < 10 and 10 <= step < total, (seconds, step, output[-3000:])
+    assert f"interrupted at step {step}/{total} (SIGTERM)" in output and "exitcode  : 143" in output
+    _torchrun(["--resume", str(last)])
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = _weights(last)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

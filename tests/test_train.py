@@ -1,5 +1,6 @@
 """The trainer: the GAN step, the backend table, the CLI and its outputs, exact resume, failures."""
 import copy
+import errno
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from aigc_fast import __version__
 from aigc_fast.models import build_models
 from aigc_fast.train import main, prepare_backend
-from aigc_fast.training import loop
+from aigc_fast.training import checkpoint, loop, report
 from aigc_fast.training.backends import BACKENDS, Backend, Prepared, resolve_backend, train_step
 from aigc_fast.training.cli import UsageError, resolve_device
 from aigc_fast.training.options import EXAMPLES_ALIASES, parse_args
@@ -418,3 +419,148 @@ def test_ctrl_c_checkpoints_and_exits_130(tmp_path, npz, capsys, monkeypatch, de
     assert f"resume with: python -m aigc_fast.train --resume {last}" in err
     assert torch.load(last, weights_only=True)["step"] == 3  # stopped at the step boundary
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+# --- faults of long runs: SIGTERM, a full disk, an unreadable last checkpoint ------------------------
+
+
+@pytest.fixture
+def default_sigterm():
+    """SIGTERM's default action for the test, and the inherited handler back afterwards."""
+    inherited = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, inherited)
+
+
+def _loss_acting_in_step(step, action):
+    """A BCE loss that calls ``action()`` once, in training step ``step`` (3 loss calls a step)."""
+    calls = []
+
+    def loss(logits, target):
+        calls.append(1)
+        if len(calls) == 3 * step:
+            action()
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    return loss
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(tmp_path, npz, capsys, monkeypatch,
+                                                                   default_sigterm):
+    common = ["--data", npz, "--log-every", "2", "--checkpoint-every", "100"] + TINY + NO_EVAL
+    sigterm = partial(signal.raise_signal, signal.SIGTERM)  # a real SIGTERM, to this process
+    # the same backend in every run (the registered eager one runs channels_last)
+    plain = _backend_with_loss(F.binary_cross_entropy_with_logits)
+    monkeypatch.setitem(BACKENDS, "eager", plain)
+    assert main(common + ["--steps", "6", "--out", str(tmp_path / "straight")]) == 0
+    monkeypatch.setitem(BACKENDS, "eager", _backend_with_loss(_loss_acting_in_step(3, sigterm)))
+    status, _, err = _cli(common + ["--steps", "6", "--out", str(tmp_path / "split")], capsys)
+    last = tmp_path / "split" / "checkpoints" / "last.pt"
+    assert status == 143 and "interrupted at step 3/6 (SIGTERM)" in err
+    assert f"resume with: python -m aigc_fast.train --resume {last}" in err
+    assert torch.load(last, weights_only=True)["step"] == 3  # the step the signal came in
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    monkeypatch.setitem(BACKENDS, "eager", plain)
+    assert main(["--resume", str(last)]) == 0
+    _, straight = _states(tmp_path / "straight" / "checkpoints" / "last.pt")
+    _, split = _states(last)
+    _assert_bitwise_equal(straight, split)
+
+
+class _FullDisk:
+    """A disk that is full once :meth:`fill` is called: each write of a checkpoint
+    (checkpoint.os.fdopen) or of metrics.jsonl (report's open), as chosen, then writes half its
+    bytes and raises ENOSPC, as write(2) does on a full file system."""
+
+    def __init__(self, monkeypatch, checkpoints, metrics):
+        self.full = False
+        if checkpoints:
+            monkeypatch.setattr(checkpoint.os, "fdopen", self._filling(os.fdopen))
+        if metrics:
+            monkeypatch.setattr(report, "open", self._filling(open), raising=False)
+
+    def fill(self):
+        self.full = True
+
+    def _filling(self, opener):
+        def opened(*args, **kwargs):
+            f = opener(*args, **kwargs)
+            if self.full:
+                write = f.write
+
+                def write_half(data):
+                    write(data[:len(data) // 2])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+                f.write = write_half
+            return f
+        return opened
+
+
+def _stderr_lines(err):
+    """What a run printed on stderr, less the progress bar's redraws."""
+    return [line for line in err.replace("\r", "\n").splitlines()
+            if line.strip() and not re.match(r"\s*\d+%\|", line)]
+
+
+@pytest.mark.parametrize("full_at", ["checkpoint", "metrics"])
+def test_a_full_disk_ends_the_run_with_one_line_and_a_loadable_checkpoint(
+        tmp_path, npz, capsys, monkeypatch, full_at):
+    disk = _FullDisk(monkeypatch, checkpoints=full_at == "checkpoint", metrics=full_at == "metrics")
+    monkeypatch.setitem(BACKENDS, "eager", _backend_with_loss(_loss_acting_in_step(3, disk.fill)))
+    out = tmp_path / "run"
+    status, _, err = _cli(["--data", npz, "--steps", "8", "--log-every", "1", "--checkpoint-every",
+                           "2", "--out", str(out)] + TINY + NO_EVAL, capsys)
+    last = out / "checkpoints" / "last.pt"
+    failed = last if full_at == "checkpoint" else out / "metrics.jsonl"  # step 4's, step 3's
+    lines = _stderr_lines(err)
+    assert status == 1 and "Traceback" not in err and len(lines) == 1, lines
+    assert lines[0] == (f"aigc_fast.train: stopped: cannot write {failed} (No space left on device, "
+                        f"ENOSPC); the last good checkpoint is {last} (step 2); resume with: python "
+                        f"-m aigc_fast.train --resume {last}")
+    assert torch.load(last, weights_only=True)["step"] == 2  # intact
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt", "step_000002.pt"]  # no temp
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == ([1, 2] if full_at == "metrics" else [1, 2, 3, 4])
+
+
+def test_failed_sample_grids_warn_once_and_training_goes_on(tmp_path, npz, monkeypatch):
+    def full_disk(images, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(report, "save_grid", full_disk)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning) as warned:
+        assert main(["--data", npz, "--steps", "3", "--sample-every", "1", "--out", str(out)]
+                    + TINY + NO_EVAL) == 0
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    assert [str(w.message) for w in warned] == [
+        f"cannot write {out / 'samples' / 'step_000001.png'} (No space left on device, ENOSPC); "
+        "training goes on without sample grids (said once)"]
+
+
+def test_resume_auto_skips_an_unreadable_last_pt_to_the_newest_intact_checkpoint(tmp_path, npz,
+                                                                                  capsys):
+    out = tmp_path / "run"
+    assert main(["--data", npz, "--steps", "6", "--checkpoint-every", "2", "--out", str(out)]
+                + TINY + NO_EVAL) == 0
+    folder = out / "checkpoints"
+    for name in ("last.pt", "step_000006.pt"):  # cut short, as by a copy that failed mid-way
+        (folder / name).write_bytes((folder / name).read_bytes()[:1000])
+    capsys.readouterr()
+    status, _, err = _cli(["--resume", str(folder / "last.pt")], capsys)
+    assert_one_line_error(status, err, f"checkpoint {folder / 'last.pt'}: cannot be read")
+
+    capsys.readouterr()
+    assert main(["--resume", "auto", "--out", str(out), "--steps", "8"]) == 0
+    said = capsys.readouterr().out
+    assert (f"note: --resume auto: checkpoint {folder / 'last.pt'}: cannot be read" in said
+            and f"resuming from {folder / 'step_000004.pt'} (step 4), the newest checkpoint that "
+            "loads" in said)
+    assert torch.load(folder / "last.pt", weights_only=True)["step"] == 8
+
+    for path in folder.iterdir():
+        path.write_bytes(b"not a checkpoint")
+    status, _, err = _cli(["--resume", "auto", "--out", str(out), "--steps", "10"], capsys)
+    assert_one_line_error(status, err, "--resume auto:", "no periodic checkpoint")
+    assert all(p.read_bytes() == b"not a checkpoint" for p in folder.iterdir())  # nothing replaced

@@ -39,12 +39,11 @@ def write_bytes_atomic(path, data):
             os.close(dir_fd)
 
 
-def save_checkpoint(state, *paths):
-    """Serialise ``state`` once and write it atomically to each of ``paths``."""
+def checkpoint_bytes(state):
+    """``state`` serialised as torch.save writes it: once, for last.pt and a periodic copy alike."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    for path in paths:
-        write_bytes_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def load_checkpoint(path, required=("G", "config")):

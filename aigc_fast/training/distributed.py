@@ -15,6 +15,9 @@ Under torchrun a run is defined by its *global* batch, world_size x --batch-size
 - BatchNorm statistics are per process (as in pytorch/examples) unless --sync-bn swaps in
   :class:`SyncBatchNorm2d`, which makes them those of the global batch.
 - rank 0 alone writes; metrics are averaged over the ranks with one all-reduce per logging step.
+- a signal (Ctrl-C, SIGTERM) to any rank, or a failed write on rank 0, stops every rank after the
+  same step: they agree with one small all-reduce after each step that wrote files and about once a
+  second of training otherwise, never every step (:class:`aigc_fast.training.loop.StopAgreement`).
 - a process-group timeout, and a shutdown without barriers, so that a dead, stuck or interrupted
   rank ends every rank instead of hanging them.
 """
@@ -102,17 +105,15 @@ class World:
         dist.all_reduce(total)
         return total / self.world_size
 
-    def agree_to_stop(self, requested, at_log_step):
-        """Whether to stop after this step. Alone: as soon as asked. Under torchrun: at logging steps
-        only, where one all-reduce tells every rank whether any rank was asked (Ctrl-C, a signal),
-        so all ranks stop after the same step with no per-step host sync."""
+    def max_over_ranks(self, values):
+        """The element-wise maximum over the ranks of a few numbers (one all-reduce, one host
+        sync): how the ranks agree whether and why to stop (:class:`~.loop.StopAgreement`).
+        Alone: the numbers themselves."""
         if not self.enabled:
-            return requested
-        if not at_log_step:
-            return False
-        flag = torch.tensor([float(requested)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
 
     def wrap(self, module):
         """DistributedDataParallel around ``module`` (plain, fused or compiled); ``module`` alone.

@@ -1,14 +1,18 @@
 """What a run reports as it trains: metrics rows and the progress bar (:class:`Meter`,
-:func:`log_metrics`), sample grids, SWD rows, curves and the start-up line.
+:func:`log_metrics`), sample grids, SWD rows, curves and the start-up line; and what a failed write
+of the run's files does (:func:`write_run_file`, :func:`write_optional`).
 """
+import errno
 import json
 import math
 import time
+import warnings
 
 import torch
 
 from .. import __version__
 from .cli import UsageError
+from .curves import FILE_NAME as CURVES_FILE
 from .curves import write_curves
 from .ema import EMA_KEY
 from .eval import Evaluator
@@ -25,6 +29,67 @@ def format_rate(per_second):
 
 class Diverged(Exception):
     """A loss or weight became NaN/inf: the run stops and keeps its last good checkpoint."""
+
+
+def describe_os_error(err):
+    """``No space left on device, ENOSPC``: the cause of a failed write, for people and for search."""
+    name = errno.errorcode.get(err.errno)
+    return f"{err.strerror}, {name}" if err.strerror and name else str(err) or type(err).__name__
+
+
+def write_run_file(run, path, write):
+    """``write(path)`` for a file the run cannot go on without (a checkpoint, metrics.jsonl,
+    config.json); True if it was written.
+
+    A failure (a full disk, a quota) is not raised but kept as one line in ``run.write_failure``:
+    under torchrun rank 0 alone writes, and every rank has to learn of it at the same step
+    (:class:`~.loop.StopAgreement`) to stop together. From then on no such file is written, so none
+    is left half-appended and the last good checkpoint stays the last one written.
+    """
+    if run.write_failure is not None:
+        return False
+    try:
+        write(path)
+    except OSError as err:
+        run.write_failure = f"cannot write {path} ({describe_os_error(err)})"
+        return False
+    return True
+
+
+def write_optional(run, kind, path, write):
+    """``write(path)`` for a file training does not need (a sample grid, the curves): a failure
+    warns once per ``kind`` and the run goes on (later writes are tried, silently)."""
+    try:
+        write(path)
+    except OSError as err:
+        warn_once(run, kind, f"cannot write {path} ({describe_os_error(err)}); training goes on "
+                             f"without {kind} (said once)")
+
+
+def warn_once(run, kind, message):
+    if kind not in run.optional_failures:
+        run.optional_failures.add(kind)
+        warnings.warn(message, stacklevel=2)
+
+
+def append_metrics_row(run, row):
+    """One JSON line appended to metrics.jsonl (rank 0; see :func:`write_run_file`)."""
+    line = (json.dumps(row) + "\n").encode()
+    write_run_file(run, run.out / "metrics.jsonl", lambda path: append_whole(path, line))
+
+
+def append_whole(path, data):
+    """Append ``data`` to ``path`` whole or not at all: a write that fails part-way (a full disk)
+    is cut off again, so the file never ends in half a row that would stop a resume reading it."""
+    with open(path, "ab", buffering=0) as f:  # unbuffered: every byte written is known
+        start = f.tell()
+        try:
+            written = 0
+            while written < len(data):
+                written += f.write(data[written:])
+        except OSError:
+            f.truncate(start)
+            raise
 
 
 class Meter:
@@ -71,8 +136,7 @@ def log_metrics(run, meter, bar, t_start):
            "images_per_s": count * run.cfg["batch_size"] * run.world.world_size / elapsed,
            "seconds": run.seconds_before + time.perf_counter() - t_start}
     if run.world.is_main:  # every rank took part in the average; rank 0 alone writes it
-        with open(run.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics_row(run, row)
     bar.set_postfix_str(f"loss_d {means['loss_d']:.3f} loss_g {means['loss_g']:.3f} "
                         f"D(x) {means['d_real']:.2f} D(G(z)) {means['d_fake']:.2f} "
                         f"{format_rate(row['images_per_s'])} img/s", refresh=False)
@@ -88,8 +152,7 @@ def write_samples(run):
     """samples/step_NNNNNN.png from the fixed noise, G in eval mode (no state changes)."""
     path = run.out / "samples" / f"step_{run.step:06d}.png"
     with eval_mode(sampling_generator(run)) as G:
-        save_grid(G(run.fixed_noise), path)
-    return path
+        write_optional(run, "sample grids", path, lambda p: save_grid(G(run.fixed_noise), p))
 
 
 def evaluate(run, bar, meter):
@@ -106,8 +169,7 @@ def evaluate(run, bar, meter):
     row = {"step": run.step, "epoch": round(run.step / run.order.steps_per_epoch, 4), "swd": scores,
            "swd_n": run.evaluator.n, "generator": EMA_KEY if run.ema is not None else "G",
            "eval_seconds": round(seconds, 2)}
-    with open(run.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_metrics_row(run, row)
     levels = ", ".join(f"{k} px {v:.1f}" for k, v in scores.items() if k != "mean")
     bar.write(f"step {run.step}: SWD x1e3 of {row['generator']} {scores['mean']:.1f} ({levels}; "
               f"n = {run.evaluator.n}, {seconds:.0f} s)")
@@ -121,6 +183,8 @@ def draw_curves(run):
         return f"curves {write_curves(run.out)}"
     except UsageError as err:  # matplotlib is not installed (or nothing was logged yet)
         return f"note: {err}"
+    except OSError as err:
+        return f"warning: cannot write {run.out / CURVES_FILE} ({describe_os_error(err)})"
 
 
 def start_line(run):

@@ -4,7 +4,7 @@ resume from a checkpoint (:func:`restore`) and the checkpoints it writes (:func:
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +14,7 @@ import torch
 from .. import __version__
 from ..models import build_models
 from .backends import Prepared, prepare_backend, resolve_backend
-from .checkpoint import (load_checkpoint, load_state_checked, rng_states, save_checkpoint,
+from .checkpoint import (checkpoint_bytes, load_checkpoint, load_state_checked, rng_states,
                          set_rng_states, write_bytes_atomic)
 from .cli import UsageError, resolve_device
 from .data import SHAPES, BatchOrder, load_images, to_model_range
@@ -23,7 +23,7 @@ from .ema import EMA, EMA_KEY
 from .eval import Evaluator
 from .options import DEFAULT_STEPS, KEPT_KEYS, RUN_KEYS
 from .precision import Precision, resolve_precision, set_tf32
-from .report import Diverged
+from .report import Diverged, write_optional, write_run_file
 from .sample import save_grid
 from .step_graph import graph_unavailable, set_capturable
 
@@ -56,6 +56,9 @@ class Run:
     precision_reason: str = ""
     cuda_graph_reason: str = ""  # why cfg["cuda_graph"] captures the step in a CUDA graph or not
     last_checkpoint: Optional[Path] = None
+    last_checkpoint_step: int = 0
+    write_failure: Optional[str] = None  # the first failed write of a file the run needs, one line
+    optional_failures: set = field(default_factory=set)  # kinds of optional file already warned of
     ema: Optional[EMA] = None  # the moving average of G (--ema), the generator samples and SWD use
     eval_every: int = 0  # --eval-every, 0 in a --dry-run
     evaluator: Optional[Evaluator] = None  # made at the first evaluation (describes the real set)
@@ -109,6 +112,39 @@ def resolve_out_and_resume(args):
     return out, resume
 
 
+def load_resume(path, auto, is_main):
+    """(path, state) of the checkpoint to resume from.
+
+    ``--resume PATH`` (``auto`` False): that file, or a UsageError. ``--resume auto`` (``path`` is
+    a run's last.pt): last.pt, or when it cannot be read (a copy or a disk that failed mid-write)
+    the periodic checkpoint beside it with the highest step that loads, saying which and why
+    (rank 0); a UsageError if none loads, so a run is never started afresh over its own files.
+    """
+    try:
+        return path, load_checkpoint(path, required=CHECKPOINT_KEYS)
+    except UsageError as err:
+        if not auto:
+            raise
+        why = err
+    for periodic in sorted(path.parent.glob("step_*.pt"), key=_checkpoint_step, reverse=True):
+        try:
+            ckpt = load_checkpoint(periodic, required=CHECKPOINT_KEYS)
+        except UsageError:
+            continue
+        if is_main:
+            print(f"note: --resume auto: {why}; resuming from {periodic} (step {ckpt['step']}), "
+                  "the newest checkpoint that loads")
+        return periodic, ckpt
+    raise UsageError(f"--resume auto: {why}, and no periodic checkpoint (step_NNNNNN.pt) beside it "
+                     "loads either; expected a readable checkpoint in the run, or a new --out")
+
+
+def _checkpoint_step(path):
+    """The step in a periodic checkpoint's name step_NNNNNN.pt (-1 if the name holds none)."""
+    digits = path.stem.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
+
+
 def make_config(args, explicit, saved):
     """The run's settings: the flags, or for a resumed run its checkpoint's config ``saved``.
 
@@ -148,7 +184,10 @@ def setup(args, explicit, world=None):
     world = world or World(resolve_device(args.device))
     device = world.device
     out, resume = resolve_out_and_resume(args)
-    ckpt = load_checkpoint(resume, required=CHECKPOINT_KEYS) if resume else None
+    if resume:
+        resume, ckpt = load_resume(resume, args.resume == "auto", world.is_main)
+    else:
+        ckpt = None
     # a resumed run keeps its global batch, whatever the number of processes now
     saved = world.per_process_config(ckpt["config"], f"checkpoint {resume}") if ckpt else None
     cfg = make_config(args, explicit, saved)
@@ -226,7 +265,7 @@ def restore(run, ckpt, path):
         set_capturable(optimizer, run.cfg["cuda_graph"])  # the checkpoint's run may have differed
     run.step = ckpt["step"]
     run.seconds_before = ckpt.get("seconds", 0.0)
-    run.last_checkpoint = path
+    run.last_checkpoint, run.last_checkpoint_step = path, run.step
     if run.ema is not None and EMA_KEY in ckpt:
         load_state_checked(run.ema.module, ckpt[EMA_KEY], f"checkpoint {path} ({EMA_KEY})")
     elif run.ema is not None:
@@ -252,15 +291,17 @@ def prepare_outputs(run):
         run.out = _next_run_dir()
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
     (run.out / "checkpoints").mkdir(exist_ok=True)
-    write_bytes_atomic(run.out / "config.json", (json.dumps(run.cfg, indent=2) + "\n").encode())
+    config = (json.dumps(run.cfg, indent=2) + "\n").encode()
+    write_run_file(run, run.out / "config.json", lambda path: write_bytes_atomic(path, config))
     real = run.out / "samples" / "real.png"
     if not real.exists():
-        save_grid(to_model_range(run.images[:SAMPLE_COUNT]), real)
+        write_optional(run, "sample grids", real,
+                       lambda path: save_grid(to_model_range(run.images[:SAMPLE_COUNT]), path))
     metrics = run.out / "metrics.jsonl"
     if metrics.exists():
         kept = [line for line in metrics.read_text().splitlines(keepends=True)
                 if line.strip() and json.loads(line)["step"] <= run.step]
-        write_bytes_atomic(metrics, "".join(kept).encode())
+        write_run_file(run, metrics, lambda path: write_bytes_atomic(path, "".join(kept).encode()))
 
 
 def checkpoint_state(run, seconds):
@@ -276,14 +317,23 @@ def checkpoint_state(run, seconds):
 
 
 def write_checkpoint(run, seconds, periodic=False):
-    """checkpoints/last.pt (and step_NNNNNN.pt if periodic), once the weights are checked finite."""
+    """checkpoints/last.pt (and step_NNNNNN.pt if periodic), once the weights are checked finite.
+
+    A failed write is kept in run.write_failure (:func:`~.report.write_run_file`); the file it
+    would have replaced stays intact, and run.last_checkpoint names the last one written.
+    """
     params = [p for m in (run.model.G, run.model.D) for p in m.parameters()]
     if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
         raise Diverged(f"non-finite weights at step {run.step}")
     if not run.world.is_main:  # the weights are the same on every rank (checked above on each)
-        return None
+        return
+    data = checkpoint_bytes(checkpoint_state(run, seconds))
+
+    def write(path):
+        write_bytes_atomic(path, data)
+
     folder = run.out / "checkpoints"
-    paths = [folder / "last.pt"] + ([folder / f"step_{run.step:06d}.pt"] if periodic else [])
-    save_checkpoint(checkpoint_state(run, seconds), *paths)
-    run.last_checkpoint = paths[0]
-    return paths[0]
+    if write_run_file(run, folder / "last.pt", write):
+        run.last_checkpoint, run.last_checkpoint_step = folder / "last.pt", run.step
+    if periodic:
+        write_run_file(run, folder / f"step_{run.step:06d}.pt", write)
