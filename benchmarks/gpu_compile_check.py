@@ -10,9 +10,10 @@ network at batch 512 (pytorch/examples' ngf = ndf = 64), of the trainer's eval-m
 SWD) and of both BCE losses on a batch large enough for their two-launch reduction, per dtype
 (``amp-`` ones as ``--precision fp16|bf16`` trains, autocast emulated on the meta device) and per
 target GPU (split-K factors follow its SM count), on meta tensors: shapes, no data, nothing
-runs. Then, with no interpreter, it compiles each distinct launch under every autotune config that
-CUDA would try (the autotuner's own pruning applied), fp32 GEMMs both with tf32 and with ieee
-products, for each target, through Triton's launch path (``JITFunction.run(warmup=True)``), whose
+runs; fp32 steps twice, with tf32 products (``torch.backends.cudnn.allow_tf32``, PyTorch's default)
+and with exact ones, since the tile rule (kernels/tiles.py) picks each launch's tile for its
+products. Then, with no interpreter, it compiles each distinct launch as recorded (its tile, warps
+and stages), for each target, through Triton's launch path (``JITFunction.run(warmup=True)``), whose
 launch-time checks run after the compile (Triton, 3.6 included, compares the globals a kernel used
 with their compile-time values) and again on the cached path by a second call. ptxas, the one
 Triton bundles, reports registers and spills.
@@ -21,9 +22,8 @@ It prints one row per compile (launch, kernel, dtype, products, config, arch, re
 shared memory, tensor-core instruction, cp.async), a summary per kernel x dtype x arch, and one line:
 ``compile check: N compiles, F failed, S spilling ... (triton X)``. It exits 1 on any failure: a
 compile error, a launch-time check that raises, shared memory beyond the target's per-block limit,
-registers x threads beyond the 64K registers of an SM, or a config that spills (spilling
-configs are pruned from the autotune lists in kernels/, so every config a GPU would try is
-spill-free).
+registers x threads beyond the 64K registers of an SM, or a launch that spills (the tile rule must
+pick only tiles that build spill-free).
 
 It proves that this Triton builds every launch recorded here for those GPUs and that the builds fit;
 other shapes give other integer specialisations (a value of 1, multiples of 16), which it has not
@@ -60,14 +60,13 @@ DTYPES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
           "amp-bf16": (torch.float32, torch.bfloat16)}
 STEPS = ((32, 64), (64, 512))  # (image size, batch)
 LOSS_N = 4096  # logits for the losses: past one program (1024), so the partial sums get their own launch
-PRODUCTS = {"tf32": None, "ieee": "ieee"}  # tl.dot's input_precision for float32 operands
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="sm_90 and fp32 only (tf32 and ieee products), every config: the test suite's form")
+                   help="sm_90 and fp32 only (tf32 and ieee products): the test suite's form")
     p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated targets (default: all)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes (default: all)")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
@@ -179,7 +178,6 @@ def recording_launches(multiprocessors, autocast):
     """Collect ``(kernel, args, kwargs)`` of every Triton launch instead of running it, while our
     launchers take meta tensors (under ``autocast``'s dtype, or none) and every fused op is forced
     onto its Triton path (a silent fallback to the reference would leave its kernels unchecked)."""
-    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     from aigc_fast.kernels import META_LAUNCHES
@@ -188,22 +186,22 @@ def recording_launches(multiprocessors, autocast):
 
     def record(kernel, *args, grid, warmup, **kwargs):
         base = _unwrap(kernel, inspect.isfunction)
-        launches.append((base.__module__, base.__name__, args, kwargs))
+        launches.append((base.__module__, base.__name__, args, kwargs, grid))
 
-    saved = (JITFunction.run, Autotuner.run, os.environ.get("AIGC_FAST_IMPL"))
-    JITFunction.run = Autotuner.run = record
+    saved = (JITFunction.run, os.environ.get("AIGC_FAST_IMPL"))
+    JITFunction.run = record
     META_LAUNCHES.enabled, META_LAUNCHES.multiprocessors = True, multiprocessors
     META_LAUNCHES.autocast = autocast
     os.environ["AIGC_FAST_IMPL"] = "triton"
     try:
         yield launches
     finally:
-        JITFunction.run, Autotuner.run = saved[:2]
+        JITFunction.run = saved[0]
         META_LAUNCHES.enabled, META_LAUNCHES.autocast = False, None
-        if saved[2] is None:
+        if saved[1] is None:
             del os.environ["AIGC_FAST_IMPL"]
         else:
-            os.environ["AIGC_FAST_IMPL"] = saved[2]
+            os.environ["AIGC_FAST_IMPL"] = saved[1]
 
 
 def _as_recorded(value):
@@ -268,21 +266,35 @@ def workloads():
             + [(f"BCE n={LOSS_N}", partial(_losses, LOSS_N))])
 
 
+@contextlib.contextmanager
+def _tf32(allowed):
+    """PyTorch's tf32 switch for convolutions, which the kernels follow for float32 products."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 def record_launches(archs, dtypes):
-    """The distinct launches of :func:`workloads` per (dtype, arch), in first-seen order."""
+    """The distinct launches of :func:`workloads` per (dtype, arch), in first-seen order; fp32 ones
+    with tf32 and with exact products."""
     distinct = {}
     for arch in archs:
         for dtype in dtypes:
-            for where, call in workloads():
-                storage, autocast = DTYPES[dtype]
-                with recording_launches(ARCHS[arch][1], autocast) as launches:
-                    call(storage)
-                for module, name, args, kwargs in launches:
-                    launch = Launch(module, name, tuple(map(_as_recorded, args)),
-                                    {k: _as_recorded(v) for k, v in kwargs.items()}, dtype, arch)
-                    launch = distinct.setdefault(launch.key(), launch)
-                    if where not in launch.seen_in:
-                        launch.seen_in.append(where)
+            storage, autocast = DTYPES[dtype]
+            for tf32 in ((True, False) if dtype == "fp32" else (True,)):
+                for where, call in workloads():
+                    with _tf32(tf32), recording_launches(ARCHS[arch][1], autocast) as launches:
+                        call(storage)
+                    for module, name, args, kwargs, _ in launches:
+                        launch = Launch(module, name, tuple(map(_as_recorded, args)),
+                                        {k: _as_recorded(v) for k, v in kwargs.items()}, dtype,
+                                        arch)
+                        launch = distinct.setdefault(launch.key(), launch)
+                        if where not in launch.seen_in:
+                            launch.seen_in.append(where)
     return list(distinct.values())
 
 
@@ -293,7 +305,6 @@ def record_launches(archs, dtypes):
 class Job:
     launch_id: str
     launch: Launch
-    config: dict  # the autotune config's keywords (block sizes, num_warps, num_stages, ...)
     products: str  # "tf32" | "ieee" for float32 GEMMs, else ""
 
 
@@ -301,33 +312,22 @@ def _kernel(launch):
     return getattr(importlib.import_module(launch.module), launch.name)
 
 
-def _autotune_configs(kernel, args, kwargs):
-    """The configs CUDA would try for this launch, after the autotuner's own pruning (as its warmup
-    does); one empty config for a kernel that is not autotuned."""
-    from triton.runtime.autotuner import Autotuner
-
-    if not isinstance(kernel, Autotuner):
-        return [{}]
-    kernel.nargs = dict(zip(kernel.arg_names, args))
-    try:
-        return [c.all_kwargs() for c in kernel.prune_configs(dict(kwargs))]
-    finally:
-        kernel.nargs = None
-
-
 def _products(launch):
-    """A float32 GEMM is built both ways, tf32 and ieee ("" for other launches)."""
-    return PRODUCTS if launch.dtype == "fp32" and "DOT_PRECISION" in launch.kwargs else [""]
+    """A float32 GEMM's products as recorded: "ieee" (exact) or "tf32"; "" for other launches."""
+    if launch.dtype != "fp32" or "DOT_PRECISION" not in launch.kwargs:
+        return ""
+    return "ieee" if launch.kwargs["DOT_PRECISION"] == "ieee" else "tf32"
 
 
-def _kwargs(launch, products):
-    return {**launch.kwargs, "DOT_PRECISION": PRODUCTS[products]} if products else launch.kwargs
+def _config(kwargs):
+    """The launch's tile, warps and stages, as a row shows them."""
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items()
+                     if k.endswith(("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_C", "BLOCK"))
+                     or k in ("num_warps", "num_stages"))
 
 
 def plan_jobs(launches):
-    return [Job(f"L{i:02d}", launch, config, products)
-            for i, launch in enumerate(launches, 1) for products in _products(launch)
-            for config in _autotune_configs(_kernel(launch), launch.args, _kwargs(launch, products))]
+    return [Job(f"L{i:02d}", launch, _products(launch)) for i, launch in enumerate(launches, 1)]
 
 
 _PTXAS = {"registers": re.compile(r"Used (\d+) registers"),
@@ -355,12 +355,10 @@ def compile_job(job):
     launch = job.launch
     jit = _unwrap(_kernel(launch), lambda k: isinstance(k, JITFunction))
     _DRIVER.device = list(ARCHS).index(launch.arch)
-    kwargs = {**_kwargs(launch, job.products), **job.config}
+    kwargs = launch.kwargs
     row = {"launch": job.launch_id, "kernel": launch.name, "dtype": launch.dtype,
            "products": job.products, "arch": launch.arch, "seen_in": launch.seen_in,
-           "config": ", ".join(f"{k}={v}" for k, v in job.config.items() if v is not None
-                               and k not in ("num_ctas", "ir_override")),
-           "error": ""}
+           "config": _config(kwargs), "error": ""}
     log = io.StringIO()
     started = time.perf_counter()
     try:

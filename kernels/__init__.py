@@ -25,15 +25,25 @@ def interpreting() -> bool:
 
 @dataclass
 class MetaLaunches:
-    """Set by the GPU compile check (benchmarks/gpu_compile_check.py) while it records the launches of
-    a training step on meta tensors (shapes, no data) to compile them for a GPU it names: then our
-    launchers take meta tensors and nothing runs. ``multiprocessors`` is that GPU's SM count, from
-    which split-K factors (hence some launches' arguments) are derived; ``autocast`` the dtype of a
-    recorded ``torch.autocast`` region (which the meta device cannot enter), or None."""
+    """The one seam between the library and the tools that read its launches without a GPU: set by
+    the GPU compile check (benchmarks/gpu_compile_check.py), the GEMM plan
+    (benchmarks/gemm_plan.py) and the step-traffic count while they record the launches of a
+    training step on meta tensors (shapes, no data): then our launchers take meta tensors and
+    nothing runs. ``multiprocessors`` is the target GPU's SM count, from which split-K factors
+    (hence some launches' arguments) are derived; ``autocast`` the dtype of a recorded
+    ``torch.autocast`` region (which the meta device cannot enter), or None; ``plans``, when a
+    list, receives each GEMM launch's plan (kernel name, its chain_gemm.ConvLaunch /
+    conv_gemm.WeightGradLaunch objects) as the launcher makes it."""
 
     enabled: bool = False
     multiprocessors: int = 0
     autocast: Optional[torch.dtype] = None
+    plans: Optional[list] = None
+
+    def note(self, kernel: str, *plans):
+        """Record a GEMM launch's plans for the GEMM plan (a no-op unless it is listening)."""
+        if self.plans is not None:
+            self.plans.append((kernel, plans))
 
 
 META_LAUNCHES = MetaLaunches()

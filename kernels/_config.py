@@ -9,10 +9,12 @@ from . import META_LAUNCHES
 
 def dot_precision(dtype: torch.dtype, device: torch.device):
     """``tl.dot``'s input_precision. Float32 convolutions follow PyTorch's own switch,
-    ``torch.backends.cudnn.allow_tf32`` (True by default): when it is off, or off CUDA, "ieee" (exact
-    float32 products); otherwise None, the target's default (tf32 on NVIDIA), which is also what
-    float16/bfloat16 operands take (the option only concerns float32)."""
-    if dtype == torch.float32 and (device.type != "cuda" or not torch.backends.cudnn.allow_tf32):
+    ``torch.backends.cudnn.allow_tf32`` (True by default): when it is off, or on the CPU (the
+    interpreter), "ieee" (exact float32 products); otherwise None, the target's default (tf32 on
+    NVIDIA), which is also what float16/bfloat16 operands take (the option only concerns float32).
+    Meta tensors, which the GPU tools record launches on, stand for CUDA ones."""
+    if dtype == torch.float32 and (device.type not in ("cuda", "meta")
+                                   or not torch.backends.cudnn.allow_tf32):
         return "ieee"
     return None
 

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import dot_precision
+from . import META_LAUNCHES
+from ._config import dot_precision, multiprocessor_count
 from .bn_act import (INVSTD, MEAN, PARTIAL_ROWS, SCALE, SHIFT, Side, activate, activate_grad,
                      activate_grad_from_out, bn_affine, chan_combine, mean_invstd_affine,
                      store_vec, sum_grad_partials, update_running)
@@ -304,13 +305,16 @@ def conv_tickets(c_out: int) -> int:
 
 
 class ConvLaunch:
-    """The arguments of one conv GEMM launch (:func:`conv_launch`): ``args`` (positional),
-    ``constexprs`` (its tile's included), the ``tile`` and the grid's extent: ``tiles`` row tiles
-    per phase, ``phases`` and ``c_out`` columns."""
+    """One conv GEMM launch as :func:`conv_launch` plans it: ``args`` (positional), ``constexprs``
+    (its tile's included), the ``tile``, the grid's extent (``tiles`` row tiles per phase,
+    ``phases``, ``c_out`` columns) and the convolution it computes (``x_shape`` its input's, the
+    rest as named), from which the GEMM plan counts its work."""
 
-    def __init__(self, args, constexprs, tile, tiles, phases, c_out):
+    def __init__(self, args, constexprs, tile, tiles, phases, x_shape, c_out, out_hw, kernel,
+                 stride, transposed):
         self.args, self.constexprs, self.tile = args, constexprs, tile
-        self.tiles, self.phases, self.c_out = tiles, phases, c_out
+        self.tiles, self.phases, self.x_shape, self.c_out = tiles, phases, x_shape, c_out
+        self.out_hw, self.kernel, self.stride, self.transposed = out_hw, kernel, stride, transposed
 
     @property
     def rows(self) -> int:
@@ -320,6 +324,26 @@ class ConvLaunch:
     @property
     def programs(self) -> int:
         return self.rows * triton.cdiv(self.c_out, self.tile.block_n)
+
+    def k_iterations(self):
+        """(summed over the programs, the most of one program): a program loops over its phase's
+        taps (conv_gemm.gemm_rows) times the input channels' blocks."""
+        (kh, kw), (sh, sw) = self.kernel, self.stride
+        blocks = triton.cdiv(self.x_shape[1], self.tile.block_k)
+        if self.transposed:
+            per_phase = [triton.cdiv(kh - ph, sh) * triton.cdiv(kw - pw, sw) * blocks
+                         for ph in range(sh) for pw in range(sw)]
+        else:
+            per_phase = [kh * kw * blocks]
+        columns = triton.cdiv(self.c_out, self.tile.block_n)
+        return sum(per_phase) * self.tiles * columns, max(per_phase)
+
+    def useful_flops(self) -> int:
+        """The convolution's own multiply-adds x 2, as torch.utils.flop_counter counts them: over
+        the input's pixels for a transposed convolution, the output's otherwise."""
+        n, c_in, h, w = self.x_shape
+        pixels = n * (h * w if self.transposed else self.out_hw[0] * self.out_hw[1])
+        return 2 * pixels * c_in * self.c_out * self.kernel[0] * self.kernel[1]
 
 
 def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_hw, out: Side,
@@ -333,7 +357,7 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
     dev = x.device
     precision = dot_precision(x.dtype, dev)
     rows, phases = conv_rows(n, out_hw, stride, transposed)
-    tile = tile or conv_tile(rows, exact=precision == "ieee")
+    tile = tile or conv_tile(rows, phases, c_out, precision == "ieee", multiprocessor_count(dev))
     tiles = triton.cdiv(rows, tile.block_m)
     partials = None
     if out.mode in (Epilogue.BN_BATCH, Epilogue.BN_ACT_GRAD):
@@ -362,7 +386,8 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
                       HAS_NBT=bn is not None and bn.num_batches_tracked is not None,
                       MOMENTUM_FROM=int(momentum_from), DOT_PRECISION=precision,
                       **tile.constexprs())
-    return ConvLaunch(args, constexprs, tile, tiles, phases, c_out)
+    return ConvLaunch(args, constexprs, tile, tiles, phases, tuple(x.shape), c_out, tuple(out_hw),
+                      tuple(kernel), tuple(stride), transposed)
 
 
 def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out_hw, out: Side,
@@ -375,6 +400,7 @@ def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out
     launch = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, bias,
                          bn, bn_grads)
     grid = (launch.rows, triton.cdiv(launch.c_out, launch.tile.block_n))
+    META_LAUNCHES.note("_chain_conv_kernel", launch)
     _chain_conv_kernel[grid](*launch.args, **launch.constexprs, **launch.tile.options())
 
 
@@ -387,14 +413,17 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
     padding). They are independent: the first writes the previous layer's output gradient and
     backward sums, the second reads this layer's dy and the previous layer's forward numbers. One
     launch instead of two, and each tile of dy is read from L2 by both."""
-    rows, _ = conv_rows(a.tensor.shape[0], out_hw, stride, transposed)
-    conv_tile_, wgrad_tile = pair_tiles(rows, exact=dot_precision(a.tensor.dtype,
-                                                                  a.tensor.device) == "ieee")
+    rows, phases = conv_rows(a.tensor.shape[0], out_hw, stride, transposed)
+    w_x, w_g = wgrad_x.tensor, wgrad_g.tensor
+    conv_tile_, wgrad_tile = pair_tiles(rows, phases, weight_view.shape[3], w_g.shape[1],
+                                        w_x.shape[1], dot_precision(w_x.dtype, w_x.device) == "ieee",
+                                        multiprocessor_count(w_x.device))
     conv = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, None, bn,
                        bn_grads, tile=conv_tile_)
     wgrad = weight_grad_launch(wgrad_x, wgrad_g, kernel, stride, padding, out=dw,
                                tickets_from=conv_tickets(conv.c_out), tile=wgrad_tile)
     w_constexprs = {"W_" + k: v for k, v in wgrad.constexprs.items()}
+    META_LAUNCHES.note("_backward_pair_kernel", wgrad, conv)
     _backward_pair_kernel[(wgrad.programs + conv.programs,)](
         *conv.args, *wgrad.args, wgrad.splits, conv.rows, **conv.constexprs, **w_constexprs,
         **conv_tile_.options())

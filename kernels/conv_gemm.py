@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import META_LAUNCHES
 from ._config import dot_precision, multiprocessor_count
 from .bn_act import AS_STORED, Side, chain_operand
 from .tiles import Tile, weight_grad_tile
@@ -326,10 +327,11 @@ class WeightGradLaunch:
     (positional), ``constexprs``, the output ``dw``, its ``tile`` and the grid's extent: (C_out,
     C_in) tiled by (BLOCK_M, BLOCK_N), ``taps`` and ``splits``; ``per_split`` pixels each."""
 
-    def __init__(self, dw, args, constexprs, tile: Tile, c_out, c_in, taps, splits, per_split):
+    def __init__(self, dw, args, constexprs, tile: Tile, c_out, c_in, taps, splits, per_split,
+                 pixels):
         self.dw, self.args, self.constexprs, self.tile = dw, args, constexprs, tile
         self.c_out, self.c_in, self.taps, self.splits = c_out, c_in, taps, splits
-        self.per_split = per_split
+        self.per_split, self.pixels = per_split, pixels
 
     @property
     def tiles(self) -> int:
@@ -338,6 +340,19 @@ class WeightGradLaunch:
     @property
     def programs(self) -> int:
         return self.tiles * self.taps * self.splits
+
+    def k_iterations(self):
+        """(summed over the programs, the most of one program): a program loops over its split's
+        pixels, BLOCK_K at a time (the last split may hold fewer)."""
+        block_k = self.tile.block_k
+        last = self.pixels - (self.splits - 1) * self.per_split
+        per_tap_tile = ((self.splits - 1) * triton.cdiv(self.per_split, block_k)
+                        + triton.cdiv(last, block_k))
+        return per_tap_tile * self.tiles * self.taps, triton.cdiv(self.per_split, block_k)
+
+    def useful_flops(self) -> int:
+        """The weight gradient's multiply-adds x 2: every pixel of G against every tap of X."""
+        return 2 * self.pixels * self.c_out * self.c_in * self.taps
 
 
 def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, out=None,
@@ -355,7 +370,7 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
     _check_rows(pixels, "N*OH*OW")
     dev = x.tensor.device
     precision = dot_precision(x.tensor.dtype, dev)
-    tile = tile or weight_grad_tile(exact=precision == "ieee")
+    tile = tile or weight_grad_tile(c_out, c_in, exact=precision == "ieee")
     if splits is None:
         tiles = triton.cdiv(c_out, tile.block_m) * triton.cdiv(c_in, tile.block_n) * kh * kw
         splits = _split_count(pixels, tiles, x.tensor.numel() + g.tensor.numel(),
@@ -374,7 +389,8 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
     constexprs = dict(KH=kh, KW=kw, SH=sh, SW=sw, X_MODE=x.mode, X_ACT=x.act, G_MODE=g.mode,
                       G_ACT=g.act, SPLIT=splits > 1, DOT_PRECISION=precision,
                       **tile.constexprs())
-    return WeightGradLaunch(dw, args, constexprs, tile, c_out, c_in, kh * kw, splits, per_split)
+    return WeightGradLaunch(dw, args, constexprs, tile, c_out, c_in, kh * kw, splits, per_split,
+                            pixels)
 
 
 def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, out=None):
@@ -386,6 +402,7 @@ def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, o
     contiguous ranges (default: a heuristic) whose float32 partials the launch adds in a fixed
     order."""
     launch = weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits, out)
+    META_LAUNCHES.note("_weight_grad_kernel", launch)
     _weight_grad_kernel[(launch.tiles, launch.taps, launch.splits)](
         *launch.args, **launch.constexprs, **launch.tile.options())
     return launch.dw

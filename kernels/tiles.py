@@ -10,6 +10,8 @@ launch executes.
 import contextlib
 from dataclasses import dataclass
 
+import triton
+
 from . import interpreting
 from ._config import pow2_block
 
@@ -55,34 +57,55 @@ def forced(**tiles):
         _FORCED.update(saved)
 
 
-def conv_tile(rows: int, exact: bool) -> Tile:
-    """The tile of a convolution GEMM (forward or input gradient) with ``rows`` output pixels per
-    phase: rows up to 128 (the statistics partials have one row per row tile)."""
+def _columns(n: int, widest: int) -> int:
+    """A tile's columns for n output columns: the narrowest menu width (16 .. ``widest``) that
+    holds them, so that a 3-channel layer runs 16 columns, not 64."""
+    return pow2_block(n, 16, widest)
+
+
+def conv_tile(rows: int, phases: int, c_out: int, exact: bool, multiprocessors: int) -> Tile:
+    """The tile of a convolution GEMM (forward or input gradient) with ``rows`` output pixels in
+    each of its ``phases`` and ``c_out`` output channels: columns as few as hold c_out; rows up to
+    128 (the statistics partials have one row per row tile), halved down to 32 while the launch
+    would not give each of the GPU's ``multiprocessors`` a program."""
     if "conv" in _FORCED:
         return _FORCED["conv"]
     block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
+    columns = triton.cdiv(c_out, _columns(c_out, 32 if exact else 64))
+    while (block_m > 32 and not interpreting()
+           and triton.cdiv(rows, block_m) * phases * columns < multiprocessors):
+        block_m //= 2
     if interpreting():
         return Tile(block_m, 32, 16, 4, 1)
-    return Tile(block_m, 32, 16, 8, 1) if exact else Tile(block_m, 64, 16, 8, 2)
+    if exact:
+        return Tile(block_m, _columns(c_out, 32), 16, 8, 1)
+    return Tile(block_m, _columns(c_out, 64), 16, 8, 2)
 
 
-def weight_grad_tile(exact: bool) -> Tile:
-    """The tile of a weight-gradient GEMM: (C_out, C_in) outputs per tap, pixels reduced."""
+def weight_grad_tile(c_out: int, c_in: int, exact: bool) -> Tile:
+    """The tile of a weight-gradient GEMM: (C_out, C_in) outputs per tap, pixels reduced; each side
+    as narrow as holds its channels."""
     if "weight_grad" in _FORCED:
         return _FORCED["weight_grad"]
     if interpreting():
         return Tile(32, 32, 128, 4, 1)
-    return Tile(64, 64, 16, 8, 3) if exact else Tile(64, 64, 32, 8, 3)
+    if exact:
+        return Tile(_columns(c_out, 64), _columns(c_in, 64), 16, 8, 3)
+    return Tile(_columns(c_out, 64), _columns(c_in, 64), 32, 8, 3)
 
 
-def pair_tiles(rows: int, exact: bool):
+def pair_tiles(rows: int, phases: int, c_out: int, w_c_out: int, w_c_in: int, exact: bool,
+               multiprocessors: int):
     """(conv tile, weight-gradient tile) of a backward pair launch, which runs both GEMMs with one
-    warp count and stage count and holds the registers of the larger branch."""
+    warp count and stage count and holds the registers of the larger branch; ``c_out``: the
+    input gradient's columns, ``w_c_out`` x ``w_c_in``: the weight gradient's outputs per tap."""
     if "pair" in _FORCED:
         return _FORCED["pair"]
-    conv = conv_tile(rows, exact)
+    conv = conv_tile(rows, phases, c_out, exact, multiprocessors)
     if interpreting():
-        return conv, weight_grad_tile(exact)
+        return conv, weight_grad_tile(w_c_out, w_c_in, exact)
     if exact:
-        return Tile(conv.block_m, 16, 16, 4, 2), Tile(64, 32, 16, 4, 2)
-    return Tile(conv.block_m, 64, 16, 8, 3), Tile(64, 64, 16, 8, 3)
+        return (Tile(conv.block_m, 16, 16, 4, 2),
+                Tile(_columns(w_c_out, 64), _columns(w_c_in, 32), 16, 4, 2))
+    return (Tile(conv.block_m, conv.block_n, 16, 8, 3),
+            Tile(_columns(w_c_out, 64), _columns(w_c_in, 64), 16, 8, 3))
