@@ -74,7 +74,7 @@ def _chain_conv_kernel(
         sxn, sxh, sxw, sxc, swh, sww, swk, swn,
         # geometry
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        TRANSPOSED: tl.constexpr,
+        TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr,
         # prologue (bn_act.Operand) and epilogue (Epilogue) with their activations
         A_MODE: tl.constexpr, A_ACT: tl.constexpr, OUT_MODE: tl.constexpr, O_ACT: tl.constexpr,
         # the epilogue layer: conv bias, batch statistics (training), what the BN epilogues write
@@ -92,7 +92,7 @@ def _chain_conv_kernel(
                        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
                        momentum, unbias, eps, a_slope, o_slope,
                        sxn, sxh, sxw, sxc, swh, sww, swk, swn,
-                       KH, KW, SH, SW, TRANSPOSED, A_MODE, A_ACT, OUT_MODE, O_ACT,
+                       KH, KW, SH, SW, TRANSPOSED, PACK_K, A_MODE, A_ACT, OUT_MODE, O_ACT,
                        HAS_BIAS, O_TRAINING, WRITE_Y, UPDATE_RUNNING, HAS_NBT, MOMENTUM_FROM,
                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
@@ -107,7 +107,7 @@ def chain_conv_program(
         momentum, unbias, eps, a_slope, o_slope,
         sxn, sxh, sxw, sxc, swh, sww, swk, swn,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        TRANSPOSED: tl.constexpr,
+        TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr,
         A_MODE: tl.constexpr, A_ACT: tl.constexpr, OUT_MODE: tl.constexpr, O_ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr, O_TRAINING: tl.constexpr, WRITE_Y: tl.constexpr,
         UPDATE_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, MOMENTUM_FROM: tl.constexpr,
@@ -123,8 +123,8 @@ def chain_conv_program(
     co_ok = co < C_out
     acc = implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw,
                         taps_h, taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope,
-                        sxn, sxh, sxw, sxc, swh, sww, swk, swn, SH, SW, TRANSPOSED, A_MODE, A_ACT,
-                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                        sxn, sxh, sxw, sxc, swh, sww, swk, swn, KW, SH, SW, TRANSPOSED, PACK_K,
+                        A_MODE, A_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     oh, ow = out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH, SW, TRANSPOSED)
     ok2 = row_ok[:, None] & co_ok[None, :]
@@ -254,7 +254,7 @@ def _backward_pair_kernel(
         # the weight gradient's pixel splits; the input gradient's row tiles
         W_SPLITS, ROWS,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        TRANSPOSED: tl.constexpr,
+        TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr,
         A_MODE: tl.constexpr, A_ACT: tl.constexpr, OUT_MODE: tl.constexpr, O_ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr, O_TRAINING: tl.constexpr, WRITE_Y: tl.constexpr,
         UPDATE_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, MOMENTUM_FROM: tl.constexpr,
@@ -292,7 +292,7 @@ def _backward_pair_kernel(
                            N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
                            momentum, unbias, eps, a_slope, o_slope,
                            sxn, sxh, sxw, sxc, swh, sww, swk, swn,
-                           KH, KW, SH, SW, TRANSPOSED, A_MODE, A_ACT, OUT_MODE, O_ACT,
+                           KH, KW, SH, SW, TRANSPOSED, PACK_K, A_MODE, A_ACT, OUT_MODE, O_ACT,
                            HAS_BIAS, O_TRAINING, WRITE_Y, UPDATE_RUNNING, HAS_NBT, MOMENTUM_FROM,
                            DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
@@ -327,10 +327,13 @@ class ConvLaunch:
 
     def k_iterations(self):
         """(summed over the programs, the most of one program): a program loops over its phase's
-        taps (conv_gemm.gemm_rows) times the input channels' blocks."""
+        taps (conv_gemm.gemm_rows) times the input channels' blocks, or (PACK_K) over the
+        (tap, channel) pairs, BLOCK_K at a time."""
         (kh, kw), (sh, sw) = self.kernel, self.stride
         blocks = triton.cdiv(self.x_shape[1], self.tile.block_k)
-        if self.transposed:
+        if self.constexprs["PACK_K"]:
+            per_phase = [triton.cdiv(kh * kw * self.x_shape[1], self.tile.block_k)]
+        elif self.transposed:
             per_phase = [triton.cdiv(kh - ph, sh) * triton.cdiv(kw - pw, sw) * blocks
                          for ph in range(sh) for pw in range(sw)]
         else:
@@ -357,7 +360,8 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
     dev = x.device
     precision = dot_precision(x.dtype, dev)
     rows, phases = conv_rows(n, out_hw, stride, transposed)
-    tile = tile or conv_tile(rows, phases, c_out, precision == "ieee", multiprocessor_count(dev))
+    tile = tile or conv_tile(rows, phases, c_out, c_in, kernel[0] * kernel[1], precision == "ieee",
+                             multiprocessor_count(dev))
     tiles = triton.cdiv(rows, tile.block_m)
     partials = None
     if out.mode in (Epilogue.BN_BATCH, Epilogue.BN_ACT_GRAD):
@@ -379,7 +383,7 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
             bn.eps if bn is not None else 0.0, a.slope, out.slope, *_nhwc_strides(x),
             *weight_view.stride())
     constexprs = dict(KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed,
-                      A_MODE=a.mode, A_ACT=a.act, OUT_MODE=out.mode, O_ACT=out.act,
+                      PACK_K=not transposed and c_in < tile.block_k, A_MODE=a.mode, A_ACT=a.act, OUT_MODE=out.mode, O_ACT=out.act,
                       HAS_BIAS=bias is not None, O_TRAINING=bn is not None and bn.training,
                       WRITE_Y=out.mode == Epilogue.BN_RUNNING and out.y is not out.tensor,
                       UPDATE_RUNNING=bn is not None and bn.running_mean is not None,
@@ -415,8 +419,9 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
     launch instead of two, and each tile of dy is read from L2 by both."""
     rows, phases = conv_rows(a.tensor.shape[0], out_hw, stride, transposed)
     w_x, w_g = wgrad_x.tensor, wgrad_g.tensor
-    conv_tile_, wgrad_tile = pair_tiles(rows, phases, weight_view.shape[3], w_g.shape[1],
-                                        w_x.shape[1], dot_precision(w_x.dtype, w_x.device) == "ieee",
+    conv_tile_, wgrad_tile = pair_tiles(rows, phases, weight_view.shape[3], weight_view.shape[2],
+                                        kernel[0] * kernel[1], w_g.shape[1], w_x.shape[1],
+                                        dot_precision(w_x.dtype, w_x.device) == "ieee",
                                         multiprocessor_count(w_x.device))
     conv = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, None, bn,
                        bn_grads, tile=conv_tile_)

@@ -17,7 +17,7 @@ import triton.language as tl
 from . import META_LAUNCHES
 from ._config import dot_precision, multiprocessor_count
 from .bn_act import AS_STORED, Side, chain_operand
-from .tiles import Tile, weight_grad_tile
+from .tiles import MAX_K_ITERATIONS, Tile, weight_grad_tile
 
 @triton.jit
 def gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH: tl.constexpr, KW: tl.constexpr,
@@ -94,15 +94,41 @@ def out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH: tl.constexpr, SW: tl.constexpr,
 @triton.jit
 def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw, taps_h,
                   taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc,
-                  swh, sww, swk, swn, SH: tl.constexpr, SW: tl.constexpr, TRANSPOSED: tl.constexpr,
+                  swh, sww, swk, swn, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                  TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr,
                   A_MODE: tl.constexpr, A_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The float32 [BLOCK_M, BLOCK_N] accumulator of the GEMM rows of :func:`gemm_rows` and the
     output channels ``co``: one flat loop over (tap, input channel block), each A tile loaded through
     bn_act.chain_operand(A_MODE) (``ay_ptr``/``avec_ptr``/``acoef_ptr``: its layer's y or output,
-    vec and coef)."""
-    k_blocks = tl.cdiv(C_in, BLOCK_K)
+    vec and coef). PACK_K (a Conv2d with fewer input channels than BLOCK_K: an image) runs K as
+    (tap, channel) pairs, BLOCK_K of them per step, so no step pads a tap's few channels."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PACK_K:
+        k_total = taps_h * taps_w * C_in
+        for k0 in range(0, k_total, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < k_total
+            tap = k // C_in
+            ci = k - tap * C_in
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = qh[:, None] * SH - PAD_H + kh[None, :]
+            iw = qw[:, None] * SW - PAD_W + kw[None, :]
+            a_ok = (row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
+                    & (iw < W))
+            a = tl.load(x_ptr + n[:, None] * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                        + ci[None, :] * sxc, mask=a_ok, other=0.0)
+            if A_MODE != AS_STORED:
+                pix = (n[:, None] * H + ih) * W + iw
+                a = chain_operand(a.to(tl.float32), A_MODE, A_ACT, a_slope, ay_ptr,
+                                  pix * C_in + ci[None, :], avec_ptr, acoef_ptr, C_in, ci, k_ok,
+                                  a_ok).to(x_ptr.dtype.element_ty)
+            b = tl.load(w_ptr + (kh * swh + kw * sww + ci * swk)[:, None] + co[None, :] * swn,
+                        mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        return acc
+    k_blocks = tl.cdiv(C_in, BLOCK_K)
     for it in range(0, taps_h * taps_w * k_blocks):
         ci, ih, iw, kh, kw = tap_coords(it, k_blocks, taps_w, qh, qw, ph, pw, PAD_H, PAD_W, SH, SW,
                                         TRANSPOSED, BLOCK_K)
@@ -169,10 +195,6 @@ def empty_nhwc(n, c, hw, like):
     """A fresh channels-last (n, c, *hw) tensor of ``like``'s dtype and device."""
     return torch.empty((n, c, *hw), device=like.device, dtype=like.dtype,
                        memory_format=torch.channels_last)
-
-
-# No program loops more than this many times: a longer loop is a serial tail the GPU waits on.
-MAX_K_ITERATIONS = 256
 
 
 def _split_count(pixels: int, tiles: int, operands: int, weights: int, block_k: int,

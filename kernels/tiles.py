@@ -36,6 +36,9 @@ class Tile:
         return {"num_warps": self.warps, "num_stages": self.stages}
 
 
+# No program loops more than this many times: a longer loop is a serial tail the GPU waits on.
+MAX_K_ITERATIONS = 256
+
 # the largest row tile: 128 rows on a GPU; the interpreter, whose cost is per program, takes more
 _MAX_BLOCK_M = 512 if interpreting() else 128
 
@@ -63,11 +66,14 @@ def _columns(n: int, widest: int) -> int:
     return pow2_block(n, 16, widest)
 
 
-def conv_tile(rows: int, phases: int, c_out: int, exact: bool, multiprocessors: int) -> Tile:
+def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: bool,
+              multiprocessors: int) -> Tile:
     """The tile of a convolution GEMM (forward or input gradient) with ``rows`` output pixels in
-    each of its ``phases`` and ``c_out`` output channels: columns as few as hold c_out; rows up to
-    128 (the statistics partials have one row per row tile), halved down to 32 while the launch
-    would not give each of the GPU's ``multiprocessors`` a program."""
+    each of its ``phases``, ``c_out`` output channels and ``taps`` x ``c_in`` reduced per pixel:
+    columns as few as hold c_out; rows up to 128 (the statistics partials have one row per row
+    tile), halved down to 32 while the launch would not give each of the GPU's
+    ``multiprocessors`` a program; a deeper reduction step where 16 would loop past
+    MAX_K_ITERATIONS."""
     if "conv" in _FORCED:
         return _FORCED["conv"]
     block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
@@ -77,9 +83,11 @@ def conv_tile(rows: int, phases: int, c_out: int, exact: bool, multiprocessors: 
         block_m //= 2
     if interpreting():
         return Tile(block_m, 32, 16, 4, 1)
+    block_k = 16 if taps * triton.cdiv(c_in, 16) <= MAX_K_ITERATIONS else 32
+    warps = 8 if block_m >= 128 else 4  # 8 warps on fewer rows spread a tile too thin: spills
     if exact:
-        return Tile(block_m, _columns(c_out, 32), 16, 8, 1)
-    return Tile(block_m, _columns(c_out, 64), 16, 8, 2)
+        return Tile(block_m, _columns(c_out, 32), block_k, warps, 1)
+    return Tile(block_m, _columns(c_out, 64), block_k, warps, 2)
 
 
 def weight_grad_tile(c_out: int, c_in: int, exact: bool) -> Tile:
@@ -94,18 +102,18 @@ def weight_grad_tile(c_out: int, c_in: int, exact: bool) -> Tile:
     return Tile(_columns(c_out, 64), _columns(c_in, 64), 32, 8, 3)
 
 
-def pair_tiles(rows: int, phases: int, c_out: int, w_c_out: int, w_c_in: int, exact: bool,
-               multiprocessors: int):
+def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out: int,
+               w_c_in: int, exact: bool, multiprocessors: int):
     """(conv tile, weight-gradient tile) of a backward pair launch, which runs both GEMMs with one
     warp count and stage count and holds the registers of the larger branch; ``c_out``: the
     input gradient's columns, ``w_c_out`` x ``w_c_in``: the weight gradient's outputs per tap."""
     if "pair" in _FORCED:
         return _FORCED["pair"]
-    conv = conv_tile(rows, phases, c_out, exact, multiprocessors)
+    conv = conv_tile(rows, phases, c_out, c_in, taps, exact, multiprocessors)
     if interpreting():
         return conv, weight_grad_tile(w_c_out, w_c_in, exact)
     if exact:
         return (Tile(conv.block_m, 16, 16, 4, 2),
                 Tile(_columns(w_c_out, 64), _columns(w_c_in, 32), 16, 4, 2))
-    return (Tile(conv.block_m, conv.block_n, 16, 8, 3),
-            Tile(_columns(w_c_out, 64), _columns(w_c_in, 64), 16, 8, 3))
+    return (Tile(conv.block_m, conv.block_n, conv.block_k, conv.warps, 3),
+            Tile(_columns(w_c_out, 64), _columns(w_c_in, 64), 16, conv.warps, 3))
