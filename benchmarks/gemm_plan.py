@@ -154,13 +154,11 @@ def _gemm_row(plan):
 
 def _finalize_rows(kernel, plans, launch):
     """Row tiles that one program of this launch walks to close a reduction (0 if none)."""
-    from aigc_fast.kernels.chain_gemm import ConvLaunch, Epilogue
+    from aigc_fast.kernels.chain_gemm import ConvLaunch
 
     if kernel == FINISH_KERNEL:
         return launch[2][1]  # its T argument: the partial rows each channel block adds
-    return max((p.rows for p in plans if isinstance(p, ConvLaunch)
-                and p.constexprs["OUT_MODE"] in (Epilogue.BN_BATCH, Epilogue.BN_ACT_GRAD)),
-               default=0)
+    return max((p.finalize_rows() for p in plans if isinstance(p, ConvLaunch)), default=0)
 
 
 def build_plan(size, batch, dtype_name, sms, compile_rows=None):

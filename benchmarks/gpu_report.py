@@ -4,11 +4,13 @@
     python benchmarks/gpu_report.py --dry-run                                # anywhere, on the CPU
 
 On a GPU it first checks the fused ops against a float64 PyTorch reference (float32 and bfloat16),
-then times every (case, provider) of :func:`benchmarks.providers.plan` -- a whole training step,
-each fused layer forward+backward, BCE forward+backward, each fused layer forward, at batch 64, 256
-and 512, for eager, eager-channels_last, compile, compile-reduce-overhead and fused, plus fused-graph
-(the fused step in one CUDA graph) for the steps at 32 px b64 and 64 px b512 -- in that order
-(the least telling last), and prints one markdown table and writes it, with every figure behind it,
+then times the steps that decide the design, 64 px b512 and 32 px b64 for eager, compile, fused
+and fused-graph (the fused step in one CUDA graph), each beside the GEMM plan's lower bound
+(benchmarks/gemm_plan.py: its executed FLOPs at the tensor cores' peak), then every other
+(case, provider) of :func:`benchmarks.providers.plan` -- a whole training step, each fused layer
+forward+backward, BCE forward+backward, each fused layer forward, at batch 64, 256 and 512, for
+eager, eager-channels_last, compile, compile-reduce-overhead and fused -- in that order (the least
+telling last), and prints one markdown table and writes it, with every figure behind it,
 as JSON. Times are CUDA events around each call (see :mod:`benchmarks.measure`). The run is
 bounded: no new measurement starts once ``--budget-s`` is spent, and one measurement (its compile
 included) may take at most ``--row-timeout-s``; a provider that fails or runs out of time is a row
@@ -34,6 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPE = torch.float32  # of the timed workloads; the checks also cover bfloat16
+# H100 SXM's dense tf32 tensor-core peak (FLOP/s), against which the GEMM plan's executed FLOPs
+# give a step's lower bound (an H200 has the same tensor cores)
+TF32_PEAK_FLOPS = 494.7e12
 
 
 def parse_args(argv):
@@ -249,18 +254,62 @@ def correctness(device, dry_run):
     return checks
 
 
+# What decides the design, measured first: the 64 px b512 and 32 px b64 float32 steps of these
+# providers; then the rest of the plan in its order.
+FIRST_STEPS = ((64, 512), (32, 64))
+FIRST_PROVIDERS = ("eager", "compile", "fused", "fused-graph")
+
+
+def decisive_first(plan):
+    """``plan`` with the FIRST_STEPS x FIRST_PROVIDERS pairs moved to the front, in that order."""
+    from benchmarks.cases import TrainStepCase
+
+    def rank(pair):
+        case, provider = pair
+        if (isinstance(case, TrainStepCase) and not case.autocast
+                and (case.image_size, case.batch) in FIRST_STEPS and provider in FIRST_PROVIDERS):
+            return (FIRST_STEPS.index((case.image_size, case.batch)),
+                    FIRST_PROVIDERS.index(provider))
+        return (len(FIRST_STEPS), 0)
+
+    return sorted(plan, key=rank)  # stable: the rest keeps the plan's order
+
+
+def gemm_plan_totals(case):
+    """The GEMM plan's totals for a full-size float32 step (benchmarks/gemm_plan.py), or None:
+    recorded on meta tensors, outside the interpreter."""
+    from benchmarks.cases import DCGAN, TrainStepCase
+
+    if (not isinstance(case, TrainStepCase) or case.autocast or case.network != DCGAN
+            or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    from benchmarks import gemm_plan
+
+    return gemm_plan.build_plan(case.image_size, case.batch, "fp32", torch.cuda.get_device_properties(
+        0).multi_processor_count if torch.cuda.is_available() else 132)["totals"]
+
+
 def measurements(device, args, deadline):
-    """Every row of the plan, progress printed as it goes; providers side by side per case."""
+    """Every row of the plan, progress printed as it goes; providers side by side per case; each
+    full-size float32 step with the GEMM plan's totals and the time they take at the tensor cores'
+    peak (the plan's lower bound)."""
     from benchmarks import providers
 
-    plan = providers.plan(device, dry_run=args.dry_run)
+    plan = decisive_first(providers.plan(device, dry_run=args.dry_run))
     if args.providers:
         plan = choose_providers(plan, args.providers)
-    rows = []
+    rows, plans = [], {}
     for case, provider in plan:
         r = measure_row(case, provider, device, args, deadline)
+        if case not in plans:
+            plans[case] = gemm_plan_totals(case)
+        if plans[case] is not None:
+            r["gemm_plan"] = plans[case]
+            r["plan_lower_bound_s"] = plans[case]["executed_flops"] / TF32_PEAK_FLOPS
         outcome = (f"{_time(r['median_s'])} (set-up {r['setup_s']:.1f} s)" if r["status"] == "ok"
                    else r["error"])
+        if "plan_lower_bound_s" in r:
+            outcome += f"; GEMM plan's lower bound {_time(r['plan_lower_bound_s'])}"
         print(f"  {r['status']:7s} {r['group']} | {r['case']} | {provider}: {outcome}", flush=True)
         rows.append(r)
     group_rank = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in rows))}

@@ -147,23 +147,23 @@ def scale_shift(gamma, beta, mean, invstd):
 
 
 @triton.jit
-def chan_combine(part_ptr, T, C, c, c_ok, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(count, mean, M2) per channel ``c`` from T (count, mean, M2) partial rows of a float32
-    (3, T, C) buffer: Chan's parallel combine, rows in ascending order, BLOCK_T at a time (a block
-    is combined about its own mean, then merged into the running total). Stays exact when
-    |mean| >> std. The partial loads bypass L1 (``.cg``): a chain's producer reads its peers'
-    partials in the same launch."""
+def chan_combine(part_ptr, first, T, stride, C, c, c_ok, BLOCK_T: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """(count, mean, M2) per channel ``c`` from T (count, mean, M2) partial rows from row ``first``
+    of a float32 (3, rows, C) buffer (``stride`` = rows x C): Chan's parallel combine, rows in
+    ascending order, BLOCK_T at a time (a block is combined about its own mean, then merged into
+    the running total). Stays exact when |mean| >> std. The partial loads bypass L1 (``.cg``): a
+    chain's producer reads its peers' partials in the same launch."""
     total = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         ok = (t < T)[:, None] & c_ok[None, :]
-        offs = t.to(tl.int64)[:, None] * C + c[None, :]
+        offs = (first + t).to(tl.int64)[:, None] * C + c[None, :]
         cnt = tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
-        avg = tl.load(part_ptr + T * C + offs, mask=ok, other=0.0, cache_modifier=".cg")
-        dev2 = tl.load(part_ptr + 2 * T * C + offs, mask=ok, other=0.0,
-                       cache_modifier=".cg")
+        avg = tl.load(part_ptr + stride + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        dev2 = tl.load(part_ptr + 2 * stride + offs, mask=ok, other=0.0, cache_modifier=".cg")
         blk_cnt = tl.sum(cnt, axis=0)
         blk_mean = tl.sum(cnt * avg, axis=0) / tl.maximum(blk_cnt, 1.0)
         spread = avg - blk_mean[None, :]
@@ -284,18 +284,20 @@ def _grad_partials_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_pt
 
 
 @triton.jit
-def sum_grad_partials(part_ptr, T, C, c, c_ok, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(sum(dz), sum(dz * xhat)) per channel ``c`` from a float32 (2, T, C) buffer of per-tile
-    partials, rows added in ascending order (``.cg`` loads, as in :func:`chan_combine`)."""
+def sum_grad_partials(part_ptr, first, T, stride, C, c, c_ok, BLOCK_T: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """(sum(dz), sum(dz * xhat)) per channel ``c`` from T rows from row ``first`` of a float32
+    (2, rows, C) buffer of partials (``stride`` = rows x C), rows added in ascending order (``.cg``
+    loads, as in :func:`chan_combine`)."""
     dbeta = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dgamma = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         ok = (t < T)[:, None] & c_ok[None, :]
-        offs = t.to(tl.int64)[:, None] * C + c[None, :]
+        offs = (first + t).to(tl.int64)[:, None] * C + c[None, :]
         dbeta += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-        dgamma += tl.sum(tl.load(part_ptr + T * C + offs, mask=ok, other=0.0, cache_modifier=".cg"),
-                         axis=0)
+        dgamma += tl.sum(tl.load(part_ptr + stride + offs, mask=ok, other=0.0,
+                                 cache_modifier=".cg"), axis=0)
     return dbeta, dgamma
 
 
@@ -310,7 +312,7 @@ def _grad_finish_kernel(part_ptr, T, C, gamma_ptr, invstd_ptr, inv_count,
     without BN, where dy = dz)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    dbeta, dgamma = sum_grad_partials(part_ptr, T, C, c, c_ok, BLOCK_T, BLOCK_C)
+    dbeta, dgamma = sum_grad_partials(part_ptr, 0, T, T * C, C, c, c_ok, BLOCK_T, BLOCK_C)
     tl.store(dbeta_ptr + c, dbeta, mask=c_ok)
     tl.store(dgamma_ptr + c, dgamma, mask=c_ok)
     scale = tl.full((BLOCK_C,), 1.0, tl.float32)

@@ -68,7 +68,7 @@ def _chain_conv_kernel(
         # the epilogue layer's BN: parameters, state, momentum tensor, parameter gradients
         gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr, dgamma_ptr, dbeta_ptr,
         # sizes (plain arguments: they vary) and scalars
-        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
+        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, GROUP_ROWS,
         momentum, unbias, eps, a_slope, o_slope,
         # strides of x (n, h, w, c) and of the weight (kh, kw, k, n)
         sxn, sxh, sxw, sxc, swh, sww, swk, swn,
@@ -89,7 +89,7 @@ def _chain_conv_kernel(
                        out_ptr, oy_ptr, ovec_ptr, ocoef_ptr, bias_ptr, part_ptr, cnt_ptr,
                        gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr,
                        dgamma_ptr, dbeta_ptr,
-                       N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
+                       N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, GROUP_ROWS,
                        momentum, unbias, eps, a_slope, o_slope,
                        sxn, sxh, sxw, sxc, swh, sww, swk, swn,
                        KH, KW, SH, SW, TRANSPOSED, PACK_K, A_MODE, A_ACT, OUT_MODE, O_ACT,
@@ -103,7 +103,7 @@ def chain_conv_program(
         x_ptr, ay_ptr, avec_ptr, acoef_ptr, w_ptr,
         out_ptr, oy_ptr, ovec_ptr, ocoef_ptr, bias_ptr, part_ptr, cnt_ptr,
         gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr, dgamma_ptr, dbeta_ptr,
-        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
+        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, GROUP_ROWS,
         momentum, unbias, eps, a_slope, o_slope,
         sxn, sxh, sxw, sxc, swh, sww, swk, swn,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -143,8 +143,9 @@ def chain_conv_program(
                              HAS_BIAS, WRITE_Y)
     else:
         tl.store(out_ptr + offs, v, mask=ok2)
+        groups = tl.cdiv(num_m, GROUP_ROWS)
         p_offs = pid_m.to(tl.int64) * C_out + co
-        stride = num_m.to(tl.int64) * C_out
+        stride = (num_m + groups).to(tl.int64) * C_out  # tile rows, then one row per group
         if OUT_MODE == EPI_BN_BATCH:  # this tile's (count, mean, M2) per channel
             count = tl.sum(row_ok.to(tl.float32), axis=0)
             tile_mean = tl.sum(tl.where(ok2, v, 0.0), axis=0) / tl.maximum(count, 1.0)
@@ -163,15 +164,36 @@ def chain_conv_program(
             tl.store(part_ptr + p_offs, tl.sum(dz, axis=0), mask=co_ok)
             tl.store(part_ptr + stride + p_offs,
                      tl.sum(dz * ((y - mean[None, :]) * invstd[None, :]), axis=0), mask=co_ok)
-        if last_arrival(cnt_ptr + pid_n, num_m):
+        group = pid_m // GROUP_ROWS
+        first = group * GROUP_ROWS
+        members = tl.minimum(GROUP_ROWS, num_m - first)
+        # two levels, so that no program walks more than GROUP_ROWS or `groups` rows: the last
+        # tile of a group to arrive combines the group's rows into its group row, and the last
+        # group of the column block combines the group rows and closes the reduction
+        if last_arrival(cnt_ptr + pid_n * groups + group, members):
+            g_offs = (num_m + group).to(tl.int64) * C_out + co
             if OUT_MODE == EPI_BN_BATCH:
-                _finalize(part_ptr, num_m, C_out, co, co_ok, momentum, unbias, eps, gamma_ptr,
-                          beta_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr, ovec_ptr,
-                          cnt_ptr + num_n, num_n, HAS_BIAS, UPDATE_RUNNING, HAS_NBT, MOMENTUM_FROM,
-                          BLOCK_N)
+                total, mean, m2 = chan_combine(part_ptr, first, members, stride, C_out, co, co_ok,
+                                               PARTIAL_ROWS, BLOCK_N)
+                tl.store(part_ptr + g_offs, total, mask=co_ok)
+                tl.store(part_ptr + stride + g_offs, mean, mask=co_ok)
+                tl.store(part_ptr + 2 * stride + g_offs, m2, mask=co_ok)
             else:
-                _finish_grad(part_ptr, num_m, C_out, co, co_ok, ovec_ptr, ocoef_ptr, dgamma_ptr,
-                             dbeta_ptr, 1.0 / (N * OH * OW).to(tl.float32), O_TRAINING, BLOCK_N)
+                dbeta, dgamma = sum_grad_partials(part_ptr, first, members, stride, C_out, co,
+                                                  co_ok, PARTIAL_ROWS, BLOCK_N)
+                tl.store(part_ptr + g_offs, dbeta, mask=co_ok)
+                tl.store(part_ptr + stride + g_offs, dgamma, mask=co_ok)
+            column_cnt_ptr = cnt_ptr + num_n * groups
+            if last_arrival(column_cnt_ptr + pid_n, groups):
+                if OUT_MODE == EPI_BN_BATCH:
+                    _finalize(part_ptr, num_m, groups, stride, C_out, co, co_ok, momentum, unbias,
+                              eps, gamma_ptr, beta_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                              momentum_ptr, ovec_ptr, column_cnt_ptr + num_n, num_n, HAS_BIAS,
+                              UPDATE_RUNNING, HAS_NBT, MOMENTUM_FROM, BLOCK_N)
+                else:
+                    _finish_grad(part_ptr, num_m, groups, stride, C_out, co, co_ok, ovec_ptr,
+                                 ocoef_ptr, dgamma_ptr, dbeta_ptr,
+                                 1.0 / (N * OH * OW).to(tl.float32), O_TRAINING, BLOCK_N)
 
 
 @triton.jit
@@ -194,15 +216,17 @@ def _running_bn_epilogue(v, offs, ok2, pid_m, co, co_ok, out_ptr, y_ptr, vec_ptr
 
 
 @triton.jit
-def _finalize(part_ptr, tiles, C, c, c_ok, momentum, unbias, eps, gamma_ptr, beta_ptr, bias_ptr,
-              rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr, vec_ptr, layer_cnt_ptr, column_blocks,
+def _finalize(part_ptr, first, rows, stride, C, c, c_ok, momentum, unbias, eps, gamma_ptr,
+              beta_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr, vec_ptr,
+              layer_cnt_ptr, column_blocks,
               HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr,
               MOMENTUM_FROM: tl.constexpr, BLOCK_C: tl.constexpr):
-    """BN's finalize for the channels ``c``: Chan's combine of the tiles' partials, the vec, the
+    """BN's finalize for the channels ``c``: Chan's combine of ``rows`` partial rows from row
+    ``first`` (the groups' rows), the vec, the
     running stats (the conv bias added back to the batch mean) and, by the last column block to
     finish, num_batches_tracked += 1. The cumulative average reads the count before any block has
     advanced it: 1 / (num_batches_tracked + 1), as nn.BatchNorm2d."""
-    total, mean, m2 = chan_combine(part_ptr, tiles, C, c, c_ok, PARTIAL_ROWS, BLOCK_C)
+    total, mean, m2 = chan_combine(part_ptr, first, rows, stride, C, c, c_ok, PARTIAL_ROWS, BLOCK_C)
     mean_invstd_affine(mean, m2, total, c, c_ok, eps, gamma_ptr, beta_ptr, vec_ptr, C)
     if HAS_NBT:
         batches = tl.load(nbt_ptr, cache_modifier=".cg")
@@ -219,11 +243,13 @@ def _finalize(part_ptr, tiles, C, c, c_ok, momentum, unbias, eps, gamma_ptr, bet
 
 
 @triton.jit
-def _finish_grad(part_ptr, tiles, C, c, c_ok, vec_ptr, coef_ptr, dgamma_ptr, dbeta_ptr, inv_count,
-                 TRAINING: tl.constexpr, BLOCK_C: tl.constexpr):
-    """A BN layer's backward sums for the channels ``c``: dbeta = sum(dz), dgamma = sum(dz * xhat)
-    and dy's coefficients (zero in eval, where the statistics are constants)."""
-    dbeta, dgamma = sum_grad_partials(part_ptr, tiles, C, c, c_ok, PARTIAL_ROWS, BLOCK_C)
+def _finish_grad(part_ptr, first, rows, stride, C, c, c_ok, vec_ptr, coef_ptr, dgamma_ptr,
+                 dbeta_ptr, inv_count, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A BN layer's backward sums for the channels ``c`` from ``rows`` partial rows from row
+    ``first``: dbeta = sum(dz), dgamma = sum(dz * xhat) and dy's coefficients (zero in eval, where
+    the statistics are constants)."""
+    dbeta, dgamma = sum_grad_partials(part_ptr, first, rows, stride, C, c, c_ok, PARTIAL_ROWS,
+                                      BLOCK_C)
     coef0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     coef1 = coef0
     if TRAINING:
@@ -242,7 +268,7 @@ def _backward_pair_kernel(
         x_ptr, ay_ptr, avec_ptr, acoef_ptr, w_ptr,
         out_ptr, oy_ptr, ovec_ptr, ocoef_ptr, bias_ptr, part_ptr, cnt_ptr,
         gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr, dgamma_ptr, dbeta_ptr,
-        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
+        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, GROUP_ROWS,
         momentum, unbias, eps, a_slope, o_slope,
         sxn, sxh, sxw, sxc, swh, sww, swk, swn,
         # the weight-gradient GEMM: conv_gemm._weight_grad_kernel's arguments, prefixed w_ / W_
@@ -289,7 +315,7 @@ def _backward_pair_kernel(
                            out_ptr, oy_ptr, ovec_ptr, ocoef_ptr, bias_ptr, part_ptr, cnt_ptr,
                            gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr,
                            dgamma_ptr, dbeta_ptr,
-                           N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES,
+                           N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, GROUP_ROWS,
                            momentum, unbias, eps, a_slope, o_slope,
                            sxn, sxh, sxw, sxc, swh, sww, swk, swn,
                            KH, KW, SH, SW, TRANSPOSED, PACK_K, A_MODE, A_ACT, OUT_MODE, O_ACT,
@@ -299,9 +325,21 @@ def _backward_pair_kernel(
 
 # --- launchers ------------------------------------------------------------------------------------
 
-def conv_tickets(c_out: int) -> int:
-    """Ticket counters a conv GEMM may use: one per column block (BLOCK_N >= 16), one per layer."""
-    return triton.cdiv(c_out, 16) + 1
+# No finalize program walks more than this many rows of partials per level (of two) while a launch
+# has at most its square of row tiles.
+FINALIZE_ROWS = 64
+
+
+def finalize_groups(rows: int):
+    """(row tiles per group, groups) of a launch with ``rows`` row tiles."""
+    group_rows = max(FINALIZE_ROWS, triton.cdiv(rows, FINALIZE_ROWS))
+    return group_rows, triton.cdiv(rows, group_rows)
+
+
+def conv_tickets(c_out: int, groups: int) -> int:
+    """Ticket counters a conv GEMM may use: per column block (BLOCK_N >= 16) one per group of row
+    tiles and one for the groups, and one for the layer."""
+    return triton.cdiv(c_out, 16) * (groups + 1) + 1
 
 
 class ConvLaunch:
@@ -311,8 +349,8 @@ class ConvLaunch:
     rest as named), from which the GEMM plan counts its work."""
 
     def __init__(self, args, constexprs, tile, tiles, phases, x_shape, c_out, out_hw, kernel,
-                 stride, transposed):
-        self.args, self.constexprs, self.tile = args, constexprs, tile
+                 stride, transposed, tickets):
+        self.args, self.constexprs, self.tile, self.tickets = args, constexprs, tile, tickets
         self.tiles, self.phases, self.x_shape, self.c_out = tiles, phases, x_shape, c_out
         self.out_hw, self.kernel, self.stride, self.transposed = out_hw, kernel, stride, transposed
 
@@ -320,6 +358,12 @@ class ConvLaunch:
     def rows(self) -> int:
         """Row tiles of all phases: the grid's first axis."""
         return self.phases * self.tiles
+
+    def finalize_rows(self) -> int:
+        """The most partial rows one program combines to close this launch's reduction (0: none)."""
+        if self.constexprs["OUT_MODE"] not in (Epilogue.BN_BATCH, Epilogue.BN_ACT_GRAD):
+            return 0
+        return max(finalize_groups(self.rows))
 
     @property
     def programs(self) -> int:
@@ -363,10 +407,12 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
     tile = tile or conv_tile(rows, phases, c_out, c_in, kernel[0] * kernel[1], precision == "ieee",
                              multiprocessor_count(dev))
     tiles = triton.cdiv(rows, tile.block_m)
+    group_rows, groups = finalize_groups(phases * tiles)
     partials = None
     if out.mode in (Epilogue.BN_BATCH, Epilogue.BN_ACT_GRAD):
         width = 3 if out.mode == Epilogue.BN_BATCH else 2
-        partials = torch.empty((width, phases * tiles, c_out), device=dev, dtype=torch.float32)
+        partials = torch.empty((width, phases * tiles + groups, c_out), device=dev,
+                               dtype=torch.float32)
     if out.mode == Epilogue.BN_ACT_GRAD and None in bn_grads:
         raise ValueError("bn_grads must be two float32 (C_out,) tensors for Epilogue.BN_ACT_GRAD")
     bn_tensors = (bn.gamma, bn.beta, bn.running_mean, bn.running_var, bn.num_batches_tracked,
@@ -377,8 +423,8 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     fill = lambda t: t if t is not None else out.tensor  # noqa: E731 (placeholders, never read)
     args = (x, a.y, a.vec, a.coef, weight_view, out.tensor, out.y, out.vec, out.coef, fill(bias),
-            fill(partials), counters(conv_tickets(c_out), dev), *map(fill, bn_tensors),
-            *map(fill, bn_grads), n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles,
+            fill(partials), counters(conv_tickets(c_out, groups), dev), *map(fill, bn_tensors),
+            *map(fill, bn_grads), n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles, group_rows,
             bn.momentum_value() if bn is not None else 0.0, _unbias(n * out_hw[0] * out_hw[1]),
             bn.eps if bn is not None else 0.0, a.slope, out.slope, *_nhwc_strides(x),
             *weight_view.stride())
@@ -391,7 +437,7 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
                       MOMENTUM_FROM=int(momentum_from), DOT_PRECISION=precision,
                       **tile.constexprs())
     return ConvLaunch(args, constexprs, tile, tiles, phases, tuple(x.shape), c_out, tuple(out_hw),
-                      tuple(kernel), tuple(stride), transposed)
+                      tuple(kernel), tuple(stride), transposed, conv_tickets(c_out, groups))
 
 
 def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out_hw, out: Side,
@@ -426,7 +472,7 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
     conv = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, None, bn,
                        bn_grads, tile=conv_tile_)
     wgrad = weight_grad_launch(wgrad_x, wgrad_g, kernel, stride, padding, out=dw,
-                               tickets_from=conv_tickets(conv.c_out), tile=wgrad_tile)
+                               tickets_from=conv.tickets, tile=wgrad_tile)
     w_constexprs = {"W_" + k: v for k, v in wgrad.constexprs.items()}
     META_LAUNCHES.note("_backward_pair_kernel", wgrad, conv)
     _backward_pair_kernel[(wgrad.programs + conv.programs,)](

@@ -222,3 +222,21 @@ def test_bad_links_name_the_argument(device):
     params = [(torch.ones(5, device=device), torch.zeros(5, device=device))]
     with pytest.raises(ValueError, match=r"num_batches_tracked must be a 0-dim int64 tensor"):
         chain.conv_chain(x, [bn_link], [weight], params, [(*state[:2], torch.tensor(0.0))])
+
+
+def test_reductions_over_many_row_tiles_close_in_two_levels(device):
+    """With 16-row tiles forced, each GEMM of a BN chain has 80 row tiles: its statistics
+    (forward) and its backward sums (the next layer's input gradient) close in two levels, groups
+    of 64 row tiles, then the groups. Outputs, gradients and running stats against float64."""
+    from aigc_fast.kernels import tiles
+
+    torch.manual_seed(27)
+    model = randomize_batch_norms_(nn.Sequential(
+        nn.Conv2d(2, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 5, 1, bias=False), nn.BatchNorm2d(5), nn.LeakyReLU(0.2)))
+    reference = copy.deepcopy(model).double()
+    fuse(model)
+    forced = tiles.Tile(16, 32, 16, 4, 1)
+    with tiles.forced(conv=forced, pair=(forced, tiles.Tile(32, 32, 128, 4, 1))):
+        assert_matches_reference(model, reference, lambda: torch.randn(2, 2, 20, 32), device,
+                                 train_steps=1)
