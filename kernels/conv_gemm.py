@@ -92,6 +92,15 @@ def out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH: tl.constexpr, SW: tl.constexpr,
 
 
 @triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + a @ b: on the tensor cores (``tl.dot``), or, for fewer than 16 columns (which
+    ``tl.dot`` cannot take: a 3-channel layer would pad to 16), as float32 FMAs on the CUDA cores."""
+    if BLOCK_N < 16:
+        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw, taps_h,
                   taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc,
                   swh, sww, swk, swn, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -126,7 +135,7 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, 
                                   a_ok).to(x_ptr.dtype.element_ty)
             b = tl.load(w_ptr + (kh * swh + kw * sww + ci * swk)[:, None] + co[None, :] * swn,
                         mask=k_ok[:, None] & co_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = mma(a, b, acc, DOT_PRECISION, BLOCK_N)
         return acc
     k_blocks = tl.cdiv(C_in, BLOCK_K)
     for it in range(0, taps_h * taps_w * k_blocks):
@@ -144,7 +153,7 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, 
                               ci_ok, a_ok).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + kh * swh + kw * sww + ci[:, None] * swk + co[None, :] * swn,
                     mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = mma(a, b, acc, DOT_PRECISION, BLOCK_N)
     return acc
 
 

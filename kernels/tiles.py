@@ -60,10 +60,11 @@ def forced(**tiles):
         _FORCED.update(saved)
 
 
-def _columns(n: int, widest: int) -> int:
-    """A tile's columns for n output columns: the narrowest menu width (16 .. ``widest``) that
-    holds them, so that a 3-channel layer runs 16 columns, not 64."""
-    return pow2_block(n, 16, widest)
+def _columns(n: int, widest: int, narrowest: int = 16) -> int:
+    """A tile's columns for n output columns: the narrowest menu width (``narrowest`` ..
+    ``widest``) that holds them, so that a 3-channel layer runs 4 columns (conv_gemm.mma: CUDA
+    cores below 16), not 64."""
+    return pow2_block(n, narrowest, widest)
 
 
 def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: bool,
@@ -77,17 +78,17 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
     if "conv" in _FORCED:
         return _FORCED["conv"]
     block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
-    columns = triton.cdiv(c_out, _columns(c_out, 32 if exact else 64))
+    columns = triton.cdiv(c_out, _columns(c_out, 32 if exact else 64, 1))
     while (block_m > 32 and not interpreting()
            and triton.cdiv(rows, block_m) * phases * columns < multiprocessors):
         block_m //= 2
-    if interpreting():
-        return Tile(block_m, 32, 16, 4, 1)
+    if interpreting():  # the CUDA-core path below 16 columns too, so that tests run it
+        return Tile(block_m, 32 if c_out >= 16 else _columns(c_out, 8, 1), 16, 4, 1)
     block_k = 16 if taps * triton.cdiv(c_in, 16) <= MAX_K_ITERATIONS else 32
     warps = 8 if block_m >= 128 else 4  # 8 warps on fewer rows spread a tile too thin: spills
     if exact:
-        return Tile(block_m, _columns(c_out, 32), block_k, warps, 1)
-    return Tile(block_m, _columns(c_out, 64), block_k, warps, 2)
+        return Tile(block_m, _columns(c_out, 32, 1), block_k, warps, 1)
+    return Tile(block_m, _columns(c_out, 64, 1), block_k, warps, 2)
 
 
 def weight_grad_tile(c_out: int, c_in: int, exact: bool) -> Tile:
@@ -113,7 +114,7 @@ def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out
     if interpreting():
         return conv, weight_grad_tile(w_c_out, w_c_in, exact)
     if exact:
-        return (Tile(conv.block_m, 16, 16, 4, 2),
+        return (Tile(conv.block_m, min(conv.block_n, 16), 16, 4, 2),
                 Tile(_columns(w_c_out, 64), _columns(w_c_in, 32), 16, 4, 2))
     return (Tile(conv.block_m, conv.block_n, conv.block_k, conv.warps, 3),
             Tile(_columns(w_c_out, 64), _columns(w_c_in, 64), 16, conv.warps, 3))
