@@ -11,8 +11,8 @@ from .. import __version__
 from .cli import UsageError
 from .curves import write_curves
 from .ema import EMA_KEY
-from .eval import Evaluator
-from .sample import eval_mode, save_grid
+from .eval import Evaluator, FidelityEvaluator, real_source
+from .sample import eval_mode, make_grid, save_png, to_uint8
 
 METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
 
@@ -58,6 +58,14 @@ class Meter:
         self.t0 += seconds
 
 
+def append_row(run, row):
+    """One row of metrics.jsonl (and of the --tensorboard event files)."""
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if run.board is not None:
+        run.board.add_row(row)
+
+
 def log_metrics(run, meter, bar, t_start):
     """Append the interval's means to metrics.jsonl and the progress bar; Diverged if non-finite."""
     read = meter.read()
@@ -71,8 +79,7 @@ def log_metrics(run, meter, bar, t_start):
            "images_per_s": count * run.cfg["batch_size"] * run.world.world_size / elapsed,
            "seconds": run.seconds_before + time.perf_counter() - t_start}
     if run.world.is_main:  # every rank took part in the average; rank 0 alone writes it
-        with open(run.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(run, row)
     bar.set_postfix_str(f"loss_d {means['loss_d']:.3f} loss_g {means['loss_g']:.3f} "
                         f"D(x) {means['d_real']:.2f} D(G(z)) {means['d_fake']:.2f} "
                         f"{format_rate(row['images_per_s'])} img/s", refresh=False)
@@ -88,26 +95,41 @@ def write_samples(run):
     """samples/step_NNNNNN.png from the fixed noise, G in eval mode (no state changes)."""
     path = run.out / "samples" / f"step_{run.step:06d}.png"
     with eval_mode(sampling_generator(run)) as G:
-        save_grid(G(run.fixed_noise), path)
+        grid = make_grid(to_uint8(G(run.fixed_noise)))
+    save_png(grid, path)
+    if run.board is not None:
+        run.board.add_grid("samples", grid, run.step)
     return path
 
 
+def fidelity_evaluator(run):
+    """FID and KID with --fid-weights, precision/recall with --prc-weights; None without both."""
+    c = run.cfg
+    metrics = ("fid", "kid") * bool(c["fid_weights"]) + ("prc",) * bool(c["prc_weights"])
+    if not metrics:
+        return None
+    return FidelityEvaluator(run.images, c["eval_n"], metrics, real_source(c), c["fid_weights"],
+                             c["prc_weights"], run.device)
+
+
 def evaluate(run, bar, meter):
-    """Append the SWD of the sampling generator (against a fixed real subset, described at the
-    first call) to metrics.jsonl; returns the seconds it took, which ``meter``'s images/s skips."""
+    """Append the SWD (and FID/KID/PR, with their weights) of the sampling generator, against a
+    fixed real subset described at the first call, to metrics.jsonl; returns the seconds it
+    took, which ``meter``'s images/s skips."""
     t0 = time.perf_counter()
     if run.evaluator is None:
         run.evaluator = Evaluator(run.images, run.cfg["eval_n"], run.device)
+        run.fidelity = fidelity_evaluator(run)
         if run.evaluator.n < run.cfg["eval_n"]:
             bar.write(f"note: SWD uses n = {run.evaluator.n} images a side: --eval-n "
                       f"{run.cfg['eval_n']} capped at the data set's size")
     scores = run.evaluator(sampling_generator(run))
+    fidelity = run.fidelity(sampling_generator(run)) if run.fidelity is not None else {}
     seconds = time.perf_counter() - t0
     row = {"step": run.step, "epoch": round(run.step / run.order.steps_per_epoch, 4), "swd": scores,
-           "swd_n": run.evaluator.n, "generator": EMA_KEY if run.ema is not None else "G",
+           "swd_n": run.evaluator.n, **fidelity, "generator": EMA_KEY if run.ema is not None else "G",
            "eval_seconds": round(seconds, 2)}
-    with open(run.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(run, row)
     levels = ", ".join(f"{k} px {v:.1f}" for k, v in scores.items() if k != "mean")
     bar.write(f"step {run.step}: SWD x1e3 of {row['generator']} {scores['mean']:.1f} ({levels}; "
               f"n = {run.evaluator.n}, {seconds:.0f} s)")
