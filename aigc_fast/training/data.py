@@ -176,6 +176,8 @@ def _resize_center_crop(images, size, chunk=1024):
 def load_npz(path, image_size, nc):
     """A uint8 N x H x W x C (or N x H x W) array from ``path`` -> uint8 (N, nc, S, S)."""
     what = f"--data {path}"
+    if not Path(path).is_file():
+        raise UsageError(f"{what}: no such file; expected a .npz file")
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)

@@ -85,13 +85,13 @@ def build_parser():
              "png/jpg/jpeg/webp/bmp/... below it, resized and centre-cropped) or a .npz file "
              "holding a uint8 array N x H x W x C; with --dataset, that set's root folder")
     add("--dataset", choices=DATASETS, default=None,
-        help="which data set --data (alias --dataroot) holds: shapes, folder (class sub-folders as "
+        help="which data set --data holds: shapes, folder (class sub-folders as "
              "torchvision's ImageFolder reads them; imagenet and lfw are read the same way), npz, "
              "or through torchvision (pip install 'aigc_fast[data]'): cifar10, mnist (--nc 1 "
-             "unless given), lsun (with lmdb) or fake (FakeData, needs no --dataroot) "
+             "unless given), lsun (with lmdb) or fake (FakeData, needs no --data) "
              "(default: what --data is)")
     add("--download", action="store_true",
-        help=f"download --dataset {' or '.join(DOWNLOADABLE)} into --dataroot if its files are "
+        help=f"download --dataset {' or '.join(DOWNLOADABLE)} into --data if its files are "
              "not there (default: never download)")
     add("--classes", default=LSUN_DEFAULT_CLASS, metavar="NAME",
         help="the LSUN category of --dataset lsun, whose NAME_train database is read "
