@@ -215,3 +215,18 @@ def test_examples_fake_dry_run(tmp_path, capsys):
                                capsys)
     assert status == 0, err
     assert "fake (1000 images)" in stdout and "done: step 1/1" in stdout
+
+
+def test_a_checkpoint_from_before_dataset_resumes(tmp_path, capsys, shapes_npz):
+    """Configs written before --dataset existed lack "dataset" and "classes": a resume infers
+    them from "data" as those versions read it."""
+    out = tmp_path / "run"
+    argv = ["--data", shapes_npz(8, 0), "--batch-size", "4", "--steps", "1", "--out", str(out)]
+    assert _cli(argv + FAST, capsys)[0] == 0
+    last = out / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["config"]["dataset"], state["config"]["classes"]
+    torch.save(state, last)
+    status, _, err = _cli(["--resume", str(last), "--steps", "2"], capsys)
+    assert status == 0, err
+    assert json.loads((out / "config.json").read_text())["dataset"] == "npz"
