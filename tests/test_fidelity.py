@@ -18,7 +18,7 @@ from aigc_fast.training.sample import save_png
 from cli_helpers import assert_one_line_error, run_cli
 from extras_helpers import inception_weights, require_extra, vgg16_weights
 
-N = 6  # images a set: each Inception feature pass costs ~0.3 s an image on a busy 2-core CPU
+N = 4  # images a set: Inception costs ~0.3-1 s an image on a shared 2-core CPU
 
 
 def _eval(argv, capsys):
