@@ -185,12 +185,12 @@ def test_device_takes_any_torch_device_string(capsys):
     assert_one_line_error(status, err, "--device", "bogus", "cuda:N")
 
 
-def test_pytorch_examples_flags_are_hidden_aliases(capsys):
+def test_pytorch_examples_flags_are_hidden_aliases(tmp_path, capsys):
     """dcgan/main.py's spellings set our settings; --help names them once, after the list."""
-    args, explicit = parse_args(["--dataroot", "imgs", "--imageSize", "64", "--batchSize", "16",
+    args, explicit = parse_args(["--dataroot", str(tmp_path), "--imageSize", "64", "--batchSize", "16",
                                        "--manualSeed", "7", "--outf", "o", "--niter", "3", "--cuda"])
     assert (args.data, args.image_size, args.batch_size, args.seed, args.out, args.epochs,
-            args.device) == ("imgs", 64, 16, 7, "o", 3, "cuda")
+            args.device) == (str(tmp_path), 64, 16, 7, "o", 3, "cuda")
     assert {"data", "image_size", "batch_size", "seed"} <= explicit
     defaults = vars(parse_args([])[0])  # the aliases leave our defaults alone
     assert (defaults["data"], defaults["device"], defaults["epochs"], defaults["out"]) == (
@@ -528,7 +528,7 @@ def test_failed_sample_grids_warn_once_and_training_goes_on(tmp_path, npz, monke
     def full_disk(images, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(report, "save_grid", full_disk)
+    monkeypatch.setattr(report, "save_png", full_disk)
     out = tmp_path / "run"
     with pytest.warns(UserWarning) as warned:
         assert main(["--data", npz, "--steps", "3", "--sample-every", "1", "--out", str(out)]

@@ -46,17 +46,24 @@ def checkpoint_bytes(state):
     return buffer.getvalue()
 
 
+def load_weights_only(path, what, expected):
+    """``torch.load(path, weights_only=True)`` on the CPU: a file that would need pickled code to
+    load (or is no file, or is corrupt) is refused with a UsageError naming ``what`` and
+    ``expected``, before anything else reads it."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{what}: no such file; expected {expected}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, ...: the file is not usable
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{what}: cannot be read with weights_only=True ({reason[:200]}); "
+                         f"expected {expected}")
+
+
 def load_checkpoint(path, required=("G", "config")):
     """Load a checkpoint safely (weights_only); UsageError naming the file if it is not usable."""
     what = f"checkpoint {path}"
-    if not os.path.isfile(path):
-        raise UsageError(f"{what}: no such file; expected a .pt file written by aigc_fast.train")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, ...: the file is not usable
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{what}: cannot be read ({reason[:200]}); expected a checkpoint "
-                         "written by aigc_fast.train")
+    state = load_weights_only(path, what, "a checkpoint .pt file written by aigc_fast.train")
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise UsageError(f"{what}: lacks {', '.join(missing)}; expected a checkpoint written by "

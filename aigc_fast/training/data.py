@@ -1,9 +1,11 @@
-"""Training data: the embedded procedural "shapes" set, image folders and .npz arrays.
+"""Training data: the embedded procedural "shapes" set, image folders, .npz arrays and, through
+torchvision (:mod:`.torchvision_sets`), the standard sets pytorch/examples' dcgan trains on.
 
 Every source is decoded once into one uint8 tensor (N, C, S, S) held in memory: batches are then an
 index operation, fast enough for any GPU, and the order of batches is a pure function of
 (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would have.
 """
+import os
 import warnings
 from pathlib import Path
 
@@ -13,12 +15,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .cli import UsageError
+from .torchvision_sets import LSUN_DEFAULT_CLASS, TORCHVISION_SETS, load_torchvision_set
 from ..models import SUPPORTED_IMAGE_SIZES
 
 SHAPES = "shapes"
+FOLDER_SETS = ("folder", "imagenet", "lfw")  # pytorch/examples reads all three with ImageFolder
+DATASETS = (SHAPES, "folder", "npz") + TORCHVISION_SETS + FOLDER_SETS[1:]
 SHAPES_COUNT = 16384  # the embedded set: 50 MB of uint8 pixels at 32 px, made in about a second
 SHAPES_SEED = 0  # one fixed data set for every run, like a data set on disk
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# torchvision's ImageFolder extensions, so a folder holds the same images for both
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Shape edges ramp over this fraction of the image side (2.6 px at 32 px). With crisp 1-pixel edges
 # the discriminator wins on edge sharpness alone, and the default run's DCGAN learned the shapes far
 # more slowly (measured); the soft edges keep the shapes plainly recognisable.
@@ -170,6 +176,8 @@ def _resize_center_crop(images, size, chunk=1024):
 def load_npz(path, image_size, nc):
     """A uint8 N x H x W x C (or N x H x W) array from ``path`` -> uint8 (N, nc, S, S)."""
     what = f"--data {path}"
+    if not Path(path).is_file():
+        raise UsageError(f"{what}: no such file; expected a .npz file")
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
@@ -225,16 +233,38 @@ def _as_list(batch):
     return batch
 
 
-def find_images(root):
-    """Every image file (by extension) anywhere below ``root``, in a fixed (sorted) order."""
-    return sorted(p for p in Path(root).rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def _walk_images(folder):
+    """Image files below ``folder`` in ImageFolder's order: sorted folders, sorted names."""
+    return [Path(d) / f for d, _, files in sorted(os.walk(folder, followlinks=True))
+            for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def find_labelled_images(root):
+    """(files, labels, classes) of every image file (by extension) anywhere below ``root``.
+
+    The classes are ImageFolder's: the sub-folders of ``root``, sorted by name, and an image's
+    label is its class's index; files in class folders come in ImageFolder's order, so for an
+    ImageFolder tree the (file, label) pairs are its ``samples``. Images lying directly in ``root``
+    (ImageFolder skips them; a flat folder holds nothing else) come first, labelled None.
+    """
+    root = Path(root)
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    files = [root / f for f in sorted(os.listdir(root))
+             if f.lower().endswith(IMAGE_EXTENSIONS) and (root / f).is_file()]
+    labels = [None] * len(files)
+    for index, name in enumerate(classes):
+        found = _walk_images(root / name)
+        files += found
+        labels += [index] * len(found)
+    return files, labels, classes
 
 
 def load_folder(root, image_size, nc, workers=0):
     """Decode every image below ``root`` -> uint8 (N, nc, S, S); unreadable files are skipped."""
     what = f"--data {root}"
-    files = find_images(root)
+    if not Path(root).is_dir():
+        raise UsageError(f"{what}: no such folder; expected a folder of images")
+    files, _, _ = find_labelled_images(root)
     if not files:
         raise UsageError(f"{what}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found below "
                          "this folder; expected at least one")
@@ -245,7 +275,7 @@ def load_folder(root, image_size, nc, workers=0):
     good = [a for a in decoded if a is not None]
     if not good:
         raise UsageError(f"{what}: none of its {len(files)} image files could be read; expected "
-                         "readable png/jpg/jpeg/webp/bmp files")
+                         f"readable {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files")
     if bad:
         warnings.warn(f"{what}: skipped {len(bad)} unreadable image file(s) of {len(files)} "
                       f"(first: {bad[0]})", stacklevel=2)
@@ -257,25 +287,51 @@ def load_folder(root, image_size, nc, workers=0):
 # --- one entry point -----------------------------------------------------------------------------
 
 
-def load_images(data, image_size, nc, workers=0):
-    """``--data`` ("shapes", a folder or a .npz file) -> (uint8 (N, nc, S, S), a short description)."""
-    if image_size not in SUPPORTED_IMAGE_SIZES:
-        raise UsageError(f"--image-size {image_size} is not supported; expected one of "
-                         f"{SUPPORTED_IMAGE_SIZES}")
-    if data == SHAPES:
-        images = _to_channels(make_shapes(SHAPES_COUNT, image_size), nc, "shapes")
-        return images, f"shapes (embedded, {len(images)} images)"
+def infer_dataset(data):
+    """The --dataset that ``--data`` means: "shapes", a folder or a .npz file; UsageError if none."""
+    if data is None or data == SHAPES:
+        return SHAPES
     path = Path(data)
     if path.is_dir():
-        images = load_folder(path, image_size, nc, workers)
-        return images, f"{path} ({len(images)} images)"
+        return "folder"
     if path.is_file() and path.suffix.lower() == ".npz":
-        images = load_npz(path, image_size, nc)
-        return images, f"{path} ({len(images)} images)"
+        return "npz"
     expected = "a folder of images, a .npz file, or 'shapes' (the embedded set)"
     if path.exists():
         raise UsageError(f"--data {data}: is neither a folder nor a .npz file; expected {expected}")
     raise UsageError(f"--data {data}: no such file or folder; expected {expected}")
+
+
+def load_images(data, image_size, nc, workers=0, dataset=None, download=False,
+                lsun_class=LSUN_DEFAULT_CLASS):
+    """(uint8 (N, nc, S, S), a short description) of ``dataset`` read from ``data`` (its root).
+
+    ``dataset`` None: the one ``data`` means (:func:`infer_dataset`). ``download`` and
+    ``lsun_class`` concern the torchvision sets only.
+    """
+    if image_size not in SUPPORTED_IMAGE_SIZES:
+        raise UsageError(f"--image-size {image_size} is not supported; expected one of "
+                         f"{SUPPORTED_IMAGE_SIZES}")
+    dataset = dataset or infer_dataset(data)
+    if dataset == SHAPES:
+        images = _to_channels(make_shapes(SHAPES_COUNT, image_size), nc, "shapes")
+        return images, f"shapes (embedded, {len(images)} images)"
+    if dataset in FOLDER_SETS:
+        images = load_folder(data, image_size, nc, workers)
+    elif dataset == "npz":
+        images = load_npz(data, image_size, nc)
+    else:
+        raw = load_torchvision_set(dataset, data, image_size, download, lsun_class)
+        images = _resize_center_crop(_to_channels(raw, nc, f"--dataset {dataset}"), image_size)
+    where = f"{dataset} in {data}" if data is not None else dataset
+    return images.contiguous(), f"{where} ({len(images)} images)"
+
+
+def images_of_config(cfg, workers=0, download=False):
+    """:func:`load_images` of a run's config (a checkpoint's "config", or config.json)."""
+    dataset = cfg.get("dataset") or infer_dataset(cfg["data"])  # older runs had no "dataset"
+    return load_images(cfg["data"], cfg["image_size"], cfg["nc"], workers, dataset, download,
+                       cfg.get("classes", LSUN_DEFAULT_CLASS))
 
 
 # --- batches ------------------------------------------------------------------------------------

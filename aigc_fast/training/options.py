@@ -8,11 +8,12 @@ import os
 from ..models import SUPPORTED_IMAGE_SIZES
 from .backends import BACKENDS
 from .cli import ArgumentParser, UsageError, add_device_argument, positive_float, positive_int
-from .data import SHAPES
+from .data import DATASETS, SHAPES, infer_dataset
 from .distributed import DEFAULT_TIMEOUT_S
 from .ema import DEFAULT_DECAY
 from .metrics import DEFAULT_N
 from .precision import PRECISIONS
+from .torchvision_sets import DOWNLOADABLE, LSUN_DEFAULT_CLASS
 
 # The no-argument run: ngf = ndf = 32 at ~37 ms a step on 2 idle CPU cores, so under 3 minutes of
 # training; by 4000 steps it draws circles, squares and triangles (measured).
@@ -22,9 +23,19 @@ DEFAULT_STEPS = 4000
 DEFAULT_EVAL_EVERY = 1000
 # Settings that define a run: a resumed run takes them from its checkpoint, and a flag that
 # contradicts the checkpoint is an error (resuming continues that run; it cannot change its model).
-RUN_KEYS = ("data", "image_size", "nz", "ngf", "ndf", "nc", "batch_size", "lr", "beta1", "seed")
+RUN_KEYS = ("dataset", "data", "classes", "image_size", "nz", "ngf", "ndf", "nc", "batch_size", "lr",
+            "beta1", "seed")
 # Settings a resumed run also keeps from its checkpoint unless a flag changes them.
-KEPT_KEYS = ("sample_every", "checkpoint_every", "log_every", "ema", "eval_every", "eval_n")
+KEPT_KEYS = ("sample_every", "checkpoint_every", "log_every", "ema", "eval_every", "eval_n",
+             "tensorboard", "fid_weights", "prc_weights")
+
+
+def upgrade_saved_config(saved):
+    """A checkpoint's config with the RUN_KEYS that older versions did not store filled in as
+    those versions behaved: the data set that "data" names, LSUN's default category."""
+    if "dataset" in saved:
+        return saved
+    return {"dataset": infer_dataset(saved.get("data")), "classes": LSUN_DEFAULT_CLASS, **saved}
 
 
 def _beta(text):
@@ -47,6 +58,7 @@ EXAMPLES_ALIASES = (
     ("--manualSeed", "seed", {"type": int}),
     ("--outf", "out", {}),
     ("--cuda", "device", {"action": "store_const", "const": "cuda"}),
+    ("--accel", "device", {"action": "store_const", "const": "auto"}),
 )
 
 
@@ -66,12 +78,24 @@ def build_parser():
         epilog="pytorch/examples' dcgan/main.py flags work too: "
                + ", ".join(flag for flag, _, _ in EXAMPLES_ALIASES)
                + " and --niter mean --data, --image-size, --batch-size, --seed, --out, "
-                 "--device cuda and --epochs.")
+                 "--device cuda, --device auto and --epochs.")
     add = p.add_argument
-    add("--data", default=SHAPES, metavar="shapes|DIR|FILE.npz",
+    add("--data", metavar="shapes|DIR|FILE.npz",
         help="training images: 'shapes' (the embedded procedural set, default), a folder (every "
-             "png/jpg/jpeg/webp/bmp below it, resized and centre-cropped) or a .npz file holding a "
-             "uint8 array N x H x W x C")
+             "png/jpg/jpeg/webp/bmp/... below it, resized and centre-cropped) or a .npz file "
+             "holding a uint8 array N x H x W x C; with --dataset, that set's root folder")
+    add("--dataset", choices=DATASETS, default=None,
+        help="which data set --data holds: shapes, folder (class sub-folders as "
+             "torchvision's ImageFolder reads them; imagenet and lfw are read the same way), npz, "
+             "or through torchvision (pip install 'aigc_fast[data]'): cifar10, mnist (--nc 1 "
+             "unless given), lsun (with lmdb) or fake (FakeData, needs no --data) "
+             "(default: what --data is)")
+    add("--download", action="store_true",
+        help=f"download --dataset {' or '.join(DOWNLOADABLE)} into --data if its files are "
+             "not there (default: never download)")
+    add("--classes", default=LSUN_DEFAULT_CLASS, metavar="NAME",
+        help="the LSUN category of --dataset lsun, whose NAME_train database is read "
+             "(default %(default)s)")
     add("--image-size", type=int, default=32, choices=SUPPORTED_IMAGE_SIZES,
         help="image side in pixels: 32 (our 4-layer DCGAN) or 64 (the pytorch/examples DCGAN) "
              "(default %(default)s)")
@@ -143,6 +167,23 @@ def build_parser():
         help="images per side of each SWD evaluation, capped at the data set's size; SWD depends "
              "on it, so compare only figures made with the same n (default %(default)s, as "
              "python -m aigc_fast.eval)")
+    add("--tensorboard", action="store_true",
+        help="also write OUT/tensorboard/ event files: every metrics.jsonl value, the sample grids "
+             "and the config (pip install 'aigc_fast[tensorboard]'); a resumed run continues them")
+    add("--fid-weights", metavar="PATH",
+        help="with --eval-every: also append FID and KID (torch-fidelity, pip install "
+             "'aigc_fast[metrics]') of --eval-n images to metrics.jsonl, the Inception weights "
+             "read from PATH (a state_dict of torch-fidelity's inception-v3-compat extractor)")
+    add("--prc-weights", metavar="PATH",
+        help="with --eval-every: also append precision and recall, the VGG16 weights read from PATH "
+             "(a state_dict of torchvision's vgg16)")
+    add("--netG", dest="net_g", metavar="PATH",
+        help="start G from these weights: a state_dict file (pytorch/examples' netG_epoch_N.pth) "
+             "or a checkpoint of ours (its G); loaded with weights_only=True")
+    add("--netD", dest="net_d", metavar="PATH", help="start D from these weights, as --netG")
+    add("--ngpu", type=positive_int, metavar="N",
+        help="accepted for pytorch/examples' command lines: this trainer runs one device per "
+             "process, and torchrun --nproc-per-node N runs N of them (see the README)")
     add("--dry-run", action="store_true",
         help="run a single step and write every output (a smoke test)")
     _add_examples_aliases(p, length)
@@ -160,4 +201,29 @@ def parse_args(argv=None):
         raise UsageError(f"--workers {args.workers}: expected 0 or more")
     if args.eval_every < 0:
         raise UsageError(f"--eval-every {args.eval_every}: expected 0 (off) or more")
+    _resolve_dataset(args, explicit)
+    if (args.net_g or args.net_d) and args.resume:
+        raise UsageError("--netG/--netD with --resume: the checkpoint holds the run's weights; "
+                         "expected one of them")
     return args, explicit
+
+
+def _resolve_dataset(args, explicit):
+    """Fill in --dataset from --data (or --data "shapes"); MNIST trains on 1 channel as in
+    pytorch/examples unless --nc says otherwise."""
+    if args.data is None and args.dataset not in (None, SHAPES, "fake"):
+        raise UsageError(f"--dataset {args.dataset} needs --dataroot DIR: the folder that holds "
+                         "its files")
+    if args.download and args.dataset not in DOWNLOADABLE:
+        raise UsageError(f"--download: torchvision downloads only {', '.join(DOWNLOADABLE)}; got "
+                         f"--dataset {args.dataset}")
+    if args.dataset in (None, SHAPES, "folder", "npz"):
+        inferred = infer_dataset(args.data)
+        if args.dataset not in (None, inferred):
+            raise UsageError(f"--dataset {args.dataset} --dataroot {args.data}: that is a "
+                             f"{inferred} source; expected --dataset {inferred} or another root")
+        args.dataset = inferred
+    if args.dataset == SHAPES:
+        args.data = SHAPES
+    if args.dataset == "mnist" and "nc" not in explicit:
+        args.nc = 1

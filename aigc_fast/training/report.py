@@ -15,8 +15,8 @@ from .cli import UsageError
 from .curves import FILE_NAME as CURVES_FILE
 from .curves import write_curves
 from .ema import EMA_KEY
-from .eval import Evaluator
-from .sample import eval_mode, save_grid
+from .eval import Evaluator, FidelityEvaluator, real_source
+from .sample import eval_mode, make_grid, save_png, to_uint8
 
 METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
 
@@ -73,9 +73,12 @@ def warn_once(run, kind, message):
 
 
 def append_metrics_row(run, row):
-    """One JSON line appended to metrics.jsonl (rank 0; see :func:`write_run_file`)."""
+    """One JSON line appended to metrics.jsonl (rank 0; see :func:`write_run_file`), and the
+    row's scalars to the --tensorboard event files."""
     line = (json.dumps(row) + "\n").encode()
     write_run_file(run, run.out / "metrics.jsonl", lambda path: append_whole(path, line))
+    if run.board is not None:
+        run.board.add_row(row)
 
 
 def append_whole(path, data):
@@ -152,22 +155,38 @@ def write_samples(run):
     """samples/step_NNNNNN.png from the fixed noise, G in eval mode (no state changes)."""
     path = run.out / "samples" / f"step_{run.step:06d}.png"
     with eval_mode(sampling_generator(run)) as G:
-        write_optional(run, "sample grids", path, lambda p: save_grid(G(run.fixed_noise), p))
+        grid = make_grid(to_uint8(G(run.fixed_noise)))
+    write_optional(run, "sample grids", path, lambda p: save_png(grid, p))
+    if run.board is not None:
+        run.board.add_grid("samples", grid, run.step)
+
+
+def fidelity_evaluator(run):
+    """FID and KID with --fid-weights, precision/recall with --prc-weights; None without both."""
+    c = run.cfg
+    metrics = ("fid", "kid") * bool(c["fid_weights"]) + ("prc",) * bool(c["prc_weights"])
+    if not metrics:
+        return None
+    return FidelityEvaluator(run.images, c["eval_n"], metrics, real_source(c), c["fid_weights"],
+                             c["prc_weights"], run.device)
 
 
 def evaluate(run, bar, meter):
-    """Append the SWD of the sampling generator (against a fixed real subset, described at the
-    first call) to metrics.jsonl; returns the seconds it took, which ``meter``'s images/s skips."""
+    """Append the SWD (and FID/KID/PR, with their weights) of the sampling generator, against a
+    fixed real subset described at the first call, to metrics.jsonl; returns the seconds it
+    took, which ``meter``'s images/s skips."""
     t0 = time.perf_counter()
     if run.evaluator is None:
         run.evaluator = Evaluator(run.images, run.cfg["eval_n"], run.device)
+        run.fidelity = fidelity_evaluator(run)
         if run.evaluator.n < run.cfg["eval_n"]:
             bar.write(f"note: SWD uses n = {run.evaluator.n} images a side: --eval-n "
                       f"{run.cfg['eval_n']} capped at the data set's size")
     scores = run.evaluator(sampling_generator(run))
+    fidelity = run.fidelity(sampling_generator(run)) if run.fidelity is not None else {}
     seconds = time.perf_counter() - t0
     row = {"step": run.step, "epoch": round(run.step / run.order.steps_per_epoch, 4), "swd": scores,
-           "swd_n": run.evaluator.n, "generator": EMA_KEY if run.ema is not None else "G",
+           "swd_n": run.evaluator.n, **fidelity, "generator": EMA_KEY if run.ema is not None else "G",
            "eval_seconds": round(seconds, 2)}
     append_metrics_row(run, row)
     levels = ", ".join(f"{k} px {v:.1f}" for k, v in scores.items() if k != "mean")

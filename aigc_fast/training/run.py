@@ -17,14 +17,16 @@ from .backends import Prepared, prepare_backend, resolve_backend
 from .checkpoint import (checkpoint_bytes, load_checkpoint, load_state_checked, rng_states,
                          set_rng_states, write_bytes_atomic)
 from .cli import UsageError, resolve_device
-from .data import SHAPES, BatchOrder, load_images, to_model_range
+from .data import SHAPES, BatchOrder, images_of_config, to_model_range
 from .distributed import World, convert_sync_bn
 from .ema import EMA, EMA_KEY
-from .eval import Evaluator
-from .options import DEFAULT_STEPS, KEPT_KEYS, RUN_KEYS
+from .board import Board
+from .eval import Evaluator, FidelityEvaluator
+from .options import DEFAULT_STEPS, KEPT_KEYS, RUN_KEYS, upgrade_saved_config
 from .precision import Precision, resolve_precision, set_tf32
 from .report import Diverged, write_optional, write_run_file
 from .sample import save_grid
+from .start_weights import load_start_weights
 from .step_graph import graph_unavailable, set_capturable
 
 SAMPLE_COUNT = 64  # images in each sample grid
@@ -62,6 +64,8 @@ class Run:
     ema: Optional[EMA] = None  # the moving average of G (--ema), the generator samples and SWD use
     eval_every: int = 0  # --eval-every, 0 in a --dry-run
     evaluator: Optional[Evaluator] = None  # made at the first evaluation (describes the real set)
+    fidelity: Optional[FidelityEvaluator] = None  # --fid-weights/--prc-weights: idem, FID/KID/PR
+    board: Optional[Board] = None  # --tensorboard's writer, opened with the outputs
 
 
 def _next_run_dir(root=Path("runs")):
@@ -152,9 +156,11 @@ def make_config(args, explicit, saved):
     a flag changes them.
     """
     cfg = {k: getattr(args, k) for k in RUN_KEYS + KEPT_KEYS}
-    if cfg["data"] != SHAPES:
-        cfg["data"] = os.path.abspath(cfg["data"])
+    for key in ("data", "fid_weights", "prc_weights"):  # paths stay valid from another folder
+        if cfg[key] not in (None, SHAPES):
+            cfg[key] = os.path.abspath(cfg[key])
     if saved is not None:
+        saved = upgrade_saved_config(saved)
         for key in RUN_KEYS:
             if key in explicit and cfg[key] != saved.get(key):
                 flag = "--" + key.replace("_", "-")
@@ -206,7 +212,7 @@ def setup(args, explicit, world=None):
     cuda_graph, cuda_graph_reason = resolve_cuda_graph(args.cuda_graph, backend, device, precision,
                                                        world.world_size)
 
-    images, data_desc = load_images(cfg["data"], cfg["image_size"], cfg["nc"], args.workers)
+    images, data_desc = images_of_config(cfg, args.workers, args.download)
     order = BatchOrder(len(images), cfg["batch_size"], cfg["seed"], world.rank, world.world_size)
     start = ckpt["step"] if ckpt else 0
     cfg.update(steps=total_steps(args, saved, order.steps_per_epoch, start), backend=backend,
@@ -221,6 +227,8 @@ def setup(args, explicit, world=None):
     if ckpt:
         load_state_checked(G, ckpt["G"], f"checkpoint {resume} (G)")
         load_state_checked(D, ckpt["D"], f"checkpoint {resume} (D)")
+    else:
+        load_start_weights(G, D, args.net_g, args.net_d)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     set_tf32(precision, device)

@@ -8,6 +8,7 @@ step_NNNNNN.pt and curves.png (with matplotlib).
 """
 import sys
 
+from .board import Board
 from .distributed import init_world
 from .loop import fit
 from .options import parse_args
@@ -18,6 +19,10 @@ from .run import prepare_outputs, setup
 def main(argv=None):
     """``python -m aigc_fast.train`` with ``argv`` (None: sys.argv); returns the exit status."""
     args, explicit = parse_args(argv)
+    if args.ngpu and args.ngpu > 1:
+        print(f"note: --ngpu {args.ngpu}: this trainer runs one device per process; torchrun "
+              f"--nproc-per-node {args.ngpu} -m aigc_fast.train ... trains on {args.ngpu} GPUs",
+              file=sys.stderr)
     world = init_world(args.device, args.dist_timeout)  # a process group only under torchrun
     finished = False
     try:
@@ -38,6 +43,8 @@ def run_training(args, explicit, world):
         return 0
     if world.is_main:
         prepare_outputs(run)
+        if run.cfg["tensorboard"]:
+            run.board = Board(run.out, run.step, run.cfg)
         print(start_line(run), flush=True)
     try:
         return fit(run)
@@ -48,3 +55,6 @@ def run_training(args, explicit, world):
             print(f"aigc_fast.train: stopped: {err}; {where}; a lower --lr may help",
                   file=sys.stderr)
         return 1
+    finally:
+        if run.board is not None:
+            run.board.close()
