@@ -212,8 +212,9 @@ def totals(rows, sms):
     useful = sum(g["useful_flops"] for _, g in gemms)
     executed = sum(g["executed_flops"] for _, g in gemms)
     large = sum(g["useful_flops"] for _, g in gemms if g["tile"][0] >= 128 and g["tile"][1] >= 128)
-    short = sorted({row["role"] for row, g in gemms if g["useful_flops"] > 0.02 * useful
-                    and g["programs"] < sms * row.get("ctas_per_sm", 1)})
+    short = sorted({row["role"] for row in rows
+                    if sum(g["useful_flops"] for g in row["gemms"]) > 0.02 * useful
+                    and sum(g["programs"] for g in row["gemms"]) < sms * row.get("ctas_per_sm", 1)})
     return {"launches": len(rows), "useful_flops": useful, "executed_flops": executed,
             "executed_over_useful": executed / useful,
             "k_iterations_max": max(g["k_iterations_max"] for _, g in gemms),

@@ -26,7 +26,7 @@ from .bn_act import (INVSTD, MEAN, PARTIAL_ROWS, SCALE, SHIFT, Side, activate, a
                      activate_grad_from_out, bn_affine, chan_combine, mean_invstd_affine,
                      store_vec, sum_grad_partials, update_running)
 from .conv_gemm import (_nhwc_strides, conv_rows, counters, gemm_rows, implicit_gemm, last_arrival,
-                        out_coords, weight_grad_launch, weight_grad_program)
+                        out_coords, weight_grad_columns, weight_grad_launch, weight_grad_program)
 from .tiles import conv_tile, pair_tiles
 
 
@@ -288,25 +288,26 @@ def _backward_pair_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         W_KH: tl.constexpr, W_KW: tl.constexpr, W_SH: tl.constexpr, W_SW: tl.constexpr,
         W_X_MODE: tl.constexpr, W_X_ACT: tl.constexpr, W_G_MODE: tl.constexpr,
-        W_G_ACT: tl.constexpr, W_SPLIT: tl.constexpr, W_DOT_PRECISION: tl.constexpr,
+        W_G_ACT: tl.constexpr, W_SPLIT: tl.constexpr, W_PACK_N: tl.constexpr,
+        W_DOT_PRECISION: tl.constexpr,
         W_BLOCK_M: tl.constexpr, W_BLOCK_N: tl.constexpr, W_BLOCK_K: tl.constexpr):
     """conv_gemm.weight_grad_program on the first programs of a 1-D grid, (tiles, taps, splits) of
     them (their loops are the longest: they start first), :func:`chain_conv_program`
     (ROWS x (C_out / BLOCK_N)) on the rest."""
     pid = tl.program_id(0)
-    tiles = tl.cdiv(w_C_out, W_BLOCK_M) * tl.cdiv(w_C_in, W_BLOCK_N)
-    w_programs = tiles * (W_KH * W_KW) * W_SPLITS
+    columns, taps = weight_grad_columns(w_C_in, W_KH, W_KW, W_PACK_N)
+    tiles = tl.cdiv(w_C_out, W_BLOCK_M) * tl.cdiv(columns, W_BLOCK_N)
+    w_programs = tiles * taps * W_SPLITS
     if pid < w_programs:
-        weight_grad_program(pid % tiles, (pid // tiles) % (W_KH * W_KW),
-                            pid // (tiles * W_KH * W_KW), W_SPLITS,
+        weight_grad_program(pid % tiles, (pid // tiles) % taps, pid // (tiles * taps), W_SPLITS,
                             w_x_ptr, w_xy_ptr, w_xvec_ptr, w_xcoef_ptr,
                             w_g_ptr, w_gy_ptr, w_gvec_ptr, w_gcoef_ptr, w_dw_ptr, w_part_ptr,
                             w_cnt_ptr, w_N, w_C_in, w_H, w_W, w_C_out, w_OH, w_OW, w_PAD_H,
                             w_PAD_W, w_PIXELS_PER_SPLIT, w_x_slope, w_g_slope,
                             w_sxn, w_sxh, w_sxw, w_sxc, w_sgn, w_sgh, w_sgw, w_sgc,
                             w_sdo, w_sdi, w_sdh, w_sdw, W_KH, W_KW, W_SH, W_SW, W_X_MODE, W_X_ACT,
-                            W_G_MODE, W_G_ACT, W_SPLIT, W_DOT_PRECISION, W_BLOCK_M, W_BLOCK_N,
-                            W_BLOCK_K)
+                            W_G_MODE, W_G_ACT, W_SPLIT, W_PACK_N, W_DOT_PRECISION, W_BLOCK_M,
+                            W_BLOCK_N, W_BLOCK_K)
     else:
         q = pid - w_programs
         col_blocks = tl.cdiv(C_out, BLOCK_N)

@@ -272,16 +272,25 @@ def _weight_grad_kernel(
         # geometry, operand modes, split-K, products, tile
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         X_MODE: tl.constexpr, X_ACT: tl.constexpr, G_MODE: tl.constexpr, G_ACT: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr, PACK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """:func:`weight_grad_program` on a (tiles, taps, splits) grid."""
+    """:func:`weight_grad_program` on a (tiles, taps, splits) grid (taps 1 with PACK_N)."""
     weight_grad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
                         x_ptr, xy_ptr, xvec_ptr, xcoef_ptr, g_ptr, gy_ptr, gvec_ptr, gcoef_ptr,
                         dw_ptr, part_ptr, cnt_ptr,
                         N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT, x_slope,
                         g_slope, sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc, sdo, sdi, sdh, sdw,
-                        KH, KW, SH, SW, X_MODE, X_ACT, G_MODE, G_ACT, SPLIT, DOT_PRECISION,
-                        BLOCK_M, BLOCK_N, BLOCK_K)
+                        KH, KW, SH, SW, X_MODE, X_ACT, G_MODE, G_ACT, SPLIT, PACK_N,
+                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def weight_grad_columns(C_in, KH: tl.constexpr, KW: tl.constexpr, PACK_N: tl.constexpr):
+    """(columns per tap, taps on the grid) of a weight gradient: C_in columns for each tap, or with
+    PACK_N all (tap, channel) pairs as columns of one grid tap."""
+    if PACK_N:
+        return KH * KW * C_in, 1
+    return C_in, KH * KW
 
 
 @triton.jit
@@ -293,23 +302,31 @@ def weight_grad_program(
         sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc, sdo, sdi, sdh, sdw,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         X_MODE: tl.constexpr, X_ACT: tl.constexpr, G_MODE: tl.constexpr, G_ACT: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr, PACK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[co, ci, kh, kw] = sum over output pixels p = (n, oh, ow) of G[n, oh, ow, co] *
     X[n, oh*SH-PAD_H+kh, ow*SW-PAD_W+kw, ci] (Conv2d geometry; a ConvTranspose2d swaps the
     operands): one GEMM per tap, K = pixels, both operand tiles rows of contiguous channels, with
-    X = chain_operand(x, X_MODE) and G = chain_operand(g, G_MODE) (bn_act). With SPLIT, program
-    axis 2 splits the pixels: each split stores float32 partials, and the last split to finish a
-    tile adds them in split order into dw (any strides ``sd*``): the same bits every run. This
-    program computes (co, ci) tile ``pid_mn`` of tap ``tap`` over pixel split ``split`` of
-    ``splits``."""
+    X = chain_operand(x, X_MODE) and G = chain_operand(g, G_MODE) (bn_act); PACK_N (an image's few
+    channels) takes the (tap, channel) pairs as the columns of one GEMM, so no tile pads a tap's
+    channels. With SPLIT, program axis 2 splits the pixels: each split stores float32 partials,
+    and the last split to finish a tile adds them in split order into dw (any strides ``sd*``):
+    the same bits every run. This program computes (co, column) tile ``pid_mn`` of tap ``tap``
+    over pixel split ``split`` of ``splits``."""
     num_m = tl.cdiv(C_out, BLOCK_M)
+    columns, _ = weight_grad_columns(C_in, KH, KW, PACK_N)
     co = (pid_mn % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ci = (pid_mn // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = (pid_mn // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < C_out
-    ci_ok = ci < C_in
-    kh = tap // KW
-    kw = tap % KW
+    j_ok = j < columns
+    if PACK_N:
+        taps = j // C_in
+        ci = j - taps * C_in
+    else:
+        taps = tl.zeros_like(j) + tap
+        ci = j
+    kh = taps // KW
+    kw = taps - kh * KW
     p_start = split * PIXELS_PER_SPLIT
     p_end = tl.minimum(p_start + PIXELS_PER_SPLIT, N * OH * OW)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -319,9 +336,8 @@ def weight_grad_program(
         ow = p % OW
         oh = (p // OW) % OH
         n = (p // (OW * OH)).to(tl.int64)
-        ih = oh * SH - PAD_H + kh
-        iw = ow * SW - PAD_W + kw
-        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih = oh[:, None] * SH - PAD_H + kh[None, :]
+        iw = ow[:, None] * SW - PAD_W + kw[None, :]
         g_ok = p_ok[:, None] & co_ok[None, :]
         g = tl.load(g_ptr + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None]
                     + co[None, :] * sgc, mask=g_ok, other=0.0)
@@ -329,19 +345,20 @@ def weight_grad_program(
             g = chain_operand(g.to(tl.float32), G_MODE, G_ACT, g_slope, gy_ptr,
                               p.to(tl.int64)[:, None] * C_out + co[None, :], gvec_ptr, gcoef_ptr,
                               C_out, co, co_ok, g_ok).to(g_ptr.dtype.element_ty)
-        b_ok = x_ok[:, None] & ci_ok[None, :]
-        b = tl.load(x_ptr + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+        b_ok = (p_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+        b = tl.load(x_ptr + (n * sxn)[:, None] + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
                     + ci[None, :] * sxc, mask=b_ok, other=0.0)
         if X_MODE != AS_STORED:
             b = chain_operand(b.to(tl.float32), X_MODE, X_ACT, x_slope, xy_ptr,
-                              ((n * H + ih) * W + iw)[:, None] * C_in + ci[None, :], xvec_ptr,
-                              xcoef_ptr, C_in, ci, ci_ok, b_ok).to(x_ptr.dtype.element_ty)
+                              ((n[:, None] * H + ih) * W + iw) * C_in + ci[None, :], xvec_ptr,
+                              xcoef_ptr, C_in, ci, j_ok, b_ok).to(x_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(g), b, acc, input_precision=DOT_PRECISION)
-    ok = co_ok[:, None] & ci_ok[None, :]
-    dw_offs = co.to(tl.int64)[:, None] * sdo + ci[None, :] * sdi + kh * sdh + kw * sdw
+    ok = co_ok[:, None] & j_ok[None, :]
+    dw_offs = (co.to(tl.int64)[:, None] * sdo
+               + (ci * sdi + kh * sdh + kw * sdw)[None, :])
     if SPLIT:
         numel = split.to(tl.int64) * 0 + C_out * C_in * KH * KW  # int64: split * numel may not fit
-        offs = (co.to(tl.int64)[:, None] * C_in + ci[None, :]) * (KH * KW) + tap
+        offs = (co.to(tl.int64)[:, None] * C_in + ci[None, :]) * (KH * KW) + taps[None, :]
         tl.store(part_ptr + split * numel + offs, acc, mask=ok)
         if last_arrival(cnt_ptr + pid_mn * (KH * KW) + tap, splits):
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -356,21 +373,27 @@ def weight_grad_program(
 class WeightGradLaunch:
     """The arguments of one weight-gradient launch (:func:`weight_grad_launch`): ``args``
     (positional), ``constexprs``, the output ``dw``, its ``tile`` and the grid's extent: (C_out,
-    C_in) tiled by (BLOCK_M, BLOCK_N), ``taps`` and ``splits``; ``per_split`` pixels each."""
+    columns) tiled by (BLOCK_M, BLOCK_N), ``grid_taps`` and ``splits``; ``per_split`` pixels
+    each. Columns are C_in per tap, or (``pack``) the taps x C_in pairs of one grid tap."""
 
-    def __init__(self, dw, args, constexprs, tile: Tile, c_out, c_in, taps, splits, per_split,
-                 pixels):
+    def __init__(self, dw, args, constexprs, tile: Tile, c_out, c_in, taps, pack, splits,
+                 per_split, pixels):
         self.dw, self.args, self.constexprs, self.tile = dw, args, constexprs, tile
-        self.c_out, self.c_in, self.taps, self.splits = c_out, c_in, taps, splits
+        self.c_out, self.c_in, self.taps, self.pack, self.splits = c_out, c_in, taps, pack, splits
         self.per_split, self.pixels = per_split, pixels
 
     @property
+    def grid_taps(self) -> int:
+        return 1 if self.pack else self.taps
+
+    @property
     def tiles(self) -> int:
-        return triton.cdiv(self.c_out, self.tile.block_m) * triton.cdiv(self.c_in, self.tile.block_n)
+        columns = self.c_in * (self.taps if self.pack else 1)
+        return triton.cdiv(self.c_out, self.tile.block_m) * triton.cdiv(columns, self.tile.block_n)
 
     @property
     def programs(self) -> int:
-        return self.tiles * self.taps * self.splits
+        return self.tiles * self.grid_taps * self.splits
 
     def k_iterations(self):
         """(summed over the programs, the most of one program): a program loops over its split's
@@ -379,7 +402,7 @@ class WeightGradLaunch:
         last = self.pixels - (self.splits - 1) * self.per_split
         per_tap_tile = ((self.splits - 1) * triton.cdiv(self.per_split, block_k)
                         + triton.cdiv(last, block_k))
-        return per_tap_tile * self.tiles * self.taps, triton.cdiv(self.per_split, block_k)
+        return per_tap_tile * self.tiles * self.grid_taps, triton.cdiv(self.per_split, block_k)
 
     def useful_flops(self) -> int:
         """The weight gradient's multiply-adds x 2: every pixel of G against every tap of X."""
@@ -401,9 +424,11 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
     _check_rows(pixels, "N*OH*OW")
     dev = x.tensor.device
     precision = dot_precision(x.tensor.dtype, dev)
-    tile = tile or weight_grad_tile(c_out, c_in, exact=precision == "ieee")
+    tile = tile or weight_grad_tile(c_out, c_in, kh * kw, exact=precision == "ieee")
+    pack = c_in < tile.block_n
     if splits is None:
-        tiles = triton.cdiv(c_out, tile.block_m) * triton.cdiv(c_in, tile.block_n) * kh * kw
+        tiles = (triton.cdiv(c_out, tile.block_m)
+                 * triton.cdiv(c_in * (kh * kw if pack else 1), tile.block_n) * (1 if pack else kh * kw))
         splits = _split_count(pixels, tiles, x.tensor.numel() + g.tensor.numel(),
                               c_out * c_in * kh * kw, tile.block_k, dev)
     per_split = triton.cdiv(triton.cdiv(pixels, splits), tile.block_k) * tile.block_k
@@ -412,16 +437,16 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
                                                  dtype=x.tensor.dtype)
     part = dw if splits == 1 else torch.empty((splits, c_out, c_in, kh, kw), device=dev,
                                                dtype=torch.float32)
-    count = triton.cdiv(c_out, tile.block_m) * triton.cdiv(c_in, tile.block_n) * kh * kw
+    count = triton.cdiv(c_out, tile.block_m) * triton.cdiv(c_in * kh * kw, tile.block_n) * kh * kw
     tickets = counters(tickets_from + count, dev)[tickets_from:]
     args = (x.tensor, x.y, x.vec, x.coef, g.tensor, g.y, g.vec, g.coef, dw, part, tickets,
             n, c_in, h, w, c_out, oh, ow, ph, pw, per_split, x.slope, g.slope,
             *_nhwc_strides(x.tensor), *_nhwc_strides(g.tensor), *dw.stride())
     constexprs = dict(KH=kh, KW=kw, SH=sh, SW=sw, X_MODE=x.mode, X_ACT=x.act, G_MODE=g.mode,
-                      G_ACT=g.act, SPLIT=splits > 1, DOT_PRECISION=precision,
+                      G_ACT=g.act, SPLIT=splits > 1, PACK_N=pack, DOT_PRECISION=precision,
                       **tile.constexprs())
-    return WeightGradLaunch(dw, args, constexprs, tile, c_out, c_in, kh * kw, splits, per_split,
-                            pixels)
+    return WeightGradLaunch(dw, args, constexprs, tile, c_out, c_in, kh * kw, pack, splits,
+                            per_split, pixels)
 
 
 def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, out=None):
@@ -434,6 +459,6 @@ def conv2d_weight_grad(x, grad_out, kernel_size, stride, padding, splits=None, o
     order."""
     launch = weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits, out)
     META_LAUNCHES.note("_weight_grad_kernel", launch)
-    _weight_grad_kernel[(launch.tiles, launch.taps, launch.splits)](
+    _weight_grad_kernel[(launch.tiles, launch.grid_taps, launch.splits)](
         *launch.args, **launch.constexprs, **launch.tile.options())
     return launch.dw

@@ -72,14 +72,14 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
     """The tile of a convolution GEMM (forward or input gradient) with ``rows`` output pixels in
     each of its ``phases``, ``c_out`` output channels and ``taps`` x ``c_in`` reduced per pixel:
     columns as few as hold c_out; rows up to 128 (the statistics partials have one row per row
-    tile), halved down to 32 while the launch would not give each of the GPU's
+    tile), halved down to 16 while the launch would not give each of the GPU's
     ``multiprocessors`` a program; a deeper reduction step where 16 would loop past
     MAX_K_ITERATIONS."""
     if "conv" in _FORCED:
         return _FORCED["conv"]
     block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
     columns = triton.cdiv(c_out, _columns(c_out, 32 if exact else 64, 1))
-    while (block_m > 32 and not interpreting()
+    while (block_m > 16 and not interpreting()
            and triton.cdiv(rows, block_m) * phases * columns < multiprocessors):
         block_m //= 2
     if interpreting():  # the CUDA-core path below 16 columns too, so that tests run it
@@ -91,7 +91,14 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
     return Tile(block_m, _columns(c_out, 64, 1), block_k, warps, 2)
 
 
-def weight_grad_tile(c_out: int, c_in: int, exact: bool) -> Tile:
+def _weight_grad_columns(c_in: int, taps: int, widest: int) -> int:
+    """Columns of a weight-gradient tile: C_in of one tap, or, for fewer than 16 (an image's
+    channels, which the launcher then packs with the taps: conv_gemm.weight_grad_program), the
+    taps x C_in pairs."""
+    return _columns(c_in if c_in >= 16 else c_in * taps, widest)
+
+
+def weight_grad_tile(c_out: int, c_in: int, taps: int, exact: bool) -> Tile:
     """The tile of a weight-gradient GEMM: (C_out, C_in) outputs per tap, pixels reduced; each side
     as narrow as holds its channels."""
     if "weight_grad" in _FORCED:
@@ -99,8 +106,8 @@ def weight_grad_tile(c_out: int, c_in: int, exact: bool) -> Tile:
     if interpreting():
         return Tile(32, 32, 128, 4, 1)
     if exact:
-        return Tile(_columns(c_out, 64), _columns(c_in, 64), 16, 8, 3)
-    return Tile(_columns(c_out, 64), _columns(c_in, 64), 32, 8, 3)
+        return Tile(_columns(c_out, 64), _weight_grad_columns(c_in, taps, 64), 16, 8, 3)
+    return Tile(_columns(c_out, 64), _weight_grad_columns(c_in, taps, 64), 32, 8, 3)
 
 
 def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out: int,
@@ -112,9 +119,9 @@ def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out
         return _FORCED["pair"]
     conv = conv_tile(rows, phases, c_out, c_in, taps, exact, multiprocessors)
     if interpreting():
-        return conv, weight_grad_tile(w_c_out, w_c_in, exact)
+        return conv, weight_grad_tile(w_c_out, w_c_in, taps, exact)
     if exact:
         return (Tile(conv.block_m, min(conv.block_n, 16), 16, 4, 2),
-                Tile(_columns(w_c_out, 64), _columns(w_c_in, 32), 16, 4, 2))
+                Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 32), 16, 4, 2))
     return (Tile(conv.block_m, conv.block_n, conv.block_k, conv.warps, 3),
-            Tile(_columns(w_c_out, 64), _columns(w_c_in, 64), 16, conv.warps, 3))
+            Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, conv.warps, 3))
