@@ -27,7 +27,7 @@ from .bn_act import (INVSTD, MEAN, PARTIAL_ROWS, SCALE, SHIFT, Side, activate, a
                      store_vec, sum_grad_partials, update_running)
 from .conv_gemm import (_nhwc_strides, conv_rows, counters, gemm_rows, implicit_gemm, last_arrival,
                         out_coords, weight_grad_columns, weight_grad_launch, weight_grad_program)
-from .tiles import conv_tile, pair_tiles
+from .tiles import conv_tile, pair_tiles, wide_offsets
 
 
 class Epilogue(enum.IntEnum):
@@ -74,7 +74,7 @@ def _chain_conv_kernel(
         sxn, sxh, sxw, sxc, swh, sww, swk, swn,
         # geometry
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr,
+        TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr, INT64: tl.constexpr,
         # prologue (bn_act.Operand) and epilogue (Epilogue) with their activations
         A_MODE: tl.constexpr, A_ACT: tl.constexpr, OUT_MODE: tl.constexpr, O_ACT: tl.constexpr,
         # the epilogue layer: conv bias, batch statistics (training), what the BN epilogues write
@@ -92,7 +92,7 @@ def _chain_conv_kernel(
                        N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, GROUP_ROWS,
                        momentum, unbias, eps, a_slope, o_slope,
                        sxn, sxh, sxw, sxc, swh, sww, swk, swn,
-                       KH, KW, SH, SW, TRANSPOSED, PACK_K, A_MODE, A_ACT, OUT_MODE, O_ACT,
+                       KH, KW, SH, SW, TRANSPOSED, PACK_K, INT64, A_MODE, A_ACT, OUT_MODE, O_ACT,
                        HAS_BIAS, O_TRAINING, WRITE_Y, UPDATE_RUNNING, HAS_NBT, MOMENTUM_FROM,
                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
@@ -107,7 +107,7 @@ def chain_conv_program(
         momentum, unbias, eps, a_slope, o_slope,
         sxn, sxh, sxw, sxc, swh, sww, swk, swn,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr,
+        TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr, INT64: tl.constexpr,
         A_MODE: tl.constexpr, A_ACT: tl.constexpr, OUT_MODE: tl.constexpr, O_ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr, O_TRAINING: tl.constexpr, WRITE_Y: tl.constexpr,
         UPDATE_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, MOMENTUM_FROM: tl.constexpr,
@@ -118,13 +118,13 @@ def chain_conv_program(
     conv_gemm.gemm_rows), with A = chain_operand(x, A_MODE) and the OUT_MODE epilogue. This program
     computes row tile ``pid_m`` (of ``num_m``) and column block ``pid_n`` (of ``num_n``)."""
     row_ok, n, qh, qw, ph, pw, taps_h, taps_w = gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH,
-                                                          KW, SH, SW, TRANSPOSED, BLOCK_M)
+                                                          KW, SH, SW, TRANSPOSED, INT64, BLOCK_M)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < C_out
     acc = implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw,
                         taps_h, taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope,
                         sxn, sxh, sxw, sxc, swh, sww, swk, swn, KW, SH, SW, TRANSPOSED, PACK_K,
-                        A_MODE, A_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                        INT64, A_MODE, A_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     oh, ow = out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH, SW, TRANSPOSED)
     ok2 = row_ok[:, None] & co_ok[None, :]
@@ -280,7 +280,7 @@ def _backward_pair_kernel(
         # the weight gradient's pixel splits; the input gradient's row tiles
         W_SPLITS, ROWS,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr,
+        TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr, INT64: tl.constexpr,
         A_MODE: tl.constexpr, A_ACT: tl.constexpr, OUT_MODE: tl.constexpr, O_ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr, O_TRAINING: tl.constexpr, WRITE_Y: tl.constexpr,
         UPDATE_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, MOMENTUM_FROM: tl.constexpr,
@@ -289,6 +289,7 @@ def _backward_pair_kernel(
         W_KH: tl.constexpr, W_KW: tl.constexpr, W_SH: tl.constexpr, W_SW: tl.constexpr,
         W_X_MODE: tl.constexpr, W_X_ACT: tl.constexpr, W_G_MODE: tl.constexpr,
         W_G_ACT: tl.constexpr, W_SPLIT: tl.constexpr, W_PACK_N: tl.constexpr,
+        W_INT64: tl.constexpr,
         W_DOT_PRECISION: tl.constexpr,
         W_BLOCK_M: tl.constexpr, W_BLOCK_N: tl.constexpr, W_BLOCK_K: tl.constexpr):
     """conv_gemm.weight_grad_program on the first programs of a 1-D grid, (tiles, taps, splits) of
@@ -306,7 +307,8 @@ def _backward_pair_kernel(
                             w_PAD_W, w_PIXELS_PER_SPLIT, w_x_slope, w_g_slope,
                             w_sxn, w_sxh, w_sxw, w_sxc, w_sgn, w_sgh, w_sgw, w_sgc,
                             w_sdo, w_sdi, w_sdh, w_sdw, W_KH, W_KW, W_SH, W_SW, W_X_MODE, W_X_ACT,
-                            W_G_MODE, W_G_ACT, W_SPLIT, W_PACK_N, W_DOT_PRECISION, W_BLOCK_M,
+                            W_G_MODE, W_G_ACT, W_SPLIT, W_PACK_N, W_INT64, W_DOT_PRECISION,
+                            W_BLOCK_M,
                             W_BLOCK_N, W_BLOCK_K)
     else:
         q = pid - w_programs
@@ -319,7 +321,7 @@ def _backward_pair_kernel(
                            N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, GROUP_ROWS,
                            momentum, unbias, eps, a_slope, o_slope,
                            sxn, sxh, sxw, sxc, swh, sww, swk, swn,
-                           KH, KW, SH, SW, TRANSPOSED, PACK_K, A_MODE, A_ACT, OUT_MODE, O_ACT,
+                           KH, KW, SH, SW, TRANSPOSED, PACK_K, INT64, A_MODE, A_ACT, OUT_MODE, O_ACT,
                            HAS_BIAS, O_TRAINING, WRITE_Y, UPDATE_RUNNING, HAS_NBT, MOMENTUM_FROM,
                            DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
@@ -430,7 +432,8 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
             bn.eps if bn is not None else 0.0, a.slope, out.slope, *_nhwc_strides(x),
             *weight_view.stride())
     constexprs = dict(KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed,
-                      PACK_K=not transposed and c_in < tile.block_k, A_MODE=a.mode, A_ACT=a.act, OUT_MODE=out.mode, O_ACT=out.act,
+                      PACK_K=not transposed and c_in < tile.block_k,
+                      INT64=wide_offsets(x, out.tensor, a.y, out.y), A_MODE=a.mode, A_ACT=a.act, OUT_MODE=out.mode, O_ACT=out.act,
                       HAS_BIAS=bias is not None, O_TRAINING=bn is not None and bn.training,
                       WRITE_Y=out.mode == Epilogue.BN_RUNNING and out.y is not out.tensor,
                       UPDATE_RUNNING=bn is not None and bn.running_mean is not None,

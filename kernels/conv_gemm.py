@@ -17,11 +17,21 @@ import triton.language as tl
 from . import META_LAUNCHES
 from ._config import dot_precision, multiprocessor_count
 from .bn_act import AS_STORED, Side, chain_operand
-from .tiles import MAX_K_ITERATIONS, Tile, weight_grad_tile
+from .tiles import MAX_K_ITERATIONS, Tile, weight_grad_tile, wide_offsets
+
+@triton.jit
+def wide(x, INT64: tl.constexpr):
+    """``x`` as 64-bit offsets when the launcher found a tensor past 2**31 elements
+    (tiles.wide_offsets), else as it is: 32-bit offsets take half the registers of a tile's."""
+    if INT64:
+        return x.to(tl.int64)
+    return x
+
 
 @triton.jit
 def gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH: tl.constexpr, KW: tl.constexpr,
-              SH: tl.constexpr, SW: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr):
+              SH: tl.constexpr, SW: tl.constexpr, TRANSPOSED: tl.constexpr, INT64: tl.constexpr,
+              BLOCK_M: tl.constexpr):
     """The output pixels of GEMM row tile ``pid_m``: (row_ok, n, qh, qw, ph, pw, taps_h, taps_w).
 
     Conv2d: rows are pixels (n, qh, qw) = (n, oh, ow) of the output. TRANSPOSED uses phase
@@ -56,7 +66,7 @@ def gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH: tl.constexpr, KW: tl.co
         row_ok = rows < N * OH * OW
     qw = qw0 + rows % rows_w
     qh = qh0 + (rows // rows_w) % rows_h
-    n = (rows // (rows_w * rows_h)).to(tl.int64)
+    n = wide(rows // (rows_w * rows_h), INT64)
     return row_ok, n, qh, qw, ph, pw, taps_h, taps_w
 
 
@@ -104,7 +114,7 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
 def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw, taps_h,
                   taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc,
                   swh, sww, swk, swn, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                  TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr,
+                  TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr, INT64: tl.constexpr,
                   A_MODE: tl.constexpr, A_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The float32 [BLOCK_M, BLOCK_N] accumulator of the GEMM rows of :func:`gemm_rows` and the
@@ -126,7 +136,7 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, 
             iw = qw[:, None] * SW - PAD_W + kw[None, :]
             a_ok = (row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
                     & (iw < W))
-            a = tl.load(x_ptr + n[:, None] * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            a = tl.load(x_ptr + n[:, None] * sxn + wide(ih, INT64) * sxh + wide(iw, INT64) * sxw
                         + ci[None, :] * sxc, mask=a_ok, other=0.0)
             if A_MODE != AS_STORED:
                 pix = (n[:, None] * H + ih) * W + iw
@@ -143,7 +153,7 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, 
                                         TRANSPOSED, BLOCK_K)
         ci_ok = ci < C_in
         ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_rows = x_ptr + n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        x_rows = x_ptr + n * sxn + wide(ih, INT64) * sxh + wide(iw, INT64) * sxw
         a_ok = ok[:, None] & ci_ok[None, :]
         a = tl.load(x_rows[:, None] + ci[None, :] * sxc, mask=a_ok, other=0.0)
         if A_MODE != AS_STORED:
@@ -272,7 +282,8 @@ def _weight_grad_kernel(
         # geometry, operand modes, split-K, products, tile
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         X_MODE: tl.constexpr, X_ACT: tl.constexpr, G_MODE: tl.constexpr, G_ACT: tl.constexpr,
-        SPLIT: tl.constexpr, PACK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr, PACK_N: tl.constexpr, INT64: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """:func:`weight_grad_program` on a (tiles, taps, splits) grid (taps 1 with PACK_N)."""
     weight_grad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
@@ -280,7 +291,7 @@ def _weight_grad_kernel(
                         dw_ptr, part_ptr, cnt_ptr,
                         N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, PIXELS_PER_SPLIT, x_slope,
                         g_slope, sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc, sdo, sdi, sdh, sdw,
-                        KH, KW, SH, SW, X_MODE, X_ACT, G_MODE, G_ACT, SPLIT, PACK_N,
+                        KH, KW, SH, SW, X_MODE, X_ACT, G_MODE, G_ACT, SPLIT, PACK_N, INT64,
                         DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -302,7 +313,8 @@ def weight_grad_program(
         sxn, sxh, sxw, sxc, sgn, sgh, sgw, sgc, sdo, sdi, sdh, sdw,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         X_MODE: tl.constexpr, X_ACT: tl.constexpr, G_MODE: tl.constexpr, G_ACT: tl.constexpr,
-        SPLIT: tl.constexpr, PACK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr, PACK_N: tl.constexpr, INT64: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[co, ci, kh, kw] = sum over output pixels p = (n, oh, ow) of G[n, oh, ow, co] *
     X[n, oh*SH-PAD_H+kh, ow*SW-PAD_W+kw, ci] (Conv2d geometry; a ConvTranspose2d swaps the
@@ -335,18 +347,18 @@ def weight_grad_program(
         p_ok = p < p_end
         ow = p % OW
         oh = (p // OW) % OH
-        n = (p // (OW * OH)).to(tl.int64)
+        n = wide(p // (OW * OH), INT64)
         ih = oh[:, None] * SH - PAD_H + kh[None, :]
         iw = ow[:, None] * SW - PAD_W + kw[None, :]
         g_ok = p_ok[:, None] & co_ok[None, :]
-        g = tl.load(g_ptr + (n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None]
+        g = tl.load(g_ptr + (n * sgn + wide(oh, INT64) * sgh + wide(ow, INT64) * sgw)[:, None]
                     + co[None, :] * sgc, mask=g_ok, other=0.0)
         if G_MODE != AS_STORED:
             g = chain_operand(g.to(tl.float32), G_MODE, G_ACT, g_slope, gy_ptr,
-                              p.to(tl.int64)[:, None] * C_out + co[None, :], gvec_ptr, gcoef_ptr,
+                              wide(p, INT64)[:, None] * C_out + co[None, :], gvec_ptr, gcoef_ptr,
                               C_out, co, co_ok, g_ok).to(g_ptr.dtype.element_ty)
         b_ok = (p_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-        b = tl.load(x_ptr + (n * sxn)[:, None] + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        b = tl.load(x_ptr + (n * sxn)[:, None] + wide(ih, INT64) * sxh + wide(iw, INT64) * sxw
                     + ci[None, :] * sxc, mask=b_ok, other=0.0)
         if X_MODE != AS_STORED:
             b = chain_operand(b.to(tl.float32), X_MODE, X_ACT, x_slope, xy_ptr,
@@ -354,11 +366,11 @@ def weight_grad_program(
                               xcoef_ptr, C_in, ci, j_ok, b_ok).to(x_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(g), b, acc, input_precision=DOT_PRECISION)
     ok = co_ok[:, None] & j_ok[None, :]
-    dw_offs = (co.to(tl.int64)[:, None] * sdo
+    dw_offs = (wide(co, INT64)[:, None] * sdo
                + (ci * sdi + kh * sdh + kw * sdw)[None, :])
     if SPLIT:
         numel = split.to(tl.int64) * 0 + C_out * C_in * KH * KW  # int64: split * numel may not fit
-        offs = (co.to(tl.int64)[:, None] * C_in + ci[None, :]) * (KH * KW) + taps[None, :]
+        offs = (wide(co, INT64)[:, None] * C_in + ci[None, :]) * (KH * KW) + taps[None, :]
         tl.store(part_ptr + split * numel + offs, acc, mask=ok)
         if last_arrival(cnt_ptr + pid_mn * (KH * KW) + tap, splits):
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -443,7 +455,9 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
             n, c_in, h, w, c_out, oh, ow, ph, pw, per_split, x.slope, g.slope,
             *_nhwc_strides(x.tensor), *_nhwc_strides(g.tensor), *dw.stride())
     constexprs = dict(KH=kh, KW=kw, SH=sh, SW=sw, X_MODE=x.mode, X_ACT=x.act, G_MODE=g.mode,
-                      G_ACT=g.act, SPLIT=splits > 1, PACK_N=pack, DOT_PRECISION=precision,
+                      G_ACT=g.act, SPLIT=splits > 1, PACK_N=pack,
+                      INT64=wide_offsets(x.tensor, g.tensor, x.y, g.y, dw),
+                      DOT_PRECISION=precision,
                       **tile.constexprs())
     return WeightGradLaunch(dw, args, constexprs, tile, c_out, c_in, kh * kw, pack, splits,
                             per_split, pixels)

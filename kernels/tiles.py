@@ -49,8 +49,8 @@ _FORCED = {}
 @contextlib.contextmanager
 def forced(**tiles):
     """The test seam: inside the block the rules named (``conv``, ``weight_grad``, ``pair``: a
-    Tile, or for ``pair`` a pair of them) return the given tiles, so that interpreter tests can run
-    any tile against float64 (many row tiles, a tile past the channels, split-K)."""
+    Tile, or for ``pair`` a pair of them; ``int64``: True for 64-bit offsets) return what is given,
+    so that interpreter tests can run any tile and variant against float64."""
     saved = dict(_FORCED)
     _FORCED.update(tiles)
     try:
@@ -65,6 +65,12 @@ def _columns(n: int, widest: int, narrowest: int = 16) -> int:
     ``widest``) that holds them, so that a 3-channel layer runs 4 columns (conv_gemm.mma: CUDA
     cores below 16), not 64."""
     return pow2_block(n, narrowest, widest)
+
+
+def wide_offsets(*tensors) -> bool:
+    """Whether a launch's offsets need 64 bits: a tensor past 2**31 elements (or ``int64`` forced
+    by :func:`forced`, so that the interpreter runs that variant too)."""
+    return _FORCED.get("int64", False) or any(t.numel() >= 2**31 for t in tensors)
 
 
 def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: bool,

@@ -240,3 +240,21 @@ def test_reductions_over_many_row_tiles_close_in_two_levels(device):
     with tiles.forced(conv=forced, pair=(forced, tiles.Tile(32, 32, 128, 4, 1))):
         assert_matches_reference(model, reference, lambda: torch.randn(2, 2, 20, 32), device,
                                  train_steps=1)
+
+
+def test_the_64_bit_offsets_variant(device):
+    """Launches whose tensors pass 2**31 elements index with 64-bit offsets (tiles.wide_offsets):
+    that variant, forced on small tensors, against float64 in training (a chain whose first layer
+    packs an image's channels) and eval."""
+    from aigc_fast.kernels import tiles
+
+    torch.manual_seed(28)
+    model = randomize_batch_norms_(nn.Sequential(
+        nn.Conv2d(3, 6, 4, 2, 1, bias=False), nn.BatchNorm2d(6), nn.LeakyReLU(0.2),
+        nn.ConvTranspose2d(6, 5, 4, 2, 1, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 2, 3, 1, 1, bias=False), nn.Tanh()))
+    reference = copy.deepcopy(model).double()
+    fuse(model)
+    with tiles.forced(int64=True):
+        assert_matches_reference(model, reference, lambda: torch.randn(2, 3, 8, 6), device,
+                                 train_steps=1)
