@@ -13,6 +13,7 @@ from .distributed import DEFAULT_TIMEOUT_S
 from .ema import DEFAULT_DECAY
 from .metrics import DEFAULT_N
 from .precision import PRECISIONS
+from .variant import VARIANT_KEYS, add_variant_arguments
 
 # The no-argument run: ngf = ndf = 32 at ~37 ms a step on 2 idle CPU cores, so under 3 minutes of
 # training; by 4000 steps it draws circles, squares and triangles (measured).
@@ -22,7 +23,8 @@ DEFAULT_STEPS = 4000
 DEFAULT_EVAL_EVERY = 1000
 # Settings that define a run: a resumed run takes them from its checkpoint, and a flag that
 # contradicts the checkpoint is an error (resuming continues that run; it cannot change its model).
-RUN_KEYS = ("data", "image_size", "nz", "ngf", "ndf", "nc", "batch_size", "lr", "beta1", "seed")
+RUN_KEYS = ("data", "image_size", "nz", "ngf", "ndf", "nc", "batch_size", "lr", "beta1",
+            "seed") + VARIANT_KEYS
 # Settings a resumed run also keeps from its checkpoint unless a flag changes them.
 KEPT_KEYS = ("sample_every", "checkpoint_every", "log_every", "ema", "eval_every", "eval_n")
 
@@ -73,8 +75,8 @@ def build_parser():
              "png/jpg/jpeg/webp/bmp below it, resized and centre-cropped) or a .npz file holding a "
              "uint8 array N x H x W x C")
     add("--image-size", type=int, default=32, choices=SUPPORTED_IMAGE_SIZES,
-        help="image side in pixels: 32 (our 4-layer DCGAN) or 64 (the pytorch/examples DCGAN) "
-             "(default %(default)s)")
+        help="image side in pixels, a power of two from 16 to 256; the depth follows log2(size): "
+             "32 is our 4-layer DCGAN, 64 the pytorch/examples DCGAN (default %(default)s)")
     add("--batch-size", type=positive_int, default=64, metavar="N",
         help="images per step and per process: under torchrun the global batch is N x the number "
              "of processes (default %(default)s)")
@@ -96,6 +98,7 @@ def build_parser():
         help="image channels: 3 (RGB) or 1 (grayscale) (default %(default)s)")
     add("--seed", type=int, default=0, metavar="N",
         help="seed of the weights, the noise and the data order (default %(default)s)")
+    add_variant_arguments(p)
     add_device_argument(p, "train")
     add("--backend", choices=("auto",) + tuple(BACKENDS), default="auto",
         help="how the step runs: " + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values())

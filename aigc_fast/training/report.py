@@ -13,6 +13,7 @@ from .curves import write_curves
 from .ema import EMA_KEY
 from .eval import Evaluator
 from .sample import eval_mode, save_grid
+from .variant import describe_variant
 
 METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
 
@@ -130,4 +131,4 @@ def start_line(run):
             f"{c['precision']} ({run.precision_reason}) | cuda graph "
             f"{'on' if c['cuda_graph'] else 'off'} ({run.cuda_graph_reason}) | steps "
             f"{run.step}->{c['steps']} x {run.world.describe_batch(c['batch_size'])} | out "
-            f"{run.out}")
+            f"{run.out} | {describe_variant(c)}")
