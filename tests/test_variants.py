@@ -253,7 +253,8 @@ def test_cli_eager_and_fused_checkpoints_agree(variant, tmp_path, npz16, monkeyp
         ckpts[backend] = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
         if backend == "eager":
             assert chain_calls == []
-    assert len(chain_calls) >= 10  # the fused run's convolutions ran as our chains
+    # the fused run's convolutions ran as our chains: G once and D three times in each of 2 steps
+    assert len(chain_calls) >= 8
     eager, fused = ckpts["eager"], ckpts["fused"]
     for key in ("loss", "d_norm", "r1", "r1_every", "spectral_norm", "augment"):
         assert fused["config"][key] == eager["config"][key]

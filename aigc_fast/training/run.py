@@ -219,9 +219,12 @@ def setup(args, explicit, world=None):
     return run
 
 
-def resolve_cuda_graph(requested, backend, device, precision, world_size, cfg):
-    """Turn ``--cuda-graph`` (None: on where it can) into (on, why); UsageError if "on" cannot."""
-    blocker = graph_unavailable(backend, device, precision, world_size) or graph_blocker(cfg)
+def resolve_cuda_graph(requested, backend, device, precision, world_size, cfg=None):
+    """Turn ``--cuda-graph`` (None: on where it can) into (on, why); UsageError if "on" cannot.
+    ``cfg``: the run's config, whose GAN variant may keep the step out of a graph (None: the
+    default variant)."""
+    blocker = (graph_unavailable(backend, device, precision, world_size)
+               or (graph_blocker(cfg) if cfg else None))
     if requested == "on" and blocker:
         raise UsageError(f"--cuda-graph on: {blocker} (expected --backend fused on one CUDA "
                          "device, --precision other than fp16)")
