@@ -89,3 +89,38 @@ def test_bad_arguments_name_the_argument(bad):
     kwargs = {"image_size": 32, "nz": 10, "ngf": 4, "nc": 3, **bad}
     with pytest.raises(ValueError, match=next(iter(bad))):
         Generator(**kwargs)
+
+
+@pytest.mark.parametrize("image_size", [16, 128, 256])
+def test_depth_follows_log2_of_the_size(image_size):
+    G, D = build_models(image_size, nz=5, ngf=2, ndf=2, nc=3)
+    layers = image_size.bit_length() - 2  # 4x4 seed, then one stride-2 layer per doubling
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in G.main) == layers
+    assert sum(isinstance(m, nn.Conv2d) for m in D.main) == layers
+    x = G(torch.randn(2, 5))
+    assert x.shape == (2, 3, image_size, image_size) and D(x).shape == (2,)
+
+
+def test_d_norm_and_spectral_norm_variants():
+    _, D = build_models(32, nz=5, ngf=2, ndf=3, d_norm="layer", spectral_norm=True)
+    kinds = [("GroupNorm" if isinstance(m, nn.GroupNorm) else "Conv2d") for m in D.main
+             if isinstance(m, (nn.Conv2d, nn.GroupNorm))]
+    assert kinds == ["Conv2d", "Conv2d", "GroupNorm", "Conv2d", "GroupNorm", "Conv2d"]
+    assert len(D.main) == 9  # and a LeakyReLU after every norm and after the first conv
+    assert "main.0.parametrizations.weight.original" in D.state_dict()
+    _, D = build_models(32, nz=5, ngf=2, ndf=3, d_norm="none")
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in D.main)
+
+
+def test_conditional_models_embed_and_project_the_label():
+    torch.manual_seed(0)
+    G, D = build_models(16, nz=5, ngf=2, ndf=3, nc=3, num_classes=4)
+    G.eval(), D.eval()
+    z, labels = torch.randn(3, 5), torch.tensor([0, 3, 1])
+    x = G(z, labels)
+    want = G.main(torch.cat([z, G.embed.weight[labels]], 1)[:, :, None, None])
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+    features = D.main(x)  # (3, 2 ndf, 4, 4)
+    projection = (D.embed.weight[labels] * features.sum((2, 3))).sum(1)
+    torch.testing.assert_close(D(x, labels), D.head(features).view(-1) + projection)
+    assert not torch.equal(D(x, labels), D(x, (labels + 1) % 4))

@@ -107,6 +107,9 @@ def test_resolve_cuda_graph():
     assert resolve_cuda_graph(None, "fused", cuda, "fp16", 1)[0] is False
     assert resolve_cuda_graph(None, "eager", cuda, "tf32", 1)[0] is False
     assert resolve_cuda_graph(None, "fused", cuda, "tf32", 2)[0] is False
+    penalised = {"loss": "wgan-gp", "r1": 0.0, "augment": ""}
+    on, why = resolve_cuda_graph(None, "fused", cuda, "tf32", 1, penalised)
+    assert on is False and "double backward" in why
     with pytest.raises(UsageError, match="--cuda-graph on: fp16's gradient scaler"):
         resolve_cuda_graph("on", "fused", cuda, "fp16", 1)
 

@@ -1,6 +1,6 @@
 """The training step and the backends that prepare what it runs.
 
-:func:`train_step` is the hot path: one non-saturating GAN step with no host sync. A backend
+:func:`train_step` is the hot path: one GAN step (any :mod:`.losses` objective) with no host sync. A backend
 (:data:`BACKENDS`: "eager", "compile", "fused") turns the built G and D into the modules to train
 and save and the callables and loss the step runs (:class:`Prepared`); :func:`resolve_backend`
 turns ``--backend`` into one that can run on the device.
@@ -16,6 +16,7 @@ from torch import nn
 from ..functional import bce_with_logits, triton_can_run
 from ..models import cpu_channels_last
 from ..nn import fuse
+from .losses import as_objective
 from .precision import Precision
 
 
@@ -24,30 +25,50 @@ def _set_requires_grad(module, flag):
         p.requires_grad_(flag)
 
 
-def train_step(G, D, opt_g, opt_d, real, z, loss_fn, precision=None):
-    """One non-saturating GAN step; returns 0-dim float32 tensors loss_d, loss_g, d_real, d_fake.
+def train_step(G, D, opt_g, opt_d, real, z, loss_fn, precision=None, *, step=0, D_penalty=None,
+               labels=None):
+    """One GAN step; returns 0-dim float32 tensors loss_d, loss_g, d_real, d_fake.
 
+    ``loss_fn``: a BCE-with-logits callable (the non-saturating loss) or an
+    :class:`~.losses.Objective` (the loss, penalties and augmentation of ``--loss``, ``--r1``,
+    ``--augment``); ``step``: the step's index, which decides whether lazy R1 runs;
+    ``D_penalty``: the D that penalties differentiate twice (default ``D``; the uncompiled module
+    under ``--backend compile``); ``labels``: (real labels, fake labels) of a conditional run.
     The forward passes and losses run under ``precision.autocast()``, the backward passes and
     optimiser steps through ``precision.backward_and_step`` (:mod:`.precision`; None: float32).
-    D sees the real batch (target 1) and the detached fakes (target 0) in two forwards (so its
-    BatchNorm never mixes real and fake statistics) and takes one backward; then G is trained with
-    target 1 on D(G(z)) against the updated D. D's parameters are frozen during G's backward so no
-    weight gradient is computed for them. Nothing here synchronises with the host (but fp16's
-    GradScaler.step, which reads its overflow flag: PyTorch's own sync).
+    D sees the real batch and the detached fakes in two forwards (so its BatchNorm never mixes
+    real and fake statistics) and takes one backward of its loss plus penalties; then G is trained
+    on D(G(z)) against the updated D. D's parameters are frozen during G's backward so no weight
+    gradient is computed for them. Random draws (augmentation, interpolation weights) happen in
+    one order: real's augmentation, fake's, the interpolation weights, then fake's for G. Nothing
+    here synchronises with the host (but fp16's GradScaler.step, which reads its overflow flag:
+    PyTorch's own sync).
     """
     precision = precision or Precision()
+    objective = as_objective(loss_fn)
+    D_penalty = D_penalty or D
+    real_labels, fake_labels = ((labels[0],), (labels[1],)) if labels is not None else ((), ())
+    r1 = objective.r1_due(step)
     with precision.autocast():
-        fake = G(z)
-        logits_real = D(real)
-        logits_fake = D(fake.detach())
-        ones = torch.ones_like(logits_real)
-        loss_d = loss_fn(logits_real, ones) + loss_fn(logits_fake, torch.zeros_like(logits_fake))
+        fake = G(z, *fake_labels)
+        if r1:  # R1 differentiates D at the (un-augmented) real images
+            real = real.detach().requires_grad_(True)
+        seen_real = objective.augment(real)
+        logits_real = (D_penalty if r1 else D)(seen_real, *real_labels)
+        seen_fake = objective.augment(fake.detach())
+        logits_fake = D(seen_fake, *fake_labels)
+        loss_d = objective.d_loss(logits_real, logits_fake)
+        if r1:
+            loss_d = loss_d + objective.r1_penalty(logits_real, real)
+        if objective.loss == "wgan-gp":
+            loss_d = loss_d + objective.gradient_penalty(D_penalty, seen_real, seen_fake,
+                                                         *real_labels)
     opt_d.zero_grad(set_to_none=True)
     precision.backward_and_step("D", loss_d, opt_d)
 
     _set_requires_grad(D, False)
     with precision.autocast():
-        loss_g = loss_fn(D(fake), ones)
+        loss_g = objective.g_loss(D(objective.augment(fake), *fake_labels))
     opt_g.zero_grad(set_to_none=True)
     precision.backward_and_step("G", loss_g, opt_g)
     _set_requires_grad(D, True)
@@ -65,7 +86,8 @@ class Prepared:
 
     ``G``/``D`` own the parameters (optimisers and checkpoints use them; their state_dict keys are
     the plain ``main.N.*``); ``G_run``/``D_run`` are what :func:`train_step` calls (the same
-    modules, or compiled wrappers around them).
+    modules, or compiled wrappers around them); ``D`` itself is what penalties differentiate twice.
+    ``loss_fn`` is the backend's BCE-with-logits.
     """
 
     G: nn.Module

@@ -121,6 +121,11 @@ def make_shapes(n, image_size=32, seed=SHAPES_SEED, chunk_pixels=1 << 19):
     if image_size not in SUPPORTED_IMAGE_SIZES:
         raise ValueError(f"image_size must be one of {SUPPORTED_IMAGE_SIZES}, got {image_size!r}")
     params = _shape_params(torch.Generator().manual_seed(seed), n, image_size)
+    return _render_uint8(params, n, image_size, chunk_pixels)
+
+
+def _render_uint8(params, n, image_size, chunk_pixels=1 << 19):
+    """uint8 (n, 3, S, S) images of the shapes parameters ``params``, in cache-sized chunks."""
     chunk = max(1, chunk_pixels // (image_size * image_size))
     out = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
     threads = torch.get_num_threads()
@@ -132,6 +137,35 @@ def make_shapes(n, image_size=32, seed=SHAPES_SEED, chunk_pixels=1 << 19):
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+class LazyShapes:
+    """The shapes set rendered on demand: ``shapes[index]`` (an int64 index tensor, a slice or an
+    int) renders those images, the same pixels :func:`make_shapes` gives them. Above 64 px the
+    whole set would take minutes and gigabytes to render (92 s and 805 MB at 128 px, measured),
+    so training renders each batch as it draws it; only the per-image parameters live in memory.
+    """
+
+    def __init__(self, n, image_size, nc=3, seed=SHAPES_SEED):
+        if image_size not in SUPPORTED_IMAGE_SIZES:
+            raise ValueError(f"image_size must be one of {SUPPORTED_IMAGE_SIZES}, got {image_size!r}")
+        self.n, self.image_size, self.nc = n, image_size, nc
+        self.params = _shape_params(torch.Generator().manual_seed(seed), n, image_size)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        picked = torch.arange(self.n)[index].cpu()  # indexing as a tensor would (int: one image)
+        part = {k: v[picked.reshape(-1)] for k, v in self.params.items()}
+        images = _to_channels(_render_uint8(part, picked.numel(), self.image_size), self.nc,
+                              "shapes")
+        return images.reshape(*picked.shape, *images.shape[1:])
+
+
+# the largest side at which the embedded shapes set is rendered whole at start-up (64 px: 200 MB,
+# about 4 s); above it, lazily (LazyShapes)
+SHAPES_EAGER_MAX_SIZE = 64
 
 
 # --- conversions shared by the sources ------------------------------------------------------------
@@ -313,6 +347,9 @@ def load_images(data, image_size, nc, workers=0, dataset=None, download=False,
         raise UsageError(f"--image-size {image_size} is not supported; expected one of "
                          f"{SUPPORTED_IMAGE_SIZES}")
     dataset = dataset or infer_dataset(data)
+    if dataset == SHAPES and image_size > SHAPES_EAGER_MAX_SIZE:
+        return (LazyShapes(SHAPES_COUNT, image_size, nc),
+                f"shapes (embedded, {SHAPES_COUNT} images, rendered per batch)")
     if dataset == SHAPES:
         images = _to_channels(make_shapes(SHAPES_COUNT, image_size), nc, "shapes")
         return images, f"shapes (embedded, {len(images)} images)"
@@ -381,7 +418,7 @@ def batch_stream(images, order, start_step, device):
     On CUDA a data set that fits in DEVICE_RESIDENT_BYTES is moved to the GPU once and indexed
     there; a larger one is indexed on the host and copied from pinned memory without blocking.
     """
-    if device.type == "cuda" and images.numel() <= DEVICE_RESIDENT_BYTES:
+    if device.type == "cuda" and torch.is_tensor(images) and images.numel() <= DEVICE_RESIDENT_BYTES:
         images = images.to(device)
         yield from (images[index] for index in order.batches(start_step, device))
     elif device.type == "cuda":

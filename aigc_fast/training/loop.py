@@ -90,13 +90,14 @@ class StopAgreement:
 
 
 def training_step(run):
-    """``step(real, z)``: :func:`train_step` of the run's models, captured in a CUDA graph
-    (:mod:`.step_graph`) when ``cfg["cuda_graph"]``; its metrics are read before the next
-    call (Meter.add stacks them on the device)."""
+    """``step(real, z)``: :func:`train_step` of the run's models and objective at step index
+    ``run.step``, captured in a CUDA graph (:mod:`.step_graph`) when ``cfg["cuda_graph"]``; its
+    metrics are read before the next call (Meter.add stacks them on the device)."""
     p = run.model
 
     def step(real, z):
-        return train_step(p.G_run, p.D_run, run.opt_g, run.opt_d, real, z, p.loss_fn, run.precision)
+        return train_step(p.G_run, p.D_run, run.opt_g, run.opt_d, real, z, run.objective,
+                          run.precision, step=run.step, D_penalty=p.D)
 
     return GraphedStep(step) if run.cfg["cuda_graph"] else step
 

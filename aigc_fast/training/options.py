@@ -14,6 +14,7 @@ from .ema import DEFAULT_DECAY
 from .metrics import DEFAULT_N
 from .precision import PRECISIONS
 from .torchvision_sets import DOWNLOADABLE, LSUN_DEFAULT_CLASS
+from .variant import VARIANT_DEFAULTS, VARIANT_KEYS, add_variant_arguments
 
 # The no-argument run: ngf = ndf = 32 at ~37 ms a step on 2 idle CPU cores, so under 3 minutes of
 # training; by 4000 steps it draws circles, squares and triangles (measured).
@@ -24,7 +25,7 @@ DEFAULT_EVAL_EVERY = 1000
 # Settings that define a run: a resumed run takes them from its checkpoint, and a flag that
 # contradicts the checkpoint is an error (resuming continues that run; it cannot change its model).
 RUN_KEYS = ("dataset", "data", "classes", "image_size", "nz", "ngf", "ndf", "nc", "batch_size", "lr",
-            "beta1", "seed")
+            "beta1", "seed") + VARIANT_KEYS
 # Settings a resumed run also keeps from its checkpoint unless a flag changes them.
 KEPT_KEYS = ("sample_every", "checkpoint_every", "log_every", "ema", "eval_every", "eval_n",
              "tensorboard", "fid_weights", "prc_weights")
@@ -32,10 +33,12 @@ KEPT_KEYS = ("sample_every", "checkpoint_every", "log_every", "ema", "eval_every
 
 def upgrade_saved_config(saved):
     """A checkpoint's config with the RUN_KEYS that older versions did not store filled in as
-    those versions behaved: the data set that "data" names, LSUN's default category."""
-    if "dataset" in saved:
-        return saved
-    return {"dataset": infer_dataset(saved.get("data")), "classes": LSUN_DEFAULT_CLASS, **saved}
+    those versions behaved: the data set that "data" names, LSUN's default category, the default
+    GAN variant."""
+    missing = dict(VARIANT_DEFAULTS)
+    if "dataset" not in saved:
+        missing.update(dataset=infer_dataset(saved.get("data")), classes=LSUN_DEFAULT_CLASS)
+    return {**missing, **saved}
 
 
 def _beta(text):
@@ -97,8 +100,8 @@ def build_parser():
         help="the LSUN category of --dataset lsun, whose NAME_train database is read "
              "(default %(default)s)")
     add("--image-size", type=int, default=32, choices=SUPPORTED_IMAGE_SIZES,
-        help="image side in pixels: 32 (our 4-layer DCGAN) or 64 (the pytorch/examples DCGAN) "
-             "(default %(default)s)")
+        help="image side in pixels, a power of two from 16 to 256; the depth follows log2(size): "
+             "32 is our 4-layer DCGAN, 64 the pytorch/examples DCGAN (default %(default)s)")
     add("--batch-size", type=positive_int, default=64, metavar="N",
         help="images per step and per process: under torchrun the global batch is N x the number "
              "of processes (default %(default)s)")
@@ -120,6 +123,7 @@ def build_parser():
         help="image channels: 3 (RGB) or 1 (grayscale) (default %(default)s)")
     add("--seed", type=int, default=0, metavar="N",
         help="seed of the weights, the noise and the data order (default %(default)s)")
+    add_variant_arguments(p)
     add_device_argument(p, "train")
     add("--backend", choices=("auto",) + tuple(BACKENDS), default="auto",
         help="how the step runs: " + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values())

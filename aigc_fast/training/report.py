@@ -17,6 +17,7 @@ from .curves import write_curves
 from .ema import EMA_KEY
 from .eval import Evaluator, FidelityEvaluator, real_source
 from .sample import eval_mode, make_grid, save_png, to_uint8
+from .variant import describe_variant
 
 METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
 
@@ -213,4 +214,4 @@ def start_line(run):
             f"{c['precision']} ({run.precision_reason}) | cuda graph "
             f"{'on' if c['cuda_graph'] else 'off'} ({run.cuda_graph_reason}) | steps "
             f"{run.step}->{c['steps']} x {run.world.describe_batch(c['batch_size'])} | out "
-            f"{run.out}")
+            f"{run.out} | {describe_variant(c)}")

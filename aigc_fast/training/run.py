@@ -22,12 +22,14 @@ from .distributed import World, convert_sync_bn
 from .ema import EMA, EMA_KEY
 from .board import Board
 from .eval import Evaluator, FidelityEvaluator
+from .losses import Objective
 from .options import DEFAULT_STEPS, KEPT_KEYS, RUN_KEYS, upgrade_saved_config
 from .precision import Precision, resolve_precision, set_tf32
 from .report import Diverged, write_optional, write_run_file
 from .sample import save_grid
 from .start_weights import load_start_weights
 from .step_graph import graph_unavailable, set_capturable
+from .variant import build_objective, graph_blocker, resolve_variant
 
 SAMPLE_COUNT = 64  # images in each sample grid
 CHECKPOINT_FORMAT = "aigc_fast.dcgan/1"
@@ -49,6 +51,8 @@ class Run:
     opt_d: torch.optim.Optimizer
     noise: torch.Generator
     fixed_noise: torch.Tensor
+    variant_rng: torch.Generator  # augmentation parameters and gradient-penalty weights
+    objective: Objective  # the loss, penalties and augmentation the step trains with
     world: World  # this process's rank among torchrun's processes (rank 0 of 1 without torchrun)
     step: int = 0
     seconds_before: float = 0.0  # training time spent before this process (resumed runs)
@@ -162,12 +166,13 @@ def make_config(args, explicit, saved):
     if saved is not None:
         saved = upgrade_saved_config(saved)
         for key in RUN_KEYS:
-            if key in explicit and cfg[key] != saved.get(key):
+            saved_value = saved[key]
+            if key in explicit and cfg[key] != saved_value:
                 flag = "--" + key.replace("_", "-")
                 raise UsageError(f"{flag} {getattr(args, key)} does not match the checkpoint's "
-                                 f"{saved.get(key)!r}; expected the run's own settings (drop the "
+                                 f"{saved_value!r}; expected the run's own settings (drop the "
                                  "flag or start a new run)")
-            cfg[key] = saved[key]
+            cfg[key] = saved_value
         # a checkpoint older than a KEPT_KEY (e.g. ema) takes that flag's default
         cfg.update({k: saved[k] for k in KEPT_KEYS if k not in explicit and k in saved})
     return cfg
@@ -197,6 +202,7 @@ def setup(args, explicit, world=None):
     # a resumed run keeps its global batch, whatever the number of processes now
     saved = world.per_process_config(ckpt["config"], f"checkpoint {resume}") if ckpt else None
     cfg = make_config(args, explicit, saved)
+    resolve_variant(cfg, world.world_size)
     try:
         backend, backend_reason = resolve_backend(args.backend, device)
         precision, precision_reason = resolve_precision(
@@ -210,7 +216,7 @@ def setup(args, explicit, world=None):
                              "(expected --backend eager or auto)")
         backend, backend_reason = "eager", "auto: --sync-bn runs on eager"
     cuda_graph, cuda_graph_reason = resolve_cuda_graph(args.cuda_graph, backend, device, precision,
-                                                       world.world_size)
+                                                       world.world_size, cfg)
 
     images, data_desc = images_of_config(cfg, args.workers, args.download)
     order = BatchOrder(len(images), cfg["batch_size"], cfg["seed"], world.rank, world.world_size)
@@ -223,7 +229,8 @@ def setup(args, explicit, world=None):
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2**32)
     random.seed(cfg["seed"])
-    G, D = build_models(cfg["image_size"], cfg["nz"], cfg["ngf"], cfg["ndf"], cfg["nc"])
+    G, D = build_models(cfg["image_size"], cfg["nz"], cfg["ngf"], cfg["ndf"], cfg["nc"],
+                        d_norm=cfg["d_norm"], spectral_norm=cfg["spectral_norm"])
     if ckpt:
         load_state_checked(G, ckpt["G"], f"checkpoint {resume} (G)")
         load_state_checked(D, ckpt["D"], f"checkpoint {resume} (D)")
@@ -244,8 +251,11 @@ def setup(args, explicit, world=None):
     noise = torch.Generator(device).manual_seed(cfg["seed"] + 1)
     fixed_noise = torch.randn(SAMPLE_COUNT, cfg["nz"],
                               generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
+    variant_rng = torch.Generator(device).manual_seed(cfg["seed"] + 2)
+    objective = build_objective(cfg, model.loss_fn, variant_rng)
     ema = EMA(model.G, cfg["ema"]) if cfg["ema"] else None
-    run = Run(cfg, out, device, images, order, model, opt_g, opt_d, noise, fixed_noise, world,
+    run = Run(cfg, out, device, images, order, model, opt_g, opt_d, noise, fixed_noise,
+              variant_rng, objective, world,
               data_desc=data_desc, backend_reason=backend_reason, ema=ema,
               precision=Precision(precision, device), precision_reason=precision_reason,
               cuda_graph_reason=cuda_graph_reason,
@@ -255,9 +265,12 @@ def setup(args, explicit, world=None):
     return run
 
 
-def resolve_cuda_graph(requested, backend, device, precision, world_size):
-    """Turn ``--cuda-graph`` (None: on where it can) into (on, why); UsageError if "on" cannot."""
-    blocker = graph_unavailable(backend, device, precision, world_size)
+def resolve_cuda_graph(requested, backend, device, precision, world_size, cfg=None):
+    """Turn ``--cuda-graph`` (None: on where it can) into (on, why); UsageError if "on" cannot.
+    ``cfg``: the run's config, whose GAN variant may keep the step out of a graph (None: the
+    default variant)."""
+    blocker = (graph_unavailable(backend, device, precision, world_size)
+               or (graph_blocker(cfg) if cfg else None))
     if requested == "on" and blocker:
         raise UsageError(f"--cuda-graph on: {blocker} (expected --backend fused on one CUDA "
                          "device, --precision other than fp16)")
@@ -279,15 +292,23 @@ def restore(run, ckpt, path):
     elif run.ema is not None:
         print(f"note: checkpoint {path} has no {EMA_KEY} (trained with --ema 0); the moving "
               f"average starts from G at step {run.step}")
-    if ckpt["noise"]["device"] == run.device.type:
-        run.noise.set_state(ckpt["noise"]["state"])
-    else:
-        print(f"note: checkpoint noise stream is from {ckpt['noise']['device']}; it restarts on "
-              f"{run.device.type}, so this resume is not bitwise exact")
-        run.noise.manual_seed(run.cfg["seed"] + 1 + run.step)
+    _restore_generator(run, run.noise, ckpt["noise"], "noise", seed_offset=1)
+    if "variant_rng" in ckpt:  # older checkpoints had no augmentation or penalty draws
+        _restore_generator(run, run.variant_rng, ckpt["variant_rng"], "variant_rng", seed_offset=2)
     set_rng_states(ckpt["rng"])
     if ckpt.get("scalers") and run.precision.state_dict() is not None:
         run.precision.load_state_dict(ckpt["scalers"])
+
+
+def _restore_generator(run, generator, saved, what, seed_offset):
+    """Continue a seeded stream from its saved state; a state saved on another device type cannot
+    be set here, so the stream restarts from a seed that depends on the step."""
+    if saved["device"] == run.device.type:
+        generator.set_state(saved["state"])
+    else:
+        print(f"note: checkpoint {what} stream is from {saved['device']}; it restarts on "
+              f"{run.device.type}, so this resume is not bitwise exact")
+        generator.manual_seed(run.cfg["seed"] + seed_offset + run.step)
 
 
 def prepare_outputs(run):
@@ -318,6 +339,7 @@ def checkpoint_state(run, seconds):
         "G": run.model.G.state_dict(), "D": run.model.D.state_dict(),
         "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(),
         "noise": {"device": run.device.type, "state": run.noise.get_state()},
+        "variant_rng": {"device": run.device.type, "state": run.variant_rng.get_state()},
         "rng": rng_states(), "config": run.cfg,
         **({EMA_KEY: run.ema.state_dict()} if run.ema is not None else {}),
         **({"scalers": run.precision.state_dict()} if run.precision.state_dict() else {}),
