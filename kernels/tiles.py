@@ -36,6 +36,10 @@ class Tile:
         return {"num_warps": self.warps, "num_stages": self.stages}
 
 
+# The tile of the large GEMMs on tensor cores: 128 x 128 outputs move half the operand bytes per
+# multiply-add of 128 x 64, and BLOCK_K 32 issues fewer, larger MMAs per loop step.
+BIG = Tile(128, 128, 32, 8, 3)
+
 # No program loops more than this many times: a longer loop is a serial tail the GPU waits on.
 MAX_K_ITERATIONS = 256
 
@@ -90,6 +94,9 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
         block_m //= 2
     if interpreting():  # the CUDA-core path below 16 columns too, so that tests run it
         return Tile(block_m, 32 if c_out >= 16 else _columns(c_out, 8, 1), 16, 4, 1)
+    if (not exact and c_out >= 128 and block_m == 128
+            and triton.cdiv(rows, 128) * phases * triton.cdiv(c_out, 128) >= multiprocessors):
+        return BIG
     block_k = 16 if taps * triton.cdiv(c_in, 16) <= MAX_K_ITERATIONS else 32
     warps = 8 if block_m >= 128 else 4  # 8 warps on fewer rows spread a tile too thin: spills
     if exact:
@@ -111,6 +118,8 @@ def weight_grad_tile(c_out: int, c_in: int, taps: int, exact: bool) -> Tile:
         return _FORCED["weight_grad"]
     if interpreting():
         return Tile(32, 32, 128, 4, 1)
+    if not exact and c_out >= 128 and c_in >= 128:
+        return BIG
     if exact:
         return Tile(_columns(c_out, 64), _weight_grad_columns(c_in, taps, 64), 16, 8, 3)
     return Tile(_columns(c_out, 64), _weight_grad_columns(c_in, taps, 64), 32, 8, 3)
@@ -129,5 +138,9 @@ def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out
     if exact:
         return (Tile(conv.block_m, min(conv.block_n, 16), 16, 4, 2),
                 Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 32), 16, 4, 2))
+    if conv == BIG:
+        big_w = w_c_out >= 128 and w_c_in >= 128
+        return BIG, (BIG if big_w else Tile(_columns(w_c_out, 64),
+                                            _weight_grad_columns(w_c_in, taps, 64), 16, 8, 3))
     return (Tile(conv.block_m, conv.block_n, conv.block_k, conv.warps, 3),
             Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, conv.warps, 3))
