@@ -408,7 +408,7 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
     precision = dot_precision(x.dtype, dev)
     rows, phases = conv_rows(n, out_hw, stride, transposed)
     tile = tile or conv_tile(rows, phases, c_out, c_in, kernel[0] * kernel[1], precision == "ieee",
-                             multiprocessor_count(dev))
+                             multiprocessor_count(dev), running_bn=out.mode == Epilogue.BN_RUNNING)
     tiles = triton.cdiv(rows, tile.block_m)
     group_rows, groups = finalize_groups(phases * tiles)
     partials = None

@@ -39,6 +39,7 @@ class Tile:
 # The tile of the large GEMMs on tensor cores: 128 x 128 outputs move half the operand bytes per
 # multiply-add of 128 x 64, and BLOCK_K 32 issues fewer, larger MMAs per loop step.
 BIG = Tile(128, 128, 32, 8, 3)
+PAIR_BIG = Tile(128, 128, 16, 8, 3)  # a backward pair's two large GEMMs (see pair_tiles)
 
 # No program loops more than this many times: a longer loop is a serial tail the GPU waits on.
 MAX_K_ITERATIONS = 256
@@ -78,13 +79,14 @@ def wide_offsets(*tensors) -> bool:
 
 
 def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: bool,
-              multiprocessors: int) -> Tile:
+              multiprocessors: int, running_bn: bool = False) -> Tile:
     """The tile of a convolution GEMM (forward or input gradient) with ``rows`` output pixels in
     each of its ``phases``, ``c_out`` output channels and ``taps`` x ``c_in`` reduced per pixel:
     columns as few as hold c_out; rows up to 128 (the statistics partials have one row per row
     tile), halved down to 16 while the launch would not give each of the GPU's
     ``multiprocessors`` a program; a deeper reduction step where 16 would loop past
-    MAX_K_ITERATIONS."""
+    MAX_K_ITERATIONS; BIG for the large ones, but under the eval-BN epilogue (``running_bn``),
+    whose registers it would spill."""
     if "conv" in _FORCED:
         return _FORCED["conv"]
     block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
@@ -94,7 +96,7 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
         block_m //= 2
     if interpreting():  # the CUDA-core path below 16 columns too, so that tests run it
         return Tile(block_m, 32 if c_out >= 16 else _columns(c_out, 8, 1), 16, 4, 1)
-    if (not exact and c_out >= 128 and block_m == 128
+    if (not exact and not running_bn and c_out >= 128 and block_m == 128
             and triton.cdiv(rows, 128) * phases * triton.cdiv(c_out, 128) >= multiprocessors):
         return BIG
     block_k = 16 if taps * triton.cdiv(c_in, 16) <= MAX_K_ITERATIONS else 32
@@ -138,9 +140,9 @@ def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out
     if exact:
         return (Tile(conv.block_m, min(conv.block_n, 16), 16, 4, 2),
                 Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 32), 16, 4, 2))
-    if conv == BIG:
-        big_w = w_c_out >= 128 and w_c_in >= 128
-        return BIG, (BIG if big_w else Tile(_columns(w_c_out, 64),
-                                            _weight_grad_columns(w_c_in, taps, 64), 16, 8, 3))
+    if conv == BIG:  # both branches BIG but with BLOCK_K 16: at 32 their loads' transforms spill
+        if w_c_out >= 128 and w_c_in >= 128:
+            return PAIR_BIG, PAIR_BIG
+        return BIG, Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, 8, 3)
     return (Tile(conv.block_m, conv.block_n, conv.block_k, conv.warps, 3),
             Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, conv.warps, 3))
