@@ -366,7 +366,8 @@ class ConvLaunch:
         """The most partial rows one program combines to close this launch's reduction (0: none)."""
         if self.constexprs["OUT_MODE"] not in (Epilogue.BN_BATCH, Epilogue.BN_ACT_GRAD):
             return 0
-        return max(finalize_groups(self.rows))
+        group_rows, groups = finalize_groups(self.rows)
+        return max(min(group_rows, self.rows), groups)
 
     @property
     def programs(self) -> int:
