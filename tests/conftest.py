@@ -3,12 +3,18 @@
 TRITON_INTERPRET must be set before triton is imported, so it is set here, at collection time.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the shared helpers (oracle.py, cli_helpers.py, ...) import by name from the tests in the folders
+# below, one per layer: kernels and operators, drop-ins, the trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture

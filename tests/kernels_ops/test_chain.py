@@ -1,5 +1,5 @@
 """The chain (aigc_fast.chain.conv_chain, which fuse() builds from consecutive layers):
-float32 chains against float64 eager models (relative error <= 1e-4, fuse_helpers), in odd
+float32 chains against float64 eager models (relative error <= 1e-4, tests/oracle.py), in odd
 configurations the DCGAN nets of test_nn_fuse do not reach; bitwise determinism; saved tensors;
 half precision; double backward; bad input. Triton kernels run interpreted on the CPU."""
 import copy
@@ -10,8 +10,8 @@ from torch import nn
 
 from aigc_fast import chain
 from aigc_fast.nn import fuse
-from conv_helpers import poisoned  # noqa: F401 (fixture)
-from fuse_helpers import assert_close, assert_matches_reference, forward_backward, \
+from oracle import poisoned  # noqa: F401 (fixture)
+from oracle import assert_close, assert_matches_reference, forward_backward, \
     randomize_batch_norms_
 
 

@@ -2,7 +2,7 @@
 Triton Functions' backward is then PyTorch's, recomputed, so it is differentiable again and exact.
 
 BCE runs in float64 on the Triton path, so gradgradcheck checks it directly. The convolution kernels
-take float32: their penalties are compared with float64 eager PyTorch, norm-wise within RTOL.
+take float32: their penalties are compared with float64 eager PyTorch, norm-wise within oracle.TOL.
 """
 import copy
 
@@ -12,19 +12,7 @@ from torch import nn
 
 from aigc_fast import functional
 from aigc_fast.nn import ConvTransposeBNReLU, fuse
-
-RTOL = 1e-4  # float32 against float64, no tf32
-
-
-@pytest.fixture(autouse=True)
-def no_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
-def rel_err(actual, expected, floor=0.0):
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / max(expected.norm().item(), floor)).item()
-
+from oracle import TOL, no_tf32, rel_err  # noqa: F401 (fixture)
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # log(0) in the numpy interpreter
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -68,7 +56,7 @@ def test_r1_penalty_through_the_fused_loss_matches_float64(device):
     expected = r1_penalty_grads(D64, x.double(), torch.nn.functional.binary_cross_entropy_with_logits)
     for name, grad in expected.items():
         assert grads[name] is not None, name
-        assert rel_err(grads[name], grad) <= RTOL, name
+        assert rel_err(grads[name], grad) <= TOL, name
 
 
 def penalty_grads(model, z):
@@ -87,7 +75,7 @@ def assert_grads_match(grads, expected):
         assert grads[name] is not None, f"{name} got no gradient"
         # zero in exact arithmetic (a conv bias under training BN): measured against the whole
         floor = total if grad.norm() <= 1e-9 * total else 0.0
-        assert rel_err(grads[name], grad, floor) <= RTOL, name
+        assert rel_err(grads[name], grad, floor) <= TOL, name
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from aigc_fast import functional
-from conv_helpers import TOL, count_launches, no_tf32, poisoned, rel_err  # noqa: F401 (fixtures)
+from oracle import TOL, count_launches, no_tf32, poisoned, rel_err  # noqa: F401 (fixtures)
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, output_padding)
 CONFIGS = {

@@ -14,13 +14,13 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from aigc_fast.models import Discriminator, Generator
 from aigc_fast.nn import fuse, unfuse
-from fuse_helpers import (assert_close, assert_matches_reference, forward_backward,
+from oracle import (assert_close, assert_matches_reference, forward_backward,
                           randomize_batch_norms_, record_fused_calls)
 
 
 @pytest.fixture(autouse=True)
 def no_tf32(monkeypatch):
-    """fuse_helpers.RTOL is for IEEE float32 products; the kernels follow cudnn.allow_tf32 on CUDA."""
+    """oracle.TOL is for IEEE float32 products; the kernels follow cudnn.allow_tf32 on CUDA."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 

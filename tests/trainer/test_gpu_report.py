@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import gpu_report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROVIDERS = ("eager", "fused", "fused[interpret]")  # "fused" needs CUDA: it must fail, and alone
 
 

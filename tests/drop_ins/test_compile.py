@@ -11,6 +11,7 @@ import aigc_fast
 from aigc_fast import functional
 from aigc_fast.models import Discriminator, Generator
 from aigc_fast.train import train_step
+from oracle import rel_err
 
 RTOL = 1e-5  # norm-wise; eager and aot_eager run the same kernels in the same order (bitwise)
 
@@ -24,11 +25,6 @@ def triton_path(monkeypatch):
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def rel_err(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def fused_models(device):

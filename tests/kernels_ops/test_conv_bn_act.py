@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aigc_fast import functional
-from conv_helpers import TOL, count_launches, no_tf32, poisoned, rel_err  # noqa: F401 (fixtures)
+from oracle import TOL, count_launches, no_tf32, poisoned, rel_err  # noqa: F401 (fixtures)
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, output_padding), the input layout
 CONV2D = {

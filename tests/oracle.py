@@ -1,11 +1,58 @@
-"""Shared by the tests of fused models (fuse(), the drop-ins, the chain): float32 fused models
-against float64 eager copies, relative error (Frobenius norm) <= RTOL."""
+"""The float64 oracle the kernel, op and drop-in tests share: the tolerance (float32 without tf32),
+the relative error (Frobenius norm), fused float32 models against float64 eager copies, the
+fixtures that poison fresh buffers and switch tf32 off, and the counters that prove the fused
+path ran."""
+import math
+
+import pytest
 import torch
 from torch import nn
 
 from aigc_fast import chain
 
-RTOL = 1e-4  # float32 without tf32
+TOL = 1e-4  # relative error, float32 without tf32
+
+
+def rel_err(out, ref, floor=0.0):
+    """‖out - ref‖ / ‖ref‖, the denominator bounded below by ``floor``."""
+    ref = ref.double()
+    return ((out.double() - ref).norm() / max(ref.norm().item(), floor)).item()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make torch.empty/empty_like return NaN-filled floating tensors for the duration of a test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(tensor):
+        return tensor.fill_(math.nan) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_filled(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_filled(real_empty_like(*a, **k)))
+
+
+@pytest.fixture(autouse=True)
+def no_tf32(monkeypatch):
+    """The 1e-4 tolerance is for IEEE float32 products (on CUDA, tf32 would need 3e-3)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def count_launches(monkeypatch, fn):
+    """Triton kernel launches made by fn() (kernels are JITFunction, or InterpretedFunction)."""
+    from aigc_fast.kernels import bn_act
+
+    kernel_class = type(bn_act._apply_kernel)
+    launches = []
+    real_run = kernel_class.run
+
+    def counting_run(self, *args, **kwargs):
+        launches.append(self.__name__)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", counting_run)
+    fn()
+    monkeypatch.setattr(kernel_class, "run", real_run)
+    return launches
 
 
 def randomize_batch_norms_(model):
@@ -36,11 +83,10 @@ def forward_backward(model, x, grad_out=None):
 
 
 def assert_close(actual, expected, what, floor=0.0):
-    """Relative error <= RTOL, the denominator bounded below by ``floor`` for values that are zero in
+    """Relative error <= TOL, the denominator bounded below by ``floor`` for values that are zero in
     exact arithmetic (a conv bias gradient under a BatchNorm using batch statistics)."""
-    actual, expected = actual.double(), expected.double()
-    err = ((actual - expected).norm() / max(expected.norm().item(), floor)).item()
-    assert err <= RTOL, f"{what}: relative error {err:.2e} > {RTOL}"
+    err = rel_err(actual, expected, floor)
+    assert err <= TOL, f"{what}: relative error {err:.2e} > {TOL}"
 
 
 def assert_matches_reference(fused, reference, make_input, device, train_steps=3):

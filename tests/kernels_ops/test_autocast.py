@@ -16,14 +16,11 @@ import torch.nn.functional as F
 import aigc_fast
 from aigc_fast import functional, reference
 from aigc_fast.models import build_models
+from oracle import rel_err
 
 HALF_TOL = 2e-3
 STATS_TOL = 1e-5
 BF16_TOL = 2e-2
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def layer_case(n, c_in, h, w, c_out, k, seed, device):

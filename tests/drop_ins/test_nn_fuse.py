@@ -20,13 +20,13 @@ from aigc_fast import functional
 from aigc_fast import nn as fused_nn
 from aigc_fast.models import Discriminator, Generator
 from aigc_fast.nn import ConvBNAct, ConvTransposeBNReLU, FusedSequential, fuse, unfuse
-from fuse_helpers import (assert_close, assert_matches_reference, count_calls, forward_backward,
+from oracle import (assert_close, assert_matches_reference, count_calls, forward_backward,
                           randomize_batch_norms_, record_fused_calls)
 
 
 @pytest.fixture(autouse=True)
 def no_tf32(monkeypatch):
-    """fuse_helpers.RTOL is for IEEE float32 products; the kernels follow cudnn.allow_tf32 on CUDA,
+    """oracle.TOL is for IEEE float32 products; the kernels follow cudnn.allow_tf32 on CUDA,
     as PyTorch does."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 GEMM_KEYS = {"M", "N", "K", "tile", "warps", "stages", "programs", "split_k", "k_iterations_total",
              "k_iterations_max", "useful_flops", "executed_flops"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 # Kernels every fused training step launches (forward, backward, loss), whatever their tiling.
 FUSED_STEP_KERNELS = {"_chain_conv_kernel", "_backward_pair_kernel", "_weight_grad_kernel",
