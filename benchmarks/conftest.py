@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # the fused[interpret] provider: set before t
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from aigc_fast.kernels import interpreting  # noqa: E402  (after TRITON_INTERPRET)
-from benchmarks import measure, providers, step_traffic  # noqa: E402
+from benchmarks import gpu_report, measure, providers, step_traffic  # noqa: E402
 from benchmarks.cases import case_id  # noqa: E402
 
 DEVICE = providers.default_device()
@@ -46,5 +46,8 @@ def measure_case(benchmark, environment):
             info.update(measure.achieved(info, benchmark.stats.stats.median))
         info.update(measure.probes(workload.run, DEVICE))
         info.update(step_traffic.counted_for(case, provider))
+        plan = gpu_report.gemm_plan_totals(case)
+        if plan is not None:  # the prediction beside the time (benchmarks/gemm_plan.py)
+            info["gemm_plan"] = plan
 
     return run

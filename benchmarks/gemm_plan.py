@@ -15,9 +15,12 @@ are the convolutions' own, as torch.utils.flop_counter counts them. With a compi
 waves count them.
 """
 import argparse
+import functools
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -220,6 +223,22 @@ def totals(rows, sms):
             "k_iterations_max": max(g["k_iterations_max"] for _, g in gemms),
             "share_on_128x128_tiles": large / useful,
             "large_launches_under_one_wave": short}
+
+
+@functools.lru_cache(maxsize=None)
+def step_totals(size, batch, sms=132):
+    """The totals of a float32 step's plan, for the benchmark suite and the GPU report to carry
+    beside their times: recorded in this process, or, where the interpreter has replaced Triton's
+    launch path (the recording needs the real one), in a subprocess without it."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return build_plan(size, batch, "fp32", sms)["totals"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        subprocess.run([sys.executable, "-m", "benchmarks.gemm_plan", "--size", str(size), "--batch",
+                        str(batch), "--sms", str(sms), "--json", str(out)],
+                       cwd=ROOT, env=env, check=True, capture_output=True)
+        return json.loads(out.read_text())["totals"]
 
 
 # --- report -----------------------------------------------------------------------------------------

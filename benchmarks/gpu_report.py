@@ -276,17 +276,15 @@ def decisive_first(plan):
 
 
 def gemm_plan_totals(case):
-    """The GEMM plan's totals for a full-size float32 step (benchmarks/gemm_plan.py), or None:
-    recorded on meta tensors, outside the interpreter."""
+    """The GEMM plan's totals for a full-size float32 step (benchmarks/gemm_plan.py), or None."""
+    from benchmarks import gemm_plan
     from benchmarks.cases import DCGAN, TrainStepCase
 
-    if (not isinstance(case, TrainStepCase) or case.autocast or case.network != DCGAN
-            or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not isinstance(case, TrainStepCase) or case.autocast or case.network != DCGAN:
         return None
-    from benchmarks import gemm_plan
-
-    return gemm_plan.build_plan(case.image_size, case.batch, "fp32", torch.cuda.get_device_properties(
-        0).multi_processor_count if torch.cuda.is_available() else 132)["totals"]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() \
+        else 132
+    return gemm_plan.step_totals(case.image_size, case.batch, sms)
 
 
 def measurements(device, args, deadline):
