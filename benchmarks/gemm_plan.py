@@ -105,7 +105,7 @@ def record_step(size, batch, dtype, sms):
     return launches, plans, layers
 
 
-# --- the plan ---------------------------------------------------------------------------------------
+# --- the plan -------------------------------------------------------------------------------------
 
 
 def _programs(grid):
@@ -222,7 +222,7 @@ def totals(rows, sms):
             "large_launches_under_one_wave": short}
 
 
-# --- report -----------------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------------------
 
 
 def print_plan(plan):
@@ -235,8 +235,8 @@ def print_plan(plan):
     for row in plan["launches"]:
         for g in row["gemms"]:
             waves = g["programs"] / (sms * row.get("ctas_per_sm", 1))
-            print(f"| {row['role']}{' (recompute)' if row['recompute'] else ''} | {row['kernel']} | "
-                  f"{g['M']} | {g['N']} | {g['K']} | {'x'.join(map(str, g['tile']))} | "
+            print(f"| {row['role']}{' (recompute)' if row['recompute'] else ''} | {row['kernel']} "
+                  f"| {g['M']} | {g['N']} | {g['K']} | {'x'.join(map(str, g['tile']))} | "
                   f"{g['warps']}/{g['stages']} | {g['programs']} | {waves:.2f} | "
                   f"{g['k_iterations_max']} | {g['useful_flops'] / 1e9:.2f} | "
                   f"{g['executed_flops'] / 1e9:.2f} | "
@@ -252,9 +252,10 @@ def print_plan(plan):
 def main(argv=None):
     args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("gemm_plan: TRITON_INTERPRET=1 would interpret the kernels; the plan records "
-                         "their launches for a GPU: run it without TRITON_INTERPRET")
-    compile_rows = json.loads(args.compile_check.read_text())["rows"] if args.compile_check else None
+        raise SystemExit("gemm_plan: TRITON_INTERPRET=1 would interpret the kernels; the plan "
+                         "records their launches for a GPU: run it without TRITON_INTERPRET")
+    compile_rows = json.loads(args.compile_check.read_text())["rows"] if args.compile_check \
+        else None
     plan = build_plan(args.size, args.batch, args.dtype, args.sms, compile_rows)
     print_plan(plan)
     if args.json:
