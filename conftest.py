@@ -2,8 +2,8 @@
 
 Plain ``pytest`` collects tests/ only (pyproject's testpaths) and runs no benchmark. ``pytest
 --benchmark`` runs the benchmark suite in benchmarks/ instead of tests/ when no path is given; the
-pytest-benchmark flags (``--benchmark-json``, ...) work as usual. Without ``--benchmark``, benchmarks
-named explicitly (``pytest benchmarks/``) are skipped, with the reason.
+pytest-benchmark flags (``--benchmark-json``, ...) work as usual. Without ``--benchmark``,
+benchmarks named explicitly (``pytest benchmarks/``) are skipped, with the reason.
 """
 from pathlib import Path
 
@@ -18,7 +18,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    """No path on the command line (pytest took testpaths, or the current directory): benchmarks/."""
+    """No path on the command line (pytest took testpaths, or the current directory):
+    benchmarks/."""
     if config.getoption("benchmark") and config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args = [str(BENCHMARKS)]
 

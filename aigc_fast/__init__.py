@@ -1,7 +1,8 @@
 """aigc_fast: a DCGAN trainer whose hot path is hand-written Triton kernels.
 
 ``aigc_fast.fuse(model)`` makes an existing model run its Conv2d / ConvTranspose2d [-> BatchNorm2d]
-[-> ReLU / LeakyReLU] runs (and BCE losses) through the fused kernels, with its state_dict unchanged.
+[-> ReLU / LeakyReLU] runs (and BCE losses) through the fused kernels, with its state_dict
+unchanged.
 """
 __version__ = "0.1.0"
 

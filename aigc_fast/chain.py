@@ -23,7 +23,8 @@ def _check_link(i, link, weight, bn, state, channels, x):
             or not 0 <= slope < float("inf")):  # the backward reads act' from signs
         raise ValueError(f"links[{i}].negative_slope must be a finite float >= 0, got {slope!r}")
     in_dim = 0 if link.transposed else 1
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[in_dim] != channels:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 \
+            or weight.shape[in_dim] != channels:
         raise ValueError(f"weights[{i}] must be a 4-D tensor with {channels} input channels "
                          f"(dim {in_dim}), got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight!r}")
@@ -64,11 +65,12 @@ def _check_link(i, link, weight, bn, state, channels, x):
 def _check(x, links, weights, bias, bn_params, bn_states):
     """One check per argument at the boundary: the layers' shapes must connect and each layer's
     tensors must be what its link says."""
-    if not isinstance(links, (list, tuple)) or not links or not all(isinstance(k, Link) for k in links):
+    if not isinstance(links, (list, tuple)) or not links \
+            or not all(isinstance(k, Link) for k in links):
         raise TypeError(f"links must be a non-empty list of aigc_fast.chain.Link, got {links!r}")
     if len(links) > ops.CHAIN_MAX_LAYERS:
-        raise ValueError(f"links must hold at most {ops.CHAIN_MAX_LAYERS} layers (split a longer run "
-                         f"into several chains), got {len(links)}")
+        raise ValueError(f"links must hold at most {ops.CHAIN_MAX_LAYERS} layers (split a longer "
+                         f"run into several chains), got {len(links)}")
     for name, value in (("weights", weights), ("bn_params", bn_params), ("bn_states", bn_states)):
         if not isinstance(value, (list, tuple)) or len(value) != len(links):
             raise ValueError(f"{name} must be a list with one entry per link ({len(links)}), got "
@@ -80,8 +82,8 @@ def _check(x, links, weights, bias, bn_params, bn_states):
         hw = functional._check_output_size(hw, weight, link.transposed, link.stride, link.padding,
                                           link.output_padding)
         if link.has_bn and link.training and x.shape[0] * hw[0] * hw[1] == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got output size "
-                             f"{(x.shape[0], c_out, *hw)} at links[{i}]")
+            raise ValueError("Expected more than 1 value per channel when training, got output "
+                             f"size {(x.shape[0], c_out, *hw)} at links[{i}]")
         channels = c_out
     functional._check_channel_vector(bias, "bias", channels, x, optional=True)
 

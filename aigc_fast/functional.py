@@ -21,12 +21,13 @@ _warned_fallbacks = set()  # the causes "auto" has already warned about: one war
 
 
 def _triton_blocker(device: torch.device, dtype: torch.dtype, dtypes) -> str:
-    """Why our Triton kernels cannot run on ``dtype`` tensors of ``device`` here ("" when they can)."""
+    """Why our Triton kernels cannot run on ``dtype`` tensors of ``device`` here ("" when they
+    can)."""
     if not TRITON_AVAILABLE:
         return "triton is not installed"
     if not launches_take(device):
-        return (f"tensors are on {device.type}; Triton needs CUDA, or TRITON_INTERPRET=1 set before "
-                "triton is imported for CPU tensors")
+        return (f"tensors are on {device.type}; Triton needs CUDA, or TRITON_INTERPRET=1 set "
+                "before triton is imported for CPU tensors")
     if dtype not in dtypes:
         return f"this kernel takes {', '.join(str(d) for d in dtypes)}, got {dtype}"
     return ""
@@ -39,7 +40,8 @@ def triton_can_run(device: torch.device, dtype: torch.dtype = torch.float32,
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                 dtypes=(torch.float32, torch.float16, torch.bfloat16), unsupported: str = "") -> str:
+                 dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                 unsupported: str = "") -> str:
     """Turn ``impl`` ("auto"|"triton"|"ref") into the implementation that will run, "triton" or
     "ref", for inputs of ``device`` and ``dtype``; ``dtypes`` are those the op's kernels take, and
     ``unsupported`` (when not "") says what else about this call the kernels cannot do. "auto" then
@@ -66,7 +68,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     return impl
 
 
-# --- torch.autocast ---------------------------------------------------------------------------------
+# --- torch.autocast -------------------------------------------------------------------------------
 # Each public op does at its boundary what autocast does for the PyTorch ops it replaces, before it
 # calls its operator (aigc_fast.ops): the fused conv's rule (x, weight and bias to autocast's dtype,
 # BN's parameters and statistics as they are) is not torch.library.register_autocast's, which casts
@@ -85,8 +87,9 @@ def _autocast_dtype(device: torch.device):
 
 
 def _cast_for_autocast(dtype, *tensors):
-    """``tensors`` as autocast casts an op's arguments: the float32/float16/bfloat16 ones to ``dtype``
-    (differentiably, so gradients reach float32 master weights in float32), the rest unchanged."""
+    """``tensors`` as autocast casts an op's arguments: the float32/float16/bfloat16 ones to
+    ``dtype`` (differentiably, so gradients reach float32 master weights in float32), the rest
+    unchanged."""
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
                  for t in tensors)
 
@@ -99,7 +102,8 @@ def _int_pair(value, name, minimum):
     """``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
     pair = (value, value) if isinstance(value, int) else value
     if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)):
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                       for v in pair)):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return tuple(pair)
 
@@ -111,7 +115,8 @@ def _check_channel_vector(value, name, channels, x, optional):
         raise TypeError(f"{name} must be a tensor of shape ({channels},)"
                         + (" or None" if optional else "") + f", got {type(value).__name__}")
     if tuple(value.shape) != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) = (C_out,), got {tuple(value.shape)}")
+        raise ValueError(f"{name} must have shape ({channels},) = (C_out,), got "
+                         f"{tuple(value.shape)}")
     if value.device != x.device:
         raise ValueError(f"{name} must be on {x.device} like x, got {value.device}")
     if value.dtype not in (x.dtype, torch.float32):
@@ -124,16 +129,16 @@ def _check_x_and_weight(x, weight, transposed):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() != 4 or min(x.shape[1:], default=0) < 1:
-        raise ValueError(f"x must be a 4-D tensor (N, C_in, H, W) with C_in, H, W >= 1 (N may be 0), "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError("x must be a 4-D tensor (N, C_in, H, W) with C_in, H, W >= 1 (N may be "
+                         f"0), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if not isinstance(transposed, bool):
         raise TypeError(f"transposed must be a bool, got {type(transposed).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
-    in_dim, layout = (0, f"(C_in={x.shape[1]}, C_out, kH, kW) as in nn.ConvTranspose2d") if transposed \
-        else (1, f"(C_out, C_in={x.shape[1]}, kH, kW) as in nn.Conv2d")
+    in_dim, layout = (0, f"(C_in={x.shape[1]}, C_out, kH, kW) as in nn.ConvTranspose2d") \
+        if transposed else (1, f"(C_out, C_in={x.shape[1]}, kH, kW) as in nn.Conv2d")
     if weight.dim() != 4 or weight.shape[in_dim] != x.shape[1] or weight.numel() == 0:
         raise ValueError(f"weight must have shape {layout}, got {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
@@ -182,10 +187,12 @@ def _check_batch_norm(x, c_out, out_hw, bn_weight, bn_bias, running_mean, runnin
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0 or not momentum.is_floating_point() or momentum.device != x.device:
             raise ValueError(f"momentum as a tensor must be a 0-dim floating tensor on {x.device}, "
-                             f"got shape {tuple(momentum.shape)}, {momentum.dtype} on {momentum.device}")
+                             f"got shape {tuple(momentum.shape)}, {momentum.dtype} on "
+                             f"{momentum.device}")
     elif not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
-        raise TypeError("momentum must be a float or a 0-dim tensor (for nn.BatchNorm2d's momentum=None, "
-                        f"pass 1 / num_batches_tracked as a tensor), got {momentum!r}")
+        raise TypeError("momentum must be a float or a 0-dim tensor (for nn.BatchNorm2d's "
+                        "momentum=None, pass 1 / num_batches_tracked as a tensor), got "
+                        f"{momentum!r}")
     # as F.batch_norm: eps > 0 in training; eval may take 0 (the running variance is the divisor)
     if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0
             or (training and eps == 0)):
@@ -211,7 +218,8 @@ def _check_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
     stride = _int_pair(stride, "stride", 1)
     padding = _int_pair(padding, "padding", 0)
     output_padding = _int_pair(output_padding, "output_padding", 0)
-    if any(op >= s for op, s in zip(output_padding, stride)) or (not transposed and any(output_padding)):
+    if any(op >= s for op, s in zip(output_padding, stride)) \
+            or (not transposed and any(output_padding)):
         limit = f"smaller than stride {stride}" if transposed else "0 for a Conv2d"
         raise ValueError(f"output_padding must be {limit}, got {output_padding}")
     out_hw = _check_output_size(x.shape[2:], weight, transposed, stride, padding, output_padding)
@@ -230,25 +238,27 @@ def conv_bn_act(x, weight, bn_weight=None, bn_bias=None, running_mean=None, runn
 
     - ``weight``: the module's own layout, (C_in, C_out, kH, kW) for nn.ConvTranspose2d, (C_out,
       C_in, kH, kW) for nn.Conv2d (groups=1, dilation=1, zero padding); ``bias``: optional (C_out,).
-    - ``bn_weight=None, bn_bias=None`` (and no running stats): no BatchNorm, ``act(conv(x) + bias)``.
+    - ``bn_weight=None, bn_bias=None`` (and no running stats): no BatchNorm, ``act(conv(x) +
+      bias)``.
     - ``activation``: "relu", "leaky_relu" (``negative_slope`` >= 0) or None; NaN propagates.
     - ``training=True`` normalises with the batch statistics (biased variance) and, when the running
       stats are tensors, updates them in place with the unbiased variance M/(M-1), M = N*OH*OW. In
       training BN cancels a conv bias from the output, not from running_mean. ``running_mean`` /
       ``running_var`` may be None in training; they are required in eval.
     - ``momentum``: the exponential-average factor, a float or a 0-dim tensor on x's device. For
-      nn.BatchNorm2d's ``momentum=None`` (cumulative average) increment ``num_batches_tracked`` and pass
-      the tensor ``1.0 / num_batches_tracked``: read on the device, so there is no host sync.
+      nn.BatchNorm2d's ``momentum=None`` (cumulative average) increment ``num_batches_tracked`` and
+      pass the tensor ``1.0 / num_batches_tracked``: read on the device, so there is no host sync.
     - ``training=False`` folds the running statistics into one per-channel scale and shift.
     - ``impl``: "auto" | "triton" | "ref" (see module docstring). The Triton path takes float32 and
-      float16 (bfloat16 off the CPU, whose interpreter lacks it), with float32 statistics and accumulation. It reads x in any
-      layout whose channels are contiguous (channels_last) as it is, and copies any other (e.g.
-      contiguous NCHW) once; it returns channels_last tensors, as the reference does for
-      channels_last x. Float32 products use tf32 on CUDA exactly when
+      float16 (bfloat16 off the CPU, whose interpreter lacks it), with float32 statistics and
+      accumulation. It reads x in any layout whose channels are contiguous (channels_last) as it is,
+      and copies any other (e.g. contiguous NCHW) once; it returns channels_last tensors, as the
+      reference does for channels_last x. Float32 products use tf32 on CUDA exactly when
       ``torch.backends.cudnn.allow_tf32`` is set, as PyTorch's own convolutions do.
-    - Under ``torch.autocast`` it does what autocast does for the convolution followed by batch_norm:
-      x, weight and bias in autocast's dtype (a float16/bfloat16 output), BN's parameters and running
-      statistics as they are (float32), statistics and accumulation in float32.
+    - Under ``torch.autocast`` it does what autocast does for the convolution followed by
+      batch_norm: x, weight and bias in autocast's dtype (a float16/bfloat16 output), BN's
+      parameters and running statistics as they are (float32), statistics and accumulation in
+      float32.
     Gradients flow to x, weight, bias, bn_weight and bn_bias, twice too (``create_graph=True``).
     """
     autocast = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
@@ -288,7 +298,8 @@ def conv_transpose_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_
     ``transposed=True, activation="relu"`` and a BatchNorm (bn_weight and bn_bias required)."""
     for value, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias")):
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor of shape (C_out,), got {type(value).__name__}")
+            raise TypeError(f"{name} must be a tensor of shape (C_out,), got "
+                            f"{type(value).__name__}")
     return conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, transposed=True,
                        bias=bias, stride=stride, padding=padding, output_padding=output_padding,
                        activation="relu", training=training, momentum=momentum, eps=eps, impl=impl)
@@ -328,10 +339,11 @@ def _check_bce(input, input_name, target, weight, pos_weight, reduction):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{input_name} must be a tensor, got {type(input).__name__}")
     if input.dtype not in _BCE_DTYPES:
-        raise TypeError(f"{input_name} must be float32, float16, bfloat16 or float64, got {input.dtype}")
+        raise TypeError(f"{input_name} must be float32, float16, bfloat16 or float64, got "
+                        f"{input.dtype}")
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a tensor of {input_name}'s shape {tuple(input.shape)}, got "
-                        f"{type(target).__name__} (for a constant target pass e.g. "
+        raise TypeError(f"target must be a tensor of {input_name}'s shape {tuple(input.shape)}, "
+                        f"got {type(target).__name__} (for a constant target pass e.g. "
                         f"{input_name}.new_ones(()).expand_as({input_name}): read without a copy)")
     if target.shape != input.shape:
         raise ValueError(f"target size {tuple(target.shape)} must be the same as {input_name} size "
@@ -368,9 +380,9 @@ def _weights_needing_grad(weight, pos_weight):
 
 
 def _check_unit_interval(value, name):
-    """PyTorch's CPU check (RuntimeError; NaN fails it too). ``torch._assert_async`` raises at once on
-    CPU and stays traceable by torch.compile. Only CPU tensors are checked: on CUDA a check needs a
-    host sync or a device-side assert that kills the context, so there the kernel returns NaN."""
+    """PyTorch's CPU check (RuntimeError; NaN fails it too). ``torch._assert_async`` raises at once
+    on CPU and stays traceable by torch.compile. Only CPU tensors are checked: on CUDA a check needs
+    a host sync or a device-side assert that kills the context, so there the kernel returns NaN."""
     torch._assert_async(((value >= 0) & (value <= 1)).all(),
                         f"all elements of {name} should be between 0 and 1")
 

@@ -32,7 +32,8 @@ def _check_positive(**values):
 
 
 def _up(in_ch, out_ch, first=False):
-    """ConvTranspose2d -> BatchNorm2d -> ReLU: the run that aigc_fast.fuse turns into one fused op."""
+    """ConvTranspose2d -> BatchNorm2d -> ReLU: the run that aigc_fast.fuse turns into one fused
+    op."""
     stride, padding = (1, 0) if first else (2, 1)
     return [
         nn.ConvTranspose2d(in_ch, out_ch, 4, stride, padding, bias=False),
@@ -63,7 +64,8 @@ def _widths(image_size, base):
 
 def _check_num_classes(num_classes):
     if not isinstance(num_classes, int) or num_classes < 0 or num_classes == 1:
-        raise ValueError(f"num_classes must be 0 (unconditional) or an int >= 2, got {num_classes!r}")
+        raise ValueError("num_classes must be 0 (unconditional) or an int >= 2, got "
+                         f"{num_classes!r}")
 
 
 class Generator(nn.Module):
@@ -132,7 +134,8 @@ class Discriminator(nn.Module):
 
 @torch.no_grad()
 def dcgan_init_(module):
-    """DCGAN initialisation (Radford et al.): conv weights N(0, 0.02), BN weight N(1, 0.02), bias 0."""
+    """DCGAN initialisation (Radford et al.): conv weights N(0, 0.02), BN weight N(1, 0.02), bias
+    0."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)

@@ -75,10 +75,10 @@ class _WarnIfRunUnfused:
             return
         self.unfused_calls_left -= 1
         if self.unfused_calls_left < 0:
-            warnings.warn(f"aigc_fast.fuse: {self.run}, reported fused, ran unfused: its modules were "
-                          "called one by one (does the parent iterate over or index its "
-                          "nn.Sequential? call the Sequential itself to run the fused op), or the run "
-                          "no longer qualifies (a hook added later, a global module hook: see "
+            warnings.warn(f"aigc_fast.fuse: {self.run}, reported fused, ran unfused: its modules "
+                          "were called one by one (does the parent iterate over or index its "
+                          "nn.Sequential? call the Sequential itself to run the fused op), or the "
+                          "run no longer qualifies (a hook added later, a global module hook: see "
                           "fuse(verbose=True))", stacklevel=2)
 
 
@@ -102,7 +102,8 @@ def _is_bookkeeping_hook(hook):
 
 
 def _has_hooks(module):
-    """Hooks expect to see this module's own input and output, which a fused run never materialises."""
+    """Hooks expect to see this module's own input and output, which a fused run never
+    materialises."""
     pre_hooks = [h for h in module._forward_pre_hooks.values() if not _is_bookkeeping_hook(h)]
     return bool(pre_hooks or module._forward_hooks or module._backward_pre_hooks
                 or module._backward_hooks)
@@ -180,11 +181,12 @@ def _why_not_fusable(conv, bn, act, lazy_ok=False):
 
 class _ConvBN(nn.Module):
     """Base of the fused conv -> BatchNorm2d -> activation modules. The state lives in the children
-    ``conv`` and ``bn``, so their state_dicts load unchanged, and BN's bookkeeping (num_batches_tracked,
-    momentum=None, eval mode) is PyTorch's. ``weight`` and ``bias`` are the conv's, so code written for
-    the conv finds them: pytorch/examples' ``weights_init`` initialises every module whose class name
-    contains "Conv" through ``m.weight``. A configuration the fused op cannot run (``why_not_fused``)
-    is accepted, as PyTorch accepts it, and runs eagerly; construction warns once."""
+    ``conv`` and ``bn``, so their state_dicts load unchanged, and BN's bookkeeping
+    (num_batches_tracked, momentum=None, eval mode) is PyTorch's. ``weight`` and ``bias`` are the
+    conv's, so code written for the conv finds them: pytorch/examples' ``weights_init`` initialises
+    every module whose class name contains "Conv" through ``m.weight``. A configuration the fused op
+    cannot run (``why_not_fused``) is accepted, as PyTorch accepts it, and runs eagerly;
+    construction warns once."""
 
     def __init__(self, conv, *, eps, momentum, affine, track_running_stats, device, dtype):
         super().__init__()
@@ -212,15 +214,18 @@ class _ConvBN(nn.Module):
 class ConvTransposeBNReLU(_ConvBN):
     """ConvTranspose2d -> BatchNorm2d -> ReLU as one fused op, a drop-in for that nn.Sequential. Its
     arguments are nn.ConvTranspose2d's, in its order and with its defaults (``bias=True``; a BN that
-    follows makes the bias redundant, so DCGANs pass ``bias=False``), then BatchNorm2d's as keywords.
-    ``forward`` takes ConvTranspose2d's ``output_size`` too. Children that the fused op cannot
-    reproduce (see :func:`fuse`'s rules, e.g. a BN swapped for a non-tracking one) run eagerly."""
+    follows makes the bias redundant, so DCGANs pass ``bias=False``), then BatchNorm2d's as
+    keywords. ``forward`` takes ConvTranspose2d's ``output_size`` too. Children that the fused op
+    cannot reproduce (see :func:`fuse`'s rules, e.g. a BN swapped for a non-tracking one) run
+    eagerly."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0,
                  groups=1, bias=True, dilation=1, padding_mode="zeros", device=None, dtype=None, *,
                  eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
         conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride, padding,
-                                  output_padding, groups, bias, dilation, padding_mode, device, dtype)
+                                  output_padding, groups, bias, dilation, padding_mode,
+                                  device, dtype)
         super().__init__(conv, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, device=device, dtype=dtype)
 
@@ -235,9 +240,9 @@ class ConvTransposeBNReLU(_ConvBN):
 
 class ConvBNAct(_ConvBN):
     """Conv2d -> BatchNorm2d -> LeakyReLU (or ReLU) as one fused op, a drop-in for that
-    nn.Sequential (a Discriminator's layer). Its arguments are nn.Conv2d's, in its order and with its
-    defaults, then the activation's and BatchNorm2d's as keywords. Children that the fused op cannot
-    reproduce run eagerly."""
+    nn.Sequential (a Discriminator's layer). Its arguments are nn.Conv2d's, in its order and with
+    its defaults, then the activation's and BatchNorm2d's as keywords. Children that the fused op
+    cannot reproduce run eagerly."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
@@ -304,8 +309,8 @@ class BCELoss(nn.BCELoss):
 # --- fuse / unfuse ------------------------------------------------------------------------------
 
 def _run_at(modules, i):
-    """``(conv, bn, act)`` of the run starting at the convolution ``modules[i]``: the BatchNorm2d (or
-    a lazy one) and the ReLU / LeakyReLU that follow it, each None when absent."""
+    """``(conv, bn, act)`` of the run starting at the convolution ``modules[i]``: the BatchNorm2d
+    (or a lazy one) and the ReLU / LeakyReLU that follow it, each None when absent."""
     following = modules[i + 1:i + 3] + [None, None]
     bn = following[0] if _is_or_becomes(following[0], nn.BatchNorm2d) else None
     act = following[1 if bn is not None else 0]
@@ -317,7 +322,8 @@ def _run_length(run):
 
 
 def _trailing_tanh(modules, i):
-    """Whether ``modules[i]`` is an nn.Tanh a chain may absorb (no hooks, forward not overridden)."""
+    """Whether ``modules[i]`` is an nn.Tanh a chain may absorb (no hooks, forward not
+    overridden)."""
     return (i < len(modules) and type(modules[i]) is nn.Tanh and not _has_hooks(modules[i]))
 
 
@@ -413,8 +419,8 @@ def _conv_runs(model):
             elif isinstance(parent, _ConvBN):
                 reason = f"inside a {type(parent).__name__}, which is already fused"
             elif isinstance(parent, nn.Sequential):
-                reason = (f"inside {type(parent).__name__}, a subclass of nn.Sequential (its forward "
-                          "may differ; only plain nn.Sequential is rewritten)")
+                reason = (f"inside {type(parent).__name__}, a subclass of nn.Sequential (its "
+                          "forward may differ; only plain nn.Sequential is rewritten)")
             else:
                 reason = f"inside {type(parent).__name__}, not an nn.Sequential"
             end = i + _run_length(run) if reason is None else i + 1
@@ -491,10 +497,11 @@ def _print_report(runs, losses):
     links = chain.ops.CHAIN_MAX_LAYERS
     for first, last, layers in _chains(fused):
         print(f"  chain: {first} .. {last}, {layers} layers as "
-              + ("one op" if layers <= links else f"{-(-layers // links)} ops of <= {links} layers"))
+              + ("one op" if layers <= links
+                 else f"{-(-layers // links)} ops of <= {links} layers"))
     if fused:
-        print("  (a fused run runs fused when its nn.Sequential is called; if its modules are called "
-              "one by one, it runs unfused and warns)")
+        print("  (a fused run runs fused when its nn.Sequential is called; if its modules are "
+              "called one by one, it runs unfused and warns)")
 
 
 # Set on a convolution whose contiguous weight fuse() made channels-last, for unfuse() to restore.
@@ -522,12 +529,12 @@ def fuse(model, verbose=False):
     """Rewrite ``model`` in place, and return it, so that every Conv2d / ConvTranspose2d [->
     BatchNorm2d] [-> ReLU / LeakyReLU] run inside an nn.Sequential, at any depth (a lone convolution
     too), runs as one fused op when that Sequential is called,
-    and every nn.BCEWithLogitsLoss / nn.BCELoss module in it (or ``model`` itself being one) runs the
-    fused loss. No module moves, so the state_dict keys are unchanged (checkpoints load both ways
-    with strict=True). Runs the fused op cannot reproduce exactly (groups or dilation != 1, padding
-    modes other than zeros, affine=False or non-tracking BatchNorm, mismatched channels, LeakyReLU
-    with a negative slope, subclasses overriding forward, modules with hooks) are left as they are;
-    lazy modules fuse from their second call. While a global module hook is registered
+    and every nn.BCEWithLogitsLoss / nn.BCELoss module in it (or ``model`` itself being one) runs
+    the fused loss. No module moves, so the state_dict keys are unchanged (checkpoints load both
+    ways with strict=True). Runs the fused op cannot reproduce exactly (groups or dilation != 1,
+    padding modes other than zeros, affine=False or non-tracking BatchNorm, mismatched channels,
+    LeakyReLU with a negative slope, subclasses overriding forward, modules with hooks) are left as
+    they are; lazy modules fuse from their second call. While a global module hook is registered
     (torch.nn.modules.module.register_module_*_hook) every fused run runs eagerly, so that the hook
     sees every module. Fusing changes no state: a parametrized weight (spectral norm) is not read,
     so its power iteration runs once per training forward, as in the unfused model. Consecutive

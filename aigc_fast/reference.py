@@ -11,10 +11,11 @@ from .kernels.activations import ACTIVATIONS
 
 def _batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps):
     """F.batch_norm, also for ``momentum`` as a 0-dim tensor (the exponential-average factor, e.g.
-    ``1 / num_batches_tracked``): F.batch_norm only takes a float, so that case normalises with batch
-    statistics and updates the running stats here, without a sync."""
+    ``1 / num_batches_tracked``): F.batch_norm only takes a float, so that case normalises with
+    batch statistics and updates the running stats here, without a sync."""
     if isinstance(momentum, torch.Tensor):
-        if training and running_mean is not None and y.shape[0] > 0:  # F.batch_norm skips empty ones
+        # F.batch_norm skips empty ones
+        if training and running_mean is not None and y.shape[0] > 0:
             with torch.no_grad():
                 var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=1)
                 running_mean.mul_(1 - momentum).add_(momentum * mean)

@@ -1,7 +1,7 @@
-"""The GPU report's correctness checks: the fused ops against a float64 PyTorch reference on the same
-device, beside PyTorch's own error in the same dtype, so a reader sees the kernels are right before
-reading how fast they are. Relative error ``||out - ref|| / ||ref||`` of every output, gradient and
-running statistic, on fresh random data."""
+"""The GPU report's correctness checks: the fused ops against a float64 PyTorch reference on the
+same device, beside PyTorch's own error in the same dtype, so a reader sees the kernels are right
+before reading how fast they are. Relative error ``||out - ref|| / ||ref||`` of every output,
+gradient and running statistic, on fresh random data."""
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +28,8 @@ def rel_error(value, ref):
 
 def odd_case(batch):
     """Odd channel counts, a non-square map and output_padding: what DCGAN's shapes never hit."""
-    return ConvTransposeBNReLUCase("odd", batch, 3, 5, (3, 5), (7, 10), (4, 4), (2, 2), (1, 1), (1, 0),
+    return ConvTransposeBNReLUCase("odd", batch, 3, 5, (3, 5), (7, 10), (4, 4), (2, 2),
+                                   (1, 1), (1, 0),
                                    backward=True)
 
 
@@ -40,14 +41,16 @@ def check_cases(network, image_sizes, batch):
 
 def _conv_transpose_bn_relu_outputs(case, x, weight, gamma, beta, grad_out, fn):
     """Output, gradients and updated running statistics of ``fn`` (the op's signature)."""
-    x, weight, gamma, beta = (t.detach().clone().requires_grad_(True) for t in (x, weight, gamma, beta))
+    x, weight, gamma, beta = (t.detach().clone().requires_grad_(True)
+                              for t in (x, weight, gamma, beta))
     running_mean = torch.zeros(case.c_out, device=x.device, dtype=gamma.dtype)
     running_var = torch.ones(case.c_out, device=x.device, dtype=gamma.dtype)
     out = fn(x, weight, gamma, beta, running_mean, running_var, stride=case.stride,
              padding=case.padding, output_padding=case.output_padding, training=True, momentum=0.1,
              eps=1e-5)
     grads = torch.autograd.grad(out, (x, weight, gamma, beta), grad_out)
-    return dict(zip(("out", "grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias", "running_mean",
+    return dict(zip(("out", "grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias",
+                     "running_mean",
                      "running_var"), (out, *grads, running_mean, running_var)))
 
 
@@ -62,7 +65,8 @@ def check_conv_transpose_bn_relu(case, device, dtype, impl):
     x and weight take ``dtype``; BatchNorm's parameters and statistics stay float32, as under
     autocast."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    draw = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device)  # noqa: E731
+    draw = lambda *shape: torch.randn(*shape, generator=g,  # noqa: E731
+                                      dtype=torch.float64).to(device)
     x, weight = draw(*case.shapes["x"]), 0.1 * draw(*case.shapes["weight"])
     gamma, beta = 1 + 0.1 * draw(case.c_out), 0.1 * draw(case.c_out)
     grad_out = draw(*case.shapes["out"])
@@ -104,7 +108,8 @@ def run_checks(conv_cases, bce_batch, device, dtypes, impl="triton"):
     """All checks, each marked ok when the fused error is within the dtype's tolerance. A check
     that raises is reported as failed with its error; the others still run."""
     results = []
-    jobs = [(check_conv_transpose_bn_relu, c) for c in conv_cases] + [(check_bce_with_logits, bce_batch)]
+    jobs = [(check_conv_transpose_bn_relu, c) for c in conv_cases] \
+        + [(check_bce_with_logits, bce_batch)]
     for dtype in dtypes:
         tol = tolerance(dtype, device)
         for check, arg in jobs:

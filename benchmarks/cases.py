@@ -106,7 +106,8 @@ class TrainStepCase:
     @property
     def shapes(self):
         n = self.network
-        return {"real": [self.batch, n.nc, self.image_size, self.image_size], "z": [self.batch, n.nz],
+        return {"real": [self.batch, n.nc, self.image_size, self.image_size],
+                "z": [self.batch, n.nz],
                 "nz": n.nz, "ngf": n.ngf, "ndf": n.ndf}
 
     def cost(self, itemsize):
@@ -123,7 +124,8 @@ def case_id(case):
 
 
 def generator_layers(image_size, network, batch, backward):
-    """A case for every ConvTranspose2d -> BatchNorm2d -> ReLU run of the Generator (shapes only)."""
+    """A case for every ConvTranspose2d -> BatchNorm2d -> ReLU run of the Generator (shapes
+    only)."""
     with torch.device("meta"):
         G = Generator(image_size, network.nz, network.ngf, network.nc)
     following = dict(zip(G.main, list(G.main)[1:]))

@@ -27,8 +27,8 @@ def environment():
 
 @pytest.fixture
 def measure_case(benchmark, environment):
-    """Build ``(case, provider)`` (compile and autotune happen here, untimed), time it, then probe its
-    memory, saved bytes and launches in separate untimed calls."""
+    """Build ``(case, provider)`` (compile and autotune happen here, untimed), time it, then probe
+    its memory, saved bytes and launches in separate untimed calls."""
     if DEVICE.type == "cuda" and interpreting():
         pytest.exit("TRITON_INTERPRET=1 would interpret every Triton kernel (ours and inductor's): "
                     "unset it to benchmark on the GPU", returncode=pytest.ExitCode.USAGE_ERROR)

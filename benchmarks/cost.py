@@ -70,8 +70,8 @@ def bce_with_logits(numel, *, itemsize):
 
 
 def conv_layers(meta_model, input_shape):
-    """``(module, input shape, output shape)`` of every Conv2d/ConvTranspose2d of a meta-device model
-    (shapes only: no memory, no compute)."""
+    """``(module, input shape, output shape)`` of every Conv2d/ConvTranspose2d of a meta-device
+    model (shapes only: no memory, no compute)."""
     found = []
     for m in meta_model.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -96,7 +96,8 @@ def train_step(batch, image_size, nz, ngf, ndf, nc, *, itemsize):
     with torch.device("meta"):
         G, D = Generator(image_size, nz, ngf, nc), Discriminator(image_size, ndf, nc)
     g_layers = [_layer_flops(*layer) for layer in conv_layers(G, (batch, nz, 1, 1))]
-    d_layers = [_layer_flops(*layer) for layer in conv_layers(D, (batch, nc, image_size, image_size))]
+    d_layers = [_layer_flops(*layer)
+                for layer in conv_layers(D, (batch, nc, image_size, image_size))]
     f_g, f_d = sum(g_layers), sum(d_layers)
     flops = (3 * f_g - g_layers[0]  # G: forward, weight grads, input grads bar the first layer
              + 3 * f_d  # D forwards: real, fake.detach(), fake

@@ -108,7 +108,7 @@ def record_step(size, batch, dtype, sms):
     return launches, plans, layers
 
 
-# --- the plan ---------------------------------------------------------------------------------------
+# --- the plan -------------------------------------------------------------------------------------
 
 
 def _programs(grid):
@@ -235,13 +235,13 @@ def step_totals(size, batch, sms=132):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
-        subprocess.run([sys.executable, "-m", "benchmarks.gemm_plan", "--size", str(size), "--batch",
-                        str(batch), "--sms", str(sms), "--json", str(out)],
+        subprocess.run([sys.executable, "-m", "benchmarks.gemm_plan", "--size", str(size),
+                        "--batch", str(batch), "--sms", str(sms), "--json", str(out)],
                        cwd=ROOT, env=env, check=True, capture_output=True)
         return json.loads(out.read_text())["totals"]
 
 
-# --- report -----------------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------------------
 
 
 def print_plan(plan):
@@ -254,8 +254,8 @@ def print_plan(plan):
     for row in plan["launches"]:
         for g in row["gemms"]:
             waves = g["programs"] / (sms * row.get("ctas_per_sm", 1))
-            print(f"| {row['role']}{' (recompute)' if row['recompute'] else ''} | {row['kernel']} | "
-                  f"{g['M']} | {g['N']} | {g['K']} | {'x'.join(map(str, g['tile']))} | "
+            print(f"| {row['role']}{' (recompute)' if row['recompute'] else ''} | {row['kernel']} "
+                  f"| {g['M']} | {g['N']} | {g['K']} | {'x'.join(map(str, g['tile']))} | "
                   f"{g['warps']}/{g['stages']} | {g['programs']} | {waves:.2f} | "
                   f"{g['k_iterations_max']} | {g['useful_flops'] / 1e9:.2f} | "
                   f"{g['executed_flops'] / 1e9:.2f} | "
@@ -271,9 +271,10 @@ def print_plan(plan):
 def main(argv=None):
     args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("gemm_plan: TRITON_INTERPRET=1 would interpret the kernels; the plan records "
-                         "their launches for a GPU: run it without TRITON_INTERPRET")
-    compile_rows = json.loads(args.compile_check.read_text())["rows"] if args.compile_check else None
+        raise SystemExit("gemm_plan: TRITON_INTERPRET=1 would interpret the kernels; the plan "
+                         "records their launches for a GPU: run it without TRITON_INTERPRET")
+    compile_rows = json.loads(args.compile_check.read_text())["rows"] if args.compile_check \
+        else None
     plan = build_plan(args.size, args.batch, args.dtype, args.sms, compile_rows)
     print_plan(plan)
     if args.json:

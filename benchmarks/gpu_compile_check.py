@@ -1,7 +1,9 @@
 """Compile every Triton launch of a fused training step for real GPUs, on a machine without one.
 
-    python benchmarks/gpu_compile_check.py                    # sm_90, sm_80; all dtypes (see DTYPES)
-    python benchmarks/gpu_compile_check.py --quick            # what the test suite runs: sm_90, fp32
+    python benchmarks/gpu_compile_check.py                    # sm_90, sm_80; all dtypes (see
+    DTYPES)
+    python benchmarks/gpu_compile_check.py --quick            # what the test suite runs: sm_90,
+    fp32
     python benchmarks/gpu_compile_check.py --json rows.json   # also every row as JSON
 
 It records the Triton launches of one fused training step (the benchmark suite's ``fused`` train
@@ -18,16 +20,17 @@ launch-time checks run after the compile (Triton, 3.6 included, compares the glo
 with their compile-time values) and again on the cached path by a second call. ptxas, the one
 Triton bundles, reports registers and spills.
 
-It prints one row per compile (launch, kernel, dtype, products, config, arch, registers, spill bytes,
-shared memory, tensor-core instruction, cp.async), a summary per kernel x dtype x arch, and one line:
-``compile check: N compiles, F failed, S spilling ... (triton X)``. It exits 1 on any failure: a
-compile error, a launch-time check that raises, shared memory beyond the target's per-block limit,
-registers x threads beyond the 64K registers of an SM, or a launch that spills (the tile rule must
-pick only tiles that build spill-free).
+It prints one row per compile (launch, kernel, dtype, products, config, arch, registers, spill
+bytes, shared memory, tensor-core instruction, cp.async), a summary per kernel x dtype x arch, and
+one line: ``compile check: N compiles, F failed, S spilling ... (triton X)``. It exits 1 on any
+failure: a compile error, a launch-time check that raises, shared memory beyond the target's
+per-block limit, registers x threads beyond the 64K registers of an SM, or a launch that spills (the
+tile rule must pick only tiles that build spill-free).
 
 It proves that this Triton builds every launch recorded here for those GPUs and that the builds fit;
 other shapes give other integer specialisations (a value of 1, multiples of 16), which it has not
-built. It does not time anything, check numerics on a GPU, or load a binary into a driver: only a GPU can.
+built. It does not time anything, check numerics on a GPU, or load a binary into a driver: only a
+GPU can.
 """
 import argparse
 import collections
@@ -59,7 +62,8 @@ DTYPES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
           "bf16": (torch.bfloat16, None), "amp-fp16": (torch.float32, torch.float16),
           "amp-bf16": (torch.float32, torch.bfloat16)}
 STEPS = ((32, 64), (64, 512))  # (image size, batch)
-LOSS_N = 4096  # logits for the losses: past one program (1024), so the partial sums get their own launch
+# logits for the losses: past one program (1024), so the partial sums get their own launch
+LOSS_N = 4096
 
 
 def parse_args(argv):
@@ -67,8 +71,10 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="sm_90 and fp32 only (tf32 and ieee products): the test suite's form")
-    p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated targets (default: all)")
-    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes (default: all)")
+    p.add_argument("--archs", default=",".join(ARCHS),
+                   help="comma-separated targets (default: all)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes (default: "
+                                                              "all)")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                    help="compiler processes (default: the CPUs this process may use)")
     p.add_argument("--json", type=Path, help="also write every row and the summary to this file")
@@ -154,8 +160,9 @@ class Launch:
     seen_in: list = field(default_factory=list)
 
     def key(self):
-        """What Triton specialises a compile on: pointer dtypes and alignment, integers that are 1 or
-        multiples of 16 and whether they need 64 bits, the constexprs (not the integers' values)."""
+        """What Triton specialises a compile on: pointer dtypes and alignment, integers that are 1
+        or multiples of 16 and whether they need 64 bits, the constexprs (not the integers'
+        values)."""
         def spec(a):
             if isinstance(a, Pointer):
                 return ("ptr", a.dtype, a.address % 16 == 0)
@@ -167,7 +174,8 @@ class Launch:
 
 
 def _unwrap(kernel, until):
-    """The object under an Autotuner / Heuristics wrapper (``.fn`` chain) for which ``until`` holds."""
+    """The object under an Autotuner / Heuristics wrapper (``.fn`` chain) for which ``until``
+    holds."""
     while not until(kernel):
         kernel = kernel.fn
     return kernel
@@ -336,8 +344,8 @@ _PTXAS = {"registers": re.compile(r"Used (\d+) registers"),
 
 
 def _init_worker(cache_root):
-    """Each compiler process: its own empty Triton cache under ``cache_root`` (so ptxas runs and logs
-    every build), the project importable, the compile-only driver, ptxas's log on stdout."""
+    """Each compiler process: its own empty Triton cache under ``cache_root`` (so ptxas runs and
+    logs every build), the project importable, the compile-only driver, ptxas's log on stdout."""
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=cache_root)
     from benchmarks.gpu_report import prepare_imports
     prepare_imports()
@@ -364,7 +372,8 @@ def compile_job(job):
     try:
         with contextlib.redirect_stdout(log):
             compiled = jit.run(*launch.args, grid=(1,), warmup=True, **kwargs)
-        jit.run(*launch.args, grid=(1,), warmup=True, **kwargs)  # cached: the launch-time checks again
+        jit.run(*launch.args, grid=(1,), warmup=True,
+                **kwargs)  # cached: the launch-time checks again
     except Exception as e:  # noqa: BLE001 - every failure becomes its row
         lines = str(e).strip().splitlines() or [""]
         # a CompilationError's first line is the position, its last the cause
@@ -399,7 +408,8 @@ def spills(row):
 
 
 def _row_line(r):
-    head = f"| {r['launch']} | {r['kernel']} | {r['dtype']} {r['products']} | {r['config']} | {r['arch']} |"
+    head = f"| {r['launch']} | {r['kernel']} | {r['dtype']} {r['products']} | {r['config']} | " \
+        f"{r['arch']} |"
     if r["error"]:
         return f"{head} FAILED: {r['error']} |"
     return (f"{head} {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']} | "
@@ -440,15 +450,15 @@ def main(argv=None):
     launches = record_launches(args.archs, args.dtypes)
     jobs = plan_jobs(launches)
     print(f"# GPU compile check: triton {triton.__version__}, torch {torch.__version__}; "
-          f"{', '.join(args.archs)}; {', '.join(args.dtypes)}; {', '.join(w for w, _ in workloads())}; "
-          f"{len(launches)} distinct launches, "
+          f"{', '.join(args.archs)}; {', '.join(args.dtypes)}; "
+          f"{', '.join(w for w, _ in workloads())}; {len(launches)} distinct launches, "
           f"{len(jobs)} compiles on {args.jobs} processes", flush=True)
     with tempfile.TemporaryDirectory(prefix="aigc_fast_compile_check_") as caches, \
             ProcessPoolExecutor(args.jobs, initializer=partial(_init_worker, caches)) as pool:
         rows = list(pool.map(compile_job, jobs, chunksize=1))
     if args.rows != "none":
-        print("\n| launch | kernel | dtype | config | arch | registers | spill st/ld B | shared B | "
-              "tensor cores | cp.async |\n|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| launch | kernel | dtype | config | arch | registers | spill st/ld B | shared B "
+              "| tensor cores | cp.async |\n|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             if args.rows == "all" or r["error"] or spills(r):
                 print(_row_line(r))

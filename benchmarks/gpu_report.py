@@ -63,12 +63,13 @@ def choose_device(dry_run):
     when triton is imported, so this runs before anything imports it."""
     if dry_run:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("--dry-run: triton was imported before TRITON_INTERPRET=1 could be set")
+            raise SystemExit("--dry-run: triton was imported before TRITON_INTERPRET=1 could be "
+                             "set")
         os.environ["TRITON_INTERPRET"] = "1"
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run on a GPU machine, or pass --dry-run to try the script "
-                         "on the CPU")
+        raise SystemExit("no CUDA device: run on a GPU machine, or pass --dry-run to try the "
+                         "script on the CPU")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("TRITON_INTERPRET=1 would interpret every Triton kernel: unset it to "
                          "measure a GPU")
@@ -76,9 +77,9 @@ def choose_device(dry_run):
 
 
 def prepare_imports():
-    """Make ``benchmarks.*`` and ``aigc_fast`` importable from this checkout. aigc_fast.kernels is the
-    kernels/ folder, mapped there by pyproject's package-dir when installed; uninstalled (a bare GPU
-    machine), the same mapping is made here."""
+    """Make ``benchmarks.*`` and ``aigc_fast`` importable from this checkout. aigc_fast.kernels is
+    the kernels/ folder, mapped there by pyproject's package-dir when installed; uninstalled (a bare
+    GPU machine), the same mapping is made here."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     if not _has_kernels_package():
@@ -99,12 +100,14 @@ def _has_kernels_package():
 
 
 class _OutOfTime(BaseException):
-    """Not an Exception, so that no ``except Exception`` on the way (a probe's, a library's) eats it."""
+    """Not an Exception, so that no ``except Exception`` on the way (a probe's, a library's) eats
+    it."""
 
 
 @contextlib.contextmanager
 def time_limit(seconds):
-    """Raise _OutOfTime in the main thread after ``seconds`` (SIGALRM; no limit where it is missing)."""
+    """Raise _OutOfTime in the main thread after ``seconds`` (SIGALRM; no limit where it is
+    missing)."""
     if not hasattr(signal, "SIGALRM") or seconds <= 0:
         yield
         return
@@ -178,8 +181,8 @@ def _count(value):
     return "–" if value is None else str(value)
 
 
-TABLE_HEADER = ("| group | case | provider | time: median [p20–p80] | vs eager | vs compile | TFLOP/s "
-                "| GB/s | peak MiB | saved MiB | launches | counted launches / MB |")
+TABLE_HEADER = ("| group | case | provider | time: median [p20–p80] | vs eager | vs compile | "
+                "TFLOP/s | GB/s | peak MiB | saved MiB | launches | counted launches / MB |")
 
 
 def _counted(row):
@@ -199,7 +202,8 @@ def markdown_table(rows):
         key = (r["group"], r["case"])
         if r["status"] == "ok":
             cells = [f"{_time(r['median_s'])} [{_time(r['p20_s'])}–{_time(r['p80_s'])}]",
-                     _ratio(medians.get((*key, "eager")), r), _ratio(medians.get((*key, "compile")), r),
+                     _ratio(medians.get((*key, "eager")), r),
+                     _ratio(medians.get((*key, "compile")), r),
                      f"{r['tflops']:.3g}", f"{r['gbps']:.3g}", _mib(r.get("peak_memory_bytes")),
                      _mib(r.get("saved_bytes")), _count(r.get("kernel_launches")),
                      _counted(r)]
@@ -212,7 +216,8 @@ def markdown_table(rows):
 
 
 def check_lines(checks):
-    """One line per (op, case, dtype): its worst quantity (a failing one first), PyTorch's beside it."""
+    """One line per (op, case, dtype): its worst quantity (a failing one first), PyTorch's beside
+    it."""
     by_key = {}
     for c in checks:
         by_key.setdefault((c["op"], c["case"], c["dtype"]), []).append(c)
@@ -224,9 +229,9 @@ def check_lines(checks):
         if "error" in c:
             lines.append(f"- {verdict} {op} {case} {dtype}: {c['error']}")
         else:
-            lines.append(f"- {verdict} {op} {case} {dtype}: worst rel. error {c['fused_error']:.2e} "
-                         f"({c['quantity']}; PyTorch {dtype}: {c['torch_error']:.2e}; "
-                         f"tolerance {c['tolerance']:.0e})")
+            lines.append(f"- {verdict} {op} {case} {dtype}: worst rel. error "
+                         f"{c['fused_error']:.2e} ({c['quantity']}; PyTorch {dtype}: "
+                         f"{c['torch_error']:.2e}; tolerance {c['tolerance']:.0e})")
     return lines
 
 
@@ -238,7 +243,8 @@ def choose_providers(plan, names):
     unknown = [p for p in wanted if p not in providers.ALL]
     if unknown:
         raise SystemExit(f"--providers: unknown {unknown}; choose from {list(providers.ALL)}")
-    return [(c, p) for c in dict.fromkeys(c for c, _ in plan) for p in wanted if providers.applies(c, p)]
+    return [(c, p) for c in dict.fromkeys(c for c, _ in plan) for p in wanted
+            if providers.applies(c, p)]
 
 
 def correctness(device, dry_run):
@@ -330,7 +336,8 @@ def main(argv=None):
     table = markdown_table(rows)
     timing = ("CUDA events around each call, queued back to back, one sync at the end"
               if device.type == "cuda" else "host perf_counter around each call")
-    precision = f"float32, tf32 convolutions {env['tf32_conv']}" if device.type == "cuda" else "float32"
+    precision = f"float32, tf32 convolutions {env['tf32_conv']}" if device.type == "cuda" \
+        else "float32"
     print(f"\n{table}\n\n{precision}; {timing}; "
           "vs eager / vs compile = their median time over the row's (above 1: faster); "
           "TFLOP/s and GB/s from the median against the computed FLOPs and minimum bytes; peak = "
@@ -341,7 +348,8 @@ def main(argv=None):
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "environment": env, "dry_run": args.dry_run, "timing": timing, "budget_s": args.budget_s,
+            "environment": env, "dry_run": args.dry_run, "timing": timing,
+            "budget_s": args.budget_s,
             "elapsed_s": elapsed, "checks": checks, "results": rows, "table": table}, indent=1))
     return 0 if all(c["ok"] for c in checks) else 1
 

@@ -4,8 +4,8 @@ GPU timing: :func:`time_calls` (the report) records a pair of CUDA events around
 back to back, and synchronises once at the end, so the host's own launch overhead is included
 whenever the GPU outruns it; the pytest suite times with pytest-benchmark's host clock around
 :func:`synchronized` (the call, then ``torch.cuda.synchronize()``), which adds one sync latency per
-call to every provider alike. Both run warm (inputs and weights stay in L2 where they fit, as they do
-between a network's layers).
+call to every provider alike. Both run warm (inputs and weights stay in L2 where they fit, as they
+do between a network's layers).
 """
 import datetime
 import os

@@ -68,7 +68,8 @@ def applies(case, provider):
     if provider == "fused-graph":
         return isinstance(case, TrainStepCase) and (case.image_size, case.batch) in GRAPH_STEPS
     return not ((isinstance(case, BCECase) and provider == "eager-channels_last")
-                or (isinstance(case, TrainStepCase) and case.autocast and provider == "fused[interpret]"))
+                or (isinstance(case, TrainStepCase) and case.autocast
+                    and provider == "fused[interpret]"))
 
 
 def plan(device, dry_run=False):
@@ -99,13 +100,15 @@ def build(case, provider, device, dtype=torch.float32):
     if provider == "fused":
         _require(device.type == "cuda", "fused runs our Triton kernels on CUDA")
     if provider == "fused-graph":
-        _require(device.type == "cuda", "fused-graph replays the fused step in a CUDA graph: CUDA only")
+        _require(device.type == "cuda", "fused-graph replays the fused step in a CUDA graph: CUDA "
+                                        "only")
     if provider == "fused[interpret]":
         _require(device.type == "cpu" and interpreting(),
                  "fused[interpret] needs CPU tensors and TRITON_INTERPRET=1 set before triton is "
                  "imported")
     if provider.startswith("compile"):
-        torch._dynamo.reset()  # compile afresh per case: no recompile limit, no dynamic-shape carry-over
+        # compile afresh per case: no recompile limit, no dynamic-shape carry-over
+        torch._dynamo.reset()
     torch.manual_seed(zlib.crc32(f"{case}|{provider}".encode()))
     builder = {ConvTransposeBNReLUCase: _conv_transpose_bn_relu, BCECase: _bce,
                TrainStepCase: _train_step}[type(case)]
@@ -168,7 +171,8 @@ def _conv_transpose_bn_relu(case, provider, device, dtype):
     conv, bn = block[0], block[1]
     x = torch.randn(case.shapes["x"], device=device, dtype=dtype).contiguous(memory_format=fmt)
     x.requires_grad_(True)
-    grad_out = torch.randn(case.shapes["out"], device=device, dtype=dtype).contiguous(memory_format=fmt)
+    grad_out = torch.randn(case.shapes["out"], device=device,
+                           dtype=dtype).contiguous(memory_format=fmt)
     if provider in FUSED_IMPL:
         forward = functools.partial(
             functional.conv_transpose_bn_relu, weight=conv.weight, bn_weight=bn.weight,
@@ -204,7 +208,8 @@ def _train_step(case, provider, device, dtype):
     G.to(device=device, dtype=dtype, memory_format=fmt)
     D.to(device=device, dtype=dtype, memory_format=fmt)
     adam = dict(lr=2e-4, betas=(0.5, 0.999), capturable=provider == "fused-graph")
-    opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
+    opt_g, opt_d = torch.optim.Adam(G.parameters(),
+                                    **adam), torch.optim.Adam(D.parameters(), **adam)
     real = (torch.rand(case.shapes["real"], device=device, dtype=dtype) * 2 - 1).contiguous(
         memory_format=fmt)
     z = torch.randn(case.shapes["z"], device=device, dtype=dtype)

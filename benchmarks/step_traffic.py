@@ -81,7 +81,8 @@ class AtenTraffic(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if name not in _NO_KERNEL and _computes(func, args, kwargs, out):
-            ops, nbytes = (self.apart_ops, self.apart_bytes) if self._apart else (self.ops, self.bytes)
+            ops, nbytes = (self.apart_ops,
+                           self.apart_bytes) if self._apart else (self.ops, self.bytes)
             ops[name] += 1
             nbytes[name] += _unique_bytes(_tensors((args, kwargs)) + _tensors(out))
         return out
@@ -147,7 +148,8 @@ def step_traffic(backend, *, image_size=32, batch=64, nz=100, ngf=64, ndf=64, ex
         fused_nn.fuse(G)
         fused_nn.fuse(D)
         loss_fn = functional.bce_with_logits
-    opts = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=True) for m in (G, D)]
+    opts = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=True)
+            for m in (G, D)]
     # channels-last, as the trainer's batches are (data.to_model_range)
     real = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
         memory_format=torch.channels_last)
@@ -238,7 +240,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=64, help="ngf = ndf")
     parser.add_argument("--sms", type=int, default=132,
-                        help="streaming multiprocessors the split-K factors fill (default: H100's 132)")
+                        help="streaming multiprocessors the split-K factors fill (default: H100's "
+                             "132)")
     args = parser.parse_args(argv)
     shape = dict(image_size=args.image_size, batch=args.batch, ngf=args.width, ndf=args.width,
                  device="meta")
@@ -249,14 +252,14 @@ def main(argv=None):
     eager = rows["eager"]
     print(f"one {args.image_size} px batch-{args.batch} step, ngf = ndf = {args.width}; model only "
           "(the optimisers' launches and bytes apart)")
-    print("| backend | launches | MB moved | launches vs eager | bytes vs eager | optimiser launches "
-          "| G saves MB | D saves MB | G saved vs eager | D saved vs eager |")
+    print("| backend | launches | MB moved | launches vs eager | bytes vs eager | optimiser "
+          "launches | G saves MB | D saves MB | G saved vs eager | D saved vs eager |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for backend, row in rows.items():
         saved, eager_saved = row["saved_bytes"], eager["saved_bytes"]
         print(f"| {backend} | {row['launches']} | {row['bytes'] / 1e6:.1f} | "
-              f"{row['launches'] / eager['launches']:.2f}x | {row['bytes'] / eager['bytes']:.2f}x | "
-              f"{row['optimizer_launches']} | {saved['G'] / 1e6:.2f} | {saved['D'] / 1e6:.2f} | "
+              f"{row['launches'] / eager['launches']:.2f}x | {row['bytes'] / eager['bytes']:.2f}x "
+              f"| {row['optimizer_launches']} | {saved['G'] / 1e6:.2f} | {saved['D'] / 1e6:.2f} | "
               f"{saved['G'] / eager_saved['G']:.2f}x | {saved['D'] / eager_saved['D']:.2f}x |")
     for backend, row in rows.items():
         print(f"{backend} aten ops: {dict(row['aten_ops'].most_common())}")

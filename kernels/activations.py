@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Activation:
-    """``code``: the kernels' ACT constexpr; ``reference``: PyTorch's op, (z, negative_slope) -> out;
-    ``module``: the nn.Module class fuse() recognises (None: none, or not fused on its own)."""
+    """``code``: the kernels' ACT constexpr; ``reference``: PyTorch's op, (z, negative_slope) ->
+    out; ``module``: the nn.Module class fuse() recognises (None: none, or not fused on its own)."""
 
     code: int
     reference: Callable[[torch.Tensor, float], torch.Tensor]

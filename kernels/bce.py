@@ -221,7 +221,8 @@ def bce_backward(grad, x, target, weight, pos_weight, reduction, from_logits, ne
     dt = torch.empty(x.shape, dtype=target.dtype, device=x.device) if need_dt else None
     if n == 0 or not (need_dx or need_dt):
         return dx, dt
-    operands = [a for op in (target, weight, pos_weight, grad) for a in _operand_args(op, x.shape, x)]
+    operands = [a for op in (target, weight, pos_weight, grad)
+                for a in _operand_args(op, x.shape, x)]
     _bce_bwd_kernel[(triton.cdiv(n, BLOCK),)](
         x, *operands, n if reduction == "mean" else 1,
         dx if need_dx else x, dt if need_dt else x, n,

@@ -4,10 +4,10 @@ reductions, and the backward itself as a prologue that the gradient GEMMs run on
 (so dy is never stored).
 
 y is channels-last, a contiguous (M, C) matrix with M = N*H*W (its producer, the convolution core,
-allocates it); grad_out may have any strides. Statistics and reductions are float32 partials combined
-in a fixed order: no atomics, the same bits every run. Layers without BN use the same backward with
-the identity affine (``AFFINE=False``): there y is the layer's output, whose sign is the activation's
-input's sign for ReLU and LeakyReLU with a slope >= 0.
+allocates it); grad_out may have any strides. Statistics and reductions are float32 partials
+combined in a fixed order: no atomics, the same bits every run. Layers without BN use the same
+backward with the identity affine (``AFFINE=False``): there y is the layer's output, whose sign is
+the activation's input's sign for ReLU and LeakyReLU with a slope >= 0.
 """
 import enum
 
@@ -221,7 +221,8 @@ def update_running(mean, m2, total, c, c_ok, momentum, unbias, bias_ptr, rmean_p
 
 @triton.jit
 def _pixel_channel_tile(M, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's (pixels, channels) tile of a channels-last (M, C) tensor: indices and masks."""
+    """This program's (pixels, channels) tile of a channels-last (M, C) tensor: indices and
+    masks."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -260,7 +261,8 @@ def bn_act_grad(g, y_ptr, y_offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr, 
         dz = activate_grad(y * scale[None, :] + shift[None, :], g, ACT, slope)
         xhat = (y - mean[None, :]) * invstd[None, :]
     elif ACT != 0:
-        dz = activate_grad(tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32), g, ACT, slope)
+        dz = activate_grad(tl.load(y_ptr + y_offs, mask=ok, other=0.0).to(tl.float32), g,
+                           ACT, slope)
     return dz, xhat, scale
 
 
@@ -274,7 +276,8 @@ def _grad_partials_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_pt
     g_offs = ((p64 // OHW) * sgn + ((p64 % OHW) // OW) * sgh + (p64 % OW) * sgw)[:, None] \
         + c.to(tl.int64)[None, :] * sgc
     g = tl.load(g_ptr + g_offs, mask=ok, other=0.0).to(tl.float32)
-    dz, xhat, _ = bn_act_grad(g, y_ptr, offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+    dz, xhat, _ = bn_act_grad(g, y_ptr, offs, ok, c, c_ok, mean_ptr, invstd_ptr, gamma_ptr,
+                              beta_ptr,
                               slope, ACT, AFFINE)
     dz = tl.where(ok, dz, 0.0)
     offs = tl.program_id(0).to(tl.int64) * C + c

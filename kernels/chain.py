@@ -213,7 +213,8 @@ def backward(grad_out, x, layers, saved, *, need_x, need_weight, need_bn, need_b
             if i > 0 or need_x:  # the input gradient: the other direction's GEMM
                 prev = layers[i - 1] if i > 0 else None
                 stored = saved[i - 1][0] if i > 0 else x
-                da = empty_nhwc(grad.tensor.shape[0], stored.shape[1], stored.shape[2:], grad.tensor)
+                da = empty_nhwc(grad.tensor.shape[0], stored.shape[1], stored.shape[2:],
+                                grad.tensor)
                 bn_grads = (None, None)
                 if prev is None:
                     out = Side(da)

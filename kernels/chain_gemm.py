@@ -114,9 +114,10 @@ def chain_conv_program(
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n, oh, ow, co] = epilogue(sum over taps and ci of A[n, ih, iw, ci] * w[kh, kw, ci, co])
-    where ih = oh*SH - PAD_H + kh (Conv2d), or oh = ih*SH - PAD_H + kh (TRANSPOSED, phase-decomposed:
-    conv_gemm.gemm_rows), with A = chain_operand(x, A_MODE) and the OUT_MODE epilogue. This program
-    computes row tile ``pid_m`` (of ``num_m``) and column block ``pid_n`` (of ``num_n``)."""
+    where ih = oh*SH - PAD_H + kh (Conv2d), or oh = ih*SH - PAD_H + kh (TRANSPOSED,
+    phase-decomposed: conv_gemm.gemm_rows), with A = chain_operand(x, A_MODE) and the OUT_MODE
+    epilogue. This program computes row tile ``pid_m`` (of ``num_m``) and column block ``pid_n`` (of
+    ``num_n``)."""
     row_ok, n, qh, qw, ph, pw, taps_h, taps_w = gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH,
                                                           KW, SH, SW, TRANSPOSED, INT64, BLOCK_M)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,7 +160,8 @@ def chain_conv_program(
             invstd = tl.load(ovec_ptr + INVSTD * C_out + co, mask=co_ok, other=0.0)
             scale = tl.load(ovec_ptr + SCALE * C_out + co, mask=co_ok, other=0.0)
             shift = tl.load(ovec_ptr + SHIFT * C_out + co, mask=co_ok, other=0.0)
-            dz = tl.where(ok2, activate_grad(y * scale[None, :] + shift[None, :], v, O_ACT, o_slope),
+            dz = tl.where(ok2,
+                          activate_grad(y * scale[None, :] + shift[None, :], v, O_ACT, o_slope),
                           0.0)
             tl.store(part_ptr + p_offs, tl.sum(dz, axis=0), mask=co_ok)
             tl.store(part_ptr + stride + p_offs,
@@ -321,7 +323,8 @@ def _backward_pair_kernel(
                            N, C_in, H, W, C_out, OH, OW, PAD_H, PAD_W, TILES, GROUP_ROWS,
                            momentum, unbias, eps, a_slope, o_slope,
                            sxn, sxh, sxw, sxc, swh, sww, swk, swn,
-                           KH, KW, SH, SW, TRANSPOSED, PACK_K, INT64, A_MODE, A_ACT, OUT_MODE, O_ACT,
+                           KH, KW, SH, SW, TRANSPOSED, PACK_K, INT64, A_MODE, A_ACT,
+                           OUT_MODE, O_ACT,
                            HAS_BIAS, O_TRAINING, WRITE_Y, UPDATE_RUNNING, HAS_NBT, MOMENTUM_FROM,
                            DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
@@ -434,7 +437,8 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
             *weight_view.stride())
     constexprs = dict(KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed,
                       PACK_K=not transposed and c_in < tile.block_k,
-                      INT64=wide_offsets(x, out.tensor, a.y, out.y), A_MODE=a.mode, A_ACT=a.act, OUT_MODE=out.mode, O_ACT=out.act,
+                      INT64=wide_offsets(x, out.tensor, a.y, out.y), A_MODE=a.mode, A_ACT=a.act,
+                      OUT_MODE=out.mode, O_ACT=out.act,
                       HAS_BIAS=bias is not None, O_TRAINING=bn is not None and bn.training,
                       WRITE_Y=out.mode == Epilogue.BN_RUNNING and out.y is not out.tensor,
                       UPDATE_RUNNING=bn is not None and bn.running_mean is not None,
@@ -486,5 +490,6 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
 
 
 def _unbias(count: int) -> float:
-    """M / (M - 1): the running variance is unbiased (M >= 2 in training, checked at the boundary)."""
+    """M / (M - 1): the running variance is unbiased (M >= 2 in training, checked at the
+    boundary)."""
     return count / max(count - 1, 1)

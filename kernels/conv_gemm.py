@@ -104,7 +104,8 @@ def out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH: tl.constexpr, SW: tl.constexpr,
 @triton.jit
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc + a @ b: on the tensor cores (``tl.dot``), or, for fewer than 16 columns (which
-    ``tl.dot`` cannot take: a 3-channel layer would pad to 16), as float32 FMAs on the CUDA cores."""
+    ``tl.dot`` cannot take: a 3-channel layer would pad to 16), as float32 FMAs on the CUDA
+    cores."""
     if BLOCK_N < 16:
         return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -118,10 +119,10 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, 
                   A_MODE: tl.constexpr, A_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The float32 [BLOCK_M, BLOCK_N] accumulator of the GEMM rows of :func:`gemm_rows` and the
-    output channels ``co``: one flat loop over (tap, input channel block), each A tile loaded through
-    bn_act.chain_operand(A_MODE) (``ay_ptr``/``avec_ptr``/``acoef_ptr``: its layer's y or output,
-    vec and coef). PACK_K (a Conv2d with fewer input channels than BLOCK_K: an image) runs K as
-    (tap, channel) pairs, BLOCK_K of them per step, so no step pads a tap's few channels."""
+    output channels ``co``: one flat loop over (tap, input channel block), each A tile loaded
+    through bn_act.chain_operand(A_MODE) (``ay_ptr``/``avec_ptr``/``acoef_ptr``: its layer's y or
+    output, vec and coef). PACK_K (a Conv2d with fewer input channels than BLOCK_K: an image) runs K
+    as (tap, channel) pairs, BLOCK_K of them per step, so no step pads a tap's few channels."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PACK_K:
         k_total = taps_h * taps_w * C_in
@@ -227,7 +228,7 @@ def _split_count(pixels: int, tiles: int, operands: int, weights: int, block_k: 
     return max(longest, min(wanted, pixels // 512, operands // weights))
 
 
-# --- ticket counters: a reduction closed by the last program to arrive -----------------------------
+# --- ticket counters: a reduction closed by the last program to arrive ----------------------------
 
 # int32 counters per device, each 0 between launches (the program that closes a reduction resets
 # its own); enough for every launch of the kernels here
@@ -242,7 +243,8 @@ def counters(count: int, device: torch.device) -> torch.Tensor:
         raise ValueError(f"a launch needs {count} ticket counters, more than the {_COUNTERS} kept")
     found = _counters_by_device.get(device)
     if found is None:
-        found = _counters_by_device[device] = torch.zeros(_COUNTERS, device=device, dtype=torch.int32)
+        found = _counters_by_device[device] = torch.zeros(_COUNTERS, device=device,
+                                                          dtype=torch.int32)
     return found[:count]
 
 
@@ -440,7 +442,8 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
     pack = c_in < tile.block_n
     if splits is None:
         tiles = (triton.cdiv(c_out, tile.block_m)
-                 * triton.cdiv(c_in * (kh * kw if pack else 1), tile.block_n) * (1 if pack else kh * kw))
+                 * triton.cdiv(c_in * (kh * kw if pack else 1),
+                               tile.block_n) * (1 if pack else kh * kw))
         splits = _split_count(pixels, tiles, x.tensor.numel() + g.tensor.numel(),
                               c_out * c_in * kh * kw, tile.block_k, dev)
     per_split = triton.cdiv(triton.cdiv(pixels, splits), tile.block_k) * tile.block_k

@@ -25,8 +25,8 @@ def device():
 
 @pytest.fixture(scope="session")
 def shapes_npz(tmp_path_factory):
-    """Writes ``n`` embedded-shape images (32 px, ``seed``) as a uint8 N x H x W x C .npz and returns
-    its path: a small --data file, faster to load than the embedded 16k set."""
+    """Writes ``n`` embedded-shape images (32 px, ``seed``) as a uint8 N x H x W x C .npz and
+    returns its path: a small --data file, faster to load than the embedded 16k set."""
     import numpy as np
 
     from aigc_fast.training.data import make_shapes

@@ -90,10 +90,10 @@ def assert_close(actual, expected, what, floor=0.0):
 
 
 def assert_matches_reference(fused, reference, make_input, device, train_steps=3):
-    """``train_steps`` training steps on fresh data, then one in eval mode, both models on ``device``:
-    the output, the input and parameter gradients and the buffers of the float32 ``fused`` match the
-    float64 ``reference`` (parameters and buffers paired in registration order, so that a
-    Sequential can be the reference of a module)."""
+    """``train_steps`` training steps on fresh data, then one in eval mode, both models on
+    ``device``: the output, the input and parameter gradients and the buffers of the float32
+    ``fused`` match the float64 ``reference`` (parameters and buffers paired in registration order,
+    so that a Sequential can be the reference of a module)."""
     fused.to(device)
     reference.to(device)
     for training in [True] * train_steps + [False]:

@@ -69,8 +69,10 @@ def translate(x, dy, dx):
 def draw_cutout(x, generator):
     """Per-image centres (cy, cx), each (N,) int64, of the square :func:`cutout` zeroes."""
     sy, sx = (int(side * CUTOUT_RATIO + 0.5) for side in x.shape[2:])
-    cy = torch.randint(0, x.shape[2] + (1 - sy % 2), (len(x),), generator=generator, device=x.device)
-    cx = torch.randint(0, x.shape[3] + (1 - sx % 2), (len(x),), generator=generator, device=x.device)
+    cy = torch.randint(0, x.shape[2] + (1 - sy % 2), (len(x),), generator=generator,
+                       device=x.device)
+    cx = torch.randint(0, x.shape[3] + (1 - sx % 2), (len(x),), generator=generator,
+                       device=x.device)
     return cy, cx
 
 

@@ -1,8 +1,8 @@
 """The training step and the backends that prepare what it runs.
 
-:func:`train_step` is the hot path: one GAN step (any :mod:`.losses` objective) with no host sync. A backend
-(:data:`BACKENDS`: "eager", "compile", "fused") turns the built G and D into the modules to train
-and save and the callables and loss the step runs (:class:`Prepared`); :func:`resolve_backend`
+:func:`train_step` is the hot path: one GAN step (any :mod:`.losses` objective) with no host sync. A
+backend (:data:`BACKENDS`: "eager", "compile", "fused") turns the built G and D into the modules to
+train and save and the callables and loss the step runs (:class:`Prepared`); :func:`resolve_backend`
 turns ``--backend`` into one that can run on the device.
 """
 import importlib.util

@@ -17,7 +17,8 @@ from .cli import UsageError
 
 
 def write_bytes_atomic(path, data):
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one."""
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial
+    one."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -81,8 +82,9 @@ def load_state_checked(module, state_dict, what):
                          f"{missing[:3]}, unexpected {unexpected[:3]})")
     for key, value in own.items():
         if tuple(state_dict[key].shape) != tuple(value.shape):
-            raise UsageError(f"{what}: {key} has shape {tuple(state_dict[key].shape)}, but the flags "
-                             f"build {tuple(value.shape)}; pass the flags the checkpoint was trained with")
+            raise UsageError(f"{what}: {key} has shape {tuple(state_dict[key].shape)}, but the "
+                             f"flags build {tuple(value.shape)}; pass the flags the checkpoint was "
+                             "trained with")
     module.load_state_dict(state_dict)
 
 
@@ -90,7 +92,8 @@ def load_state_checked(module, state_dict, what):
 
 
 def rng_states():
-    """Every global RNG a training run touches (torch CPU and CUDA, numpy, random) as plain values."""
+    """Every global RNG a training run touches (torch CPU and CUDA, numpy, random) as plain
+    values."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),

@@ -48,7 +48,8 @@ def draw(train, evals, title=""):
         scores.plot([r["step"] for r in evals], [r["swd"]["mean"] for r in evals], marker="o",
                     linewidth=2, color="black", label="mean")
         generator = evals[-1].get("generator", "G")
-        scores.set_title(f"SWD x1e3 of {generator}, n = {evals[-1].get('swd_n', '?')} (lower is better)",
+        scores.set_title(f"SWD x1e3 of {generator}, n = {evals[-1].get('swd_n', '?')} (lower is "
+                         "better)",
                          fontsize="medium")
         scores.set_ylim(bottom=0)
     else:
@@ -89,10 +90,12 @@ def write_curves(run_dir, out=None):
 
 def build_parser():
     p = ArgumentParser(prog="python -m aigc_fast.curves",
-                       description=f"Draw {FILE_NAME} (losses, D outputs and SWD against step) from "
-                                   f"a run folder's metrics.jsonl. Needs matplotlib: {INSTALL_HINT}.")
+                       description=f"Draw {FILE_NAME} (losses, D outputs and SWD against step) "
+                                   "from a run folder's metrics.jsonl. Needs matplotlib: "
+                                   f"{INSTALL_HINT}.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (e.g. runs/001)")
-    p.add_argument("--out", metavar="FILE.png", help=f"where to write (default RUN_DIR/{FILE_NAME})")
+    p.add_argument("--out", metavar="FILE.png",
+                   help=f"where to write (default RUN_DIR/{FILE_NAME})")
     return p
 
 

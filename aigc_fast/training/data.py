@@ -32,7 +32,8 @@ EDGE = 0.08
 # Shape radius as a fraction of the image side, and how far a shape's centre strays from the image's
 # centre, as a fraction of the room the frame leaves it. With centres anywhere in the frame
 # (SPREAD = 1) and radii from 0.2, the default run's DCGAN still drew rounded, mode-averaged blobs
-# after 5500 steps; with these it draws circles, squares and triangles one can tell apart (measured).
+# after 5500 steps; with these it draws circles, squares and triangles one can tell apart
+# (measured).
 RADIUS = (0.3, 0.42)
 SPREAD = 0.4
 # Each kind's half-extent (half its bounding box's larger side) in units of the radius: a circle r,
@@ -55,11 +56,13 @@ def _uniform(g, n, low, high):
 
 
 def _shape_params(g, n, size):
-    """Per-image random parameters of the shapes set (drawn all at once: chunking cannot change them)."""
+    """Per-image random parameters of the shapes set (drawn all at once: chunking cannot change
+    them)."""
     kind = torch.randint(0, 3, (n,), generator=g)  # 0 circle, 1 square, 2 triangle
     radius = _uniform(g, n, *RADIUS) * size
     # how far the centre may move and keep the whole shape and its soft edge in the frame (only the
-    # ramp's faint tail at a triangle's base corners, under 11 % coverage, can reach the frame's edge)
+    # ramp's faint tail at a triangle's base corners, under 11 % coverage, can reach the frame's
+    # edge)
     room = (size / 2 - radius * torch.tensor(HALF_EXTENT)[kind] - EDGE * size / 2).clamp_(min=0)
     cx = size / 2 + _uniform(g, n, -SPREAD, SPREAD) * room
     cy = size / 2 + _uniform(g, n, -SPREAD, SPREAD) * room
@@ -148,7 +151,8 @@ class LazyShapes:
 
     def __init__(self, n, image_size, nc=3, seed=SHAPES_SEED):
         if image_size not in SUPPORTED_IMAGE_SIZES:
-            raise ValueError(f"image_size must be one of {SUPPORTED_IMAGE_SIZES}, got {image_size!r}")
+            raise ValueError(f"image_size must be one of {SUPPORTED_IMAGE_SIZES}, got "
+                             f"{image_size!r}")
         self.n, self.image_size, self.nc = n, image_size, nc
         self.params = _shape_params(torch.Generator().manual_seed(seed), n, image_size)
 
@@ -225,8 +229,8 @@ def load_npz(path, image_size, nc):
     except Exception as err:  # zipfile/pickle/OS errors: the file is not a readable .npz
         raise UsageError(f"{what}: cannot be read as a .npz archive ({type(err).__name__}: {err})")
     if array.dtype != np.uint8 or array.ndim not in (3, 4) or len(array) == 0:
-        raise UsageError(f"{what}: array {name!r} is {array.dtype} with shape {array.shape}; expected "
-                         "a non-empty uint8 array N x H x W x C (C = 1 or 3) or N x H x W")
+        raise UsageError(f"{what}: array {name!r} is {array.dtype} with shape {array.shape}; "
+                         "expected a non-empty uint8 array N x H x W x C (C = 1 or 3) or N x H x W")
     images = torch.from_numpy(array if array.ndim == 4 else array[..., None]).permute(0, 3, 1, 2)
     return _resize_center_crop(_to_channels(images, nc, what), image_size).contiguous()
 
@@ -322,7 +326,8 @@ def load_folder(root, image_size, nc, workers=0):
 
 
 def infer_dataset(data):
-    """The --dataset that ``--data`` means: "shapes", a folder or a .npz file; UsageError if none."""
+    """The --dataset that ``--data`` means: "shapes", a folder or a .npz file; UsageError if
+    none."""
     if data is None or data == SHAPES:
         return SHAPES
     path = Path(data)
@@ -375,7 +380,8 @@ def images_of_config(cfg, workers=0, download=False):
 
 
 class BatchOrder:
-    """Which images form each batch: a fresh permutation per epoch, a pure function of (seed, epoch).
+    """Which images form each batch: a fresh permutation per epoch, a pure function of (seed,
+    epoch).
 
     Full batches only (BatchNorm statistics of a 3-image tail batch would be noise). Because the
     order depends on nothing but (seed, epoch), resuming at step s needs only s itself.
@@ -418,7 +424,8 @@ def batch_stream(images, order, start_step, device):
     On CUDA a data set that fits in DEVICE_RESIDENT_BYTES is moved to the GPU once and indexed
     there; a larger one is indexed on the host and copied from pinned memory without blocking.
     """
-    if device.type == "cuda" and torch.is_tensor(images) and images.numel() <= DEVICE_RESIDENT_BYTES:
+    if device.type == "cuda" and torch.is_tensor(images) \
+            and images.numel() <= DEVICE_RESIDENT_BYTES:
         images = images.to(device)
         yield from (images[index] for index in order.batches(start_step, device))
     elif device.type == "cuda":

@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun: one process per device, DistributedDataParallel on G and D.
+"""Data-parallel training under torchrun: one process per device, DistributedDataParallel on G and
+D.
 
 Without torchrun (WORLD_SIZE unset or 1) :func:`init_world` returns a single-process
 :class:`World` whose methods are identities and no process group exists, so the single-process
@@ -7,8 +8,8 @@ trainer is unchanged.
 Under torchrun a run is defined by its *global* batch, world_size x --batch-size:
 
 - data: every step takes the next global batch of one seeded permutation per epoch, and rank r
-  takes rows [r*B, (r+1)*B) of it (:class:`aigc_fast.training.data.BatchOrder`); noise: every rank draws the
-  same global (world_size*B, nz) block from the same generator and keeps the same rows
+  takes rows [r*B, (r+1)*B) of it (:class:`aigc_fast.training.data.BatchOrder`); noise: every rank
+  draws the same global (world_size*B, nz) block from the same generator and keeps the same rows
   (:meth:`World.shard`). So the ranks see distinct images and noise, W processes x B see exactly
   what one process x W*B sees, and the position after s steps depends on s alone: a checkpoint
   resumes under any world size that divides its global batch (:meth:`World.per_process_config`).
@@ -41,8 +42,8 @@ DEFAULT_TIMEOUT_S = 300.0
 # "inplace operation" error on CUDA, pytorch issues 22095, 110363, 175024). It would also replace
 # each rank's statistics with rank 0's at every forward; they are per process on purpose (as in
 # pytorch/examples), or global with --sync-bn. torch 2.13 deprecates
-# broadcast_buffers for forward_sync_buffers, which also keeps the one sync at construction (harmless:
-# every rank starts from the same seed or checkpoint).
+# broadcast_buffers for forward_sync_buffers, which also keeps the one sync at construction
+# (harmless: every rank starts from the same seed or checkpoint).
 _DDP_ARGS = inspect.signature(DistributedDataParallel).parameters
 _NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
                            else {"broadcast_buffers": False})
@@ -53,8 +54,9 @@ def _env_int(name):
     try:
         return int(text)
     except (TypeError, ValueError):
-        raise UsageError(f"environment variable {name}={text!r}: expected an integer, as torchrun sets "
-                         "it (launch with: torchrun --nproc-per-node N -m aigc_fast.train ...)")
+        raise UsageError(f"environment variable {name}={text!r}: expected an integer, as torchrun "
+                         "sets it (launch with: torchrun --nproc-per-node N -m aigc_fast.train "
+                         "...)")
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,9 @@ class World:
         global_batch = saved["batch_size"] * saved.get("world_size", 1)
         per_process, rest = divmod(global_batch, self.world_size)
         if rest:
-            raise UsageError(f"{what}: its global batch of {global_batch} images does not split over "
-                             f"{self.world_size} processes; expected a process count that divides "
-                             f"{global_batch}")
+            raise UsageError(f"{what}: its global batch of {global_batch} images does not split "
+                             f"over {self.world_size} processes; expected a process count that "
+                             f"divides {global_batch}")
         return {**saved, "batch_size": per_process, "world_size": self.world_size}
 
     def shard(self, rows):
@@ -160,8 +162,9 @@ def init_world(device_name, timeout_s=DEFAULT_TIMEOUT_S):
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"LOCAL_RANK {local_rank}: this node has {torch.cuda.device_count()} CUDA "
-                             "devices; expected --nproc-per-node at most that (one process per GPU)")
+            raise UsageError(f"LOCAL_RANK {local_rank}: this node has {torch.cuda.device_count()} "
+                             "CUDA devices; expected --nproc-per-node at most that (one process "
+                             "per GPU)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -201,7 +204,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         channels, dims = x.shape[1], (0, 2, 3)
-        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_full((1,), x.numel() // channels)]))
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims),
+                                              x.new_full((1,), x.numel() // channels)]))
         count = sums[channels]
         mean = sums[:channels] / count
         centred = x - mean.view(1, -1, 1, 1)

@@ -42,7 +42,8 @@ class EMA:
         self.decay, self.rampup = decay, rampup
         self.module = copy.deepcopy(source).eval().requires_grad_(False)
         # pair tensors by name once: the optimiser updates G's parameters in place
-        own_params, own_buffers = dict(self.module.named_parameters()), dict(self.module.named_buffers())
+        own_params, own_buffers = \
+            dict(self.module.named_parameters()), dict(self.module.named_buffers())
         src_params, src_buffers = dict(source.named_parameters()), dict(source.named_buffers())
         self._params = ([own_params[k] for k in src_params], list(src_params.values()))
         self._buffers = ([own_buffers[k] for k in src_buffers], list(src_buffers.values()))

@@ -6,8 +6,8 @@ Also the :class:`Evaluator` (SWD) and :class:`FidelityEvaluator` the trainer use
 ``--eval-every``, so a run's metrics.jsonl and
 this command give the same figures for the same checkpoint: both compare ``n`` generated images
 (noise drawn from ``seed``) with ``n`` real images (a subset drawn from ``seed``), where ``n`` is
-``--n`` (default :data:`~aigc_fast.training.metrics.DEFAULT_N`) capped at the size of the data set. SWD
-depends on ``n``: compare only figures made with the same ``n``.
+``--n`` (default :data:`~aigc_fast.training.metrics.DEFAULT_N`) capped at the size of the data set.
+SWD depends on ``n``: compare only figures made with the same ``n``.
 """
 import json
 import os
@@ -40,7 +40,8 @@ class Evaluator:
     """SWD of generators against one fixed real set, whose descriptors are computed once."""
 
     def __init__(self, images, n=DEFAULT_N, device=torch.device("cpu"), seed=EVAL_SEED):
-        """``images``: uint8 (N, C, S, S) as :func:`aigc_fast.training.data.load_images` returns them."""
+        """``images``: uint8 (N, C, S, S) as :func:`aigc_fast.training.data.load_images` returns
+        them."""
         self.n, self.seed, self.device = min(n, len(images)), seed, device
         real = to_model_range(real_subset(images, self.n, seed).to(device))
         self.real = describe(real, seed=seed)
@@ -85,9 +86,9 @@ def real_source(cfg):
 def build_parser():
     p = ArgumentParser(
         prog="python -m aigc_fast.eval",
-        description="Sliced Wasserstein distance (Karras et al. 2018; x1e3, lower is better) between "
-                    "images of a checkpoint's generator and real images, per Laplacian-pyramid "
-                    "level and their mean.")
+        description="Sliced Wasserstein distance (Karras et al. 2018; x1e3, lower is better) "
+                    "between images of a checkpoint's generator and real images, per "
+                    "Laplacian-pyramid level and their mean.")
     add = p.add_argument
     add("--checkpoint", metavar="PATH",
         help="a checkpoint written by aigc_fast.train (e.g. runs/001/checkpoints/last.pt)")
@@ -215,7 +216,8 @@ def main(argv=None):
         which += " (the checkpoint has no G_ema: trained with --ema 0)"
     n = min(args.n, len(images))
     print(f"aigc_fast.eval: step {state.get('step', '?')}, {which}; n = {n} images a side"
-          + (f" (--n {args.n} capped at the data set's size)" if n < args.n else ""), file=sys.stderr)
+          + (f" (--n {args.n} capped at the data set's size)" if n < args.n else ""),
+          file=sys.stderr)
     scores = {}
     fidelity = [m for m in args.metric if m != "swd"]
     if fidelity:

@@ -49,7 +49,8 @@ class GracefulInterrupt:
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
-            if previous is not None:  # None: a handler not set from Python, which cannot be restored
+            # None: a handler not set from Python, which cannot be restored
+            if previous is not None:
                 signal.signal(signum, previous)
 
 

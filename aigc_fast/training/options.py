@@ -24,7 +24,8 @@ DEFAULT_STEPS = 4000
 DEFAULT_EVAL_EVERY = 1000
 # Settings that define a run: a resumed run takes them from its checkpoint, and a flag that
 # contradicts the checkpoint is an error (resuming continues that run; it cannot change its model).
-RUN_KEYS = ("dataset", "data", "classes", "image_size", "nz", "ngf", "ndf", "nc", "batch_size", "lr",
+RUN_KEYS = ("dataset", "data", "classes", "image_size", "nz", "ngf", "ndf", "nc",
+            "batch_size", "lr",
             "beta1", "seed") + VARIANT_KEYS
 # Settings a resumed run also keeps from its checkpoint unless a flag changes them.
 KEPT_KEYS = ("sample_every", "checkpoint_every", "log_every", "ema", "eval_every", "eval_n",
@@ -179,8 +180,8 @@ def build_parser():
              "'aigc_fast[metrics]') of --eval-n images to metrics.jsonl, the Inception weights "
              "read from PATH (a state_dict of torch-fidelity's inception-v3-compat extractor)")
     add("--prc-weights", metavar="PATH",
-        help="with --eval-every: also append precision and recall, the VGG16 weights read from PATH "
-             "(a state_dict of torchvision's vgg16)")
+        help="with --eval-every: also append precision and recall, the VGG16 weights read from "
+             "PATH (a state_dict of torchvision's vgg16)")
     add("--netG", dest="net_g", metavar="PATH",
         help="start G from these weights: a state_dict file (pytorch/examples' netG_epoch_N.pth) "
              "or a checkpoint of ours (its G); loaded with weights_only=True")

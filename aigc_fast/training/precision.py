@@ -1,13 +1,14 @@
-"""The training precision (``--precision``): what the step computes in, and the state that goes with it.
+"""The training precision (``--precision``): what the step computes in, and the state that goes with
+it.
 
 - ``fp32``: float32 throughout; tf32 off on CUDA, for PyTorch's convolutions and matmuls and for our
   kernels (they follow ``torch.backends.cudnn.allow_tf32``).
 - ``tf32``: float32 storage with tf32 tensor-core products (CUDA only; the default there).
-- ``bf16`` / ``fp16``: ``torch.autocast`` around the forward passes and the losses, for every backend
-  (our fused ops cast at their boundary as autocast does). Master weights, optimiser state, BN
-  statistics and the losses stay float32. ``fp16`` adds one ``torch.amp.GradScaler`` per network, so
-  that small gradients survive float16 and an overflowing step is skipped; their state is part of a
-  checkpoint.
+- ``bf16`` / ``fp16``: ``torch.autocast`` around the forward passes and the losses, for every
+  backend (our fused ops cast at their boundary as autocast does). Master weights, optimiser state,
+  BN statistics and the losses stay float32. ``fp16`` adds one ``torch.amp.GradScaler`` per network,
+  so that small gradients survive float16 and an overflowing step is skipped; their state is part of
+  a checkpoint.
 Sampling and evaluation run outside :meth:`Precision.autocast`, from the float32 weights.
 """
 import contextlib
@@ -72,8 +73,8 @@ class Precision:
         return torch.autocast(self.device_type, self.dtype)
 
     def backward_and_step(self, net, loss, optimizer):
-        """``loss.backward(); optimizer.step()`` for network ``net`` ("G" or "D"), scaled under fp16:
-        a step whose gradients overflowed is skipped and the scale lowered."""
+        """``loss.backward(); optimizer.step()`` for network ``net`` ("G" or "D"), scaled under
+        fp16: a step whose gradients overflowed is skipped and the scale lowered."""
         scaler = self.scalers[net]
         scaler.scale(loss).backward()
         scaler.step(optimizer)

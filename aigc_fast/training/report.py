@@ -33,7 +33,8 @@ class Diverged(Exception):
 
 
 def describe_os_error(err):
-    """``No space left on device, ENOSPC``: the cause of a failed write, for people and for search."""
+    """``No space left on device, ENOSPC``: the cause of a failed write, for people and for
+    search."""
     name = errno.errorcode.get(err.errno)
     return f"{err.strerror}, {name}" if err.strerror and name else str(err) or type(err).__name__
 
@@ -187,7 +188,8 @@ def evaluate(run, bar, meter):
     fidelity = run.fidelity(sampling_generator(run)) if run.fidelity is not None else {}
     seconds = time.perf_counter() - t0
     row = {"step": run.step, "epoch": round(run.step / run.order.steps_per_epoch, 4), "swd": scores,
-           "swd_n": run.evaluator.n, **fidelity, "generator": EMA_KEY if run.ema is not None else "G",
+           "swd_n": run.evaluator.n, **fidelity,
+           "generator": EMA_KEY if run.ema is not None else "G",
            "eval_seconds": round(seconds, 2)}
     append_metrics_row(run, row)
     levels = ", ".join(f"{k} px {v:.1f}" for k, v in scores.items() if k != "mean")

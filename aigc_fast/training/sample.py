@@ -59,14 +59,15 @@ def generator_from_state(state, path, key):
     try:
         G = Generator(cfg["image_size"], cfg["nz"], cfg["ngf"], cfg["nc"])
     except (KeyError, TypeError, ValueError) as err:
-        raise UsageError(f"checkpoint {path}: its config cannot build a Generator ({err}); expected "
-                         "a checkpoint written by aigc_fast.train")
+        raise UsageError(f"checkpoint {path}: its config cannot build a Generator ({err}); "
+                         "expected a checkpoint written by aigc_fast.train")
     load_state_checked(G, state[key], f"checkpoint {path} ({key})")
     return G
 
 
 def load_generator(path, device, ema=True):
-    """The Generator of a training checkpoint (see :func:`generator_key`), in eval mode on ``device``."""
+    """The Generator of a training checkpoint (see :func:`generator_key`), in eval mode on
+    ``device``."""
     state = load_checkpoint(path, required=("G", "config"))
     G = generator_from_state(state, path, generator_key(state, ema)).to(device)
     return cpu_channels_last(G).eval()
@@ -97,14 +98,16 @@ def build_parser():
     p = ArgumentParser(prog="python -m aigc_fast.sample",
                        description="Generate images with the Generator of a training checkpoint.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a checkpoint written by aigc_fast.train (e.g. runs/001/checkpoints/last.pt)")
+                   help="a checkpoint written by aigc_fast.train (e.g. "
+                        "runs/001/checkpoints/last.pt)")
     p.add_argument("--n", type=positive_int, default=64, help="how many images (default 64)")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", metavar="FILE.png", help="write one grid of all images to this PNG")
     out.add_argument("--out-dir", metavar="DIR",
                      help="write each image as its own PNG (000000.png, ...) into DIR, e.g. to use "
                           "generated images as augmentation data")
-    p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same images (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same images "
+                                                       "(default 0)")
     p.add_argument("--batch-size", type=positive_int, default=256,
                    help="images generated per forward pass (default 256)")
     add_device_argument(p, "run the Generator")
@@ -119,7 +122,8 @@ def main(argv=None):
     device = resolve_device(args.device)
     G = load_generator(args.checkpoint, device, ema=not args.no_ema)
     if args.out:
-        images = torch.cat([b.cpu() for b in generate(G, args.n, args.seed, args.batch_size, device)])
+        images = torch.cat([b.cpu()
+                            for b in generate(G, args.n, args.seed, args.batch_size, device)])
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         save_grid(images, args.out)
         print(f"wrote a grid of {args.n} images to {args.out}")

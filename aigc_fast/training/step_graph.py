@@ -2,13 +2,14 @@
 both Adam updates, captured once and replayed, so a launch-bound step (a DCGAN at 32 px, batch 64:
 a hundred-odd kernels of a few microseconds) costs one graph launch.
 
-Captured with ``torch.cuda.CUDAGraph`` directly rather than ``torch.compile(mode="reduce-overhead")``:
-the graph replays exactly the kernels the uncaptured step launches, in the same order, so its
-results are bitwise those of the step without the graph; nothing is compiled; and the optimiser
-steps, which torch.compile cannot put in one graph with the forward and backward (PyTorch breaks
-the graph at ``Optimizer.zero_grad``, ``Tensor.backward`` and inside ``Optimizer.step``), are
-inside it. The step must not synchronise with the host (an ``.item()`` raises during capture):
-our ops and ``train_step`` do not; fp16's GradScaler does, so fp16 runs without the graph.
+Captured with ``torch.cuda.CUDAGraph`` directly rather than
+``torch.compile(mode="reduce-overhead")``: the graph replays exactly the kernels the uncaptured step
+launches, in the same order, so its results are bitwise those of the step without the graph; nothing
+is compiled; and the optimiser steps, which torch.compile cannot put in one graph with the forward
+and backward (PyTorch breaks the graph at ``Optimizer.zero_grad``, ``Tensor.backward`` and inside
+``Optimizer.step``), are inside it. The step must not synchronise with the host (an ``.item()``
+raises during capture): our ops and ``train_step`` do not; fp16's GradScaler does, so fp16 runs
+without the graph.
 """
 import torch
 
@@ -85,4 +86,5 @@ class GraphedStep:
 
 
 def _same_layout(static, value):
-    return (static.shape, static.dtype, static.stride()) == (value.shape, value.dtype, value.stride())
+    return (static.shape, static.dtype,
+            static.stride()) == (value.shape, value.dtype, value.stride())

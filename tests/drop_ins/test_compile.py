@@ -1,7 +1,8 @@
 """torch.compile(fullgraph=True) of fused models on the Triton path (AIGC_FAST_IMPL=triton; on a CPU
-the kernels run interpreted): our ops are opaque operators (aigc_fast.ops), so Dynamo makes one graph
-without breaks, AOTAutograd puts their backward operators in the compiled backward, and the results
-equal the uncompiled model's. Tiny widths (ngf = ndf = 4, batch 2): compiling dominates the time."""
+the kernels run interpreted): our ops are opaque operators (aigc_fast.ops), so Dynamo makes one
+graph without breaks, AOTAutograd puts their backward operators in the compiled backward, and the
+results equal the uncompiled model's. Tiny widths (ngf = ndf = 4, batch 2): compiling dominates the
+time."""
 import copy
 
 import pytest
@@ -75,13 +76,15 @@ def test_train_step_with_compiled_fused_models(device):
     G, D = fused_models(device)
     G_ref, D_ref = copy.deepcopy(G), copy.deepcopy(D)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.5, 0.999)) for m in (G, D)]
-    opts_ref = [torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.5, 0.999)) for m in (G_ref, D_ref)]
+    opts_ref = [torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.5, 0.999))
+                for m in (G_ref, D_ref)]
     compile_ = lambda f: torch.compile(f, backend="aot_eager", fullgraph=True)  # noqa: E731
     for _ in range(2):
         real, z = inputs("D", device), inputs("G", device)
         got = train_step(compile_(G), compile_(D), opts[0], opts[1], real, z,
                          compile_(functional.bce_with_logits))
-        want = train_step(G_ref, D_ref, opts_ref[0], opts_ref[1], real, z, functional.bce_with_logits)
+        want = train_step(G_ref, D_ref, opts_ref[0], opts_ref[1], real, z,
+                          functional.bce_with_logits)
         for key in want:
             assert rel_err(got[key], want[key]) <= RTOL, key
     for (key, p), q in zip([*G.named_parameters(), *D.named_parameters()],

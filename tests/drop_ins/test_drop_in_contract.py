@@ -169,7 +169,7 @@ def test_half_model_gradients_as_accurate_as_eager_half(layout, seeds, fused_cal
     assert ("chain", 4) in fused_calls
 
 
-# --- 4. global module hooks -------------------------------------------------------------------------
+# --- 4. global module hooks -----------------------------------------------------------------------
 
 GLOBAL_HOOKS = {
     "forward_pre": lambda seen: module_hooks.register_module_forward_pre_hook(
@@ -211,7 +211,7 @@ def test_global_hooks_see_every_module(kind, fused_calls, device, capsys):
     assert fused_calls == [("chain", 3)]
 
 
-# --- 5. unfuse() on copies --------------------------------------------------------------------------
+# --- 5. unfuse() on copies ------------------------------------------------------------------------
 
 def saved_and_loaded(model):
     buffer = io.BytesIO()

@@ -1,4 +1,5 @@
-"""DCGAN models: output shapes, state_dict keys and checkpoint compatibility with pytorch/examples."""
+"""DCGAN models: output shapes, state_dict keys and checkpoint compatibility with
+pytorch/examples."""
 import pytest
 import torch
 from torch import nn
@@ -9,9 +10,12 @@ from aigc_fast.models import Discriminator, Generator, build_models, dcgan_init_
 def _examples_generator(nz, ngf, nc):
     """pytorch/examples dcgan/main.py's netG, written out independently of our code."""
     return nn.Sequential(
-        nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
-        nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
-        nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+        nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8),
+        nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4),
+        nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2),
+        nn.ReLU(True),
         nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
         nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
 
@@ -20,9 +24,12 @@ def _examples_discriminator(ndf, nc):
     """pytorch/examples dcgan/main.py's netD (it ends in a Sigmoid; ours returns the logits)."""
     return nn.Sequential(
         nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
-        nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, True),
-        nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2, True),
-        nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, True),
+        nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2),
+        nn.LeakyReLU(0.2, True),
+        nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4),
+        nn.LeakyReLU(0.2, True),
+        nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8),
+        nn.LeakyReLU(0.2, True),
         nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid())
 
 
@@ -58,7 +65,8 @@ def test_32px_architecture():
 
 def test_64px_loads_pytorch_examples_checkpoint_strictly():
     torch.manual_seed(0)
-    theirs_g, theirs_d = _Wrapped(_examples_generator(12, 4, 3)), _Wrapped(_examples_discriminator(5, 3))
+    theirs_g, theirs_d = \
+        _Wrapped(_examples_generator(12, 4, 3)), _Wrapped(_examples_discriminator(5, 3))
     dcgan_init_(theirs_g), dcgan_init_(theirs_d)
     G, D = Generator(64, nz=12, ngf=4, nc=3), Discriminator(64, ndf=5, nc=3)
     assert list(G.state_dict()) == list(theirs_g.state_dict())

@@ -2,8 +2,9 @@
 as the eager one (outputs, gradients, running statistics, num_batches_tracked, state_dict), in
 train and eval mode.
 
-Fused float32 models are compared with float64 eager copies: relative error (Frobenius norm) <= 1e-4.
-The fused op runs through "auto": the Triton kernels here (interpreted on CPU), the reference elsewhere.
+Fused float32 models are compared with float64 eager copies: relative error (Frobenius norm) <=
+1e-4. The fused op runs through "auto": the Triton kernels here (interpreted on CPU), the reference
+elsewhere.
 """
 import copy
 import inspect
@@ -116,7 +117,8 @@ def fused_calls(monkeypatch):
 
 
 def eager_run(in_channels, out_channels, **conv_args):
-    """The eager nn.Sequential(ConvTranspose2d, BatchNorm2d, ReLU) that ConvTransposeBNReLU replaces."""
+    """The eager nn.Sequential(ConvTranspose2d, BatchNorm2d, ReLU) that ConvTransposeBNReLU
+    replaces."""
     momentum = conv_args.pop("momentum", 0.1)
     return randomize_batch_norms_(nn.Sequential(
         nn.ConvTranspose2d(in_channels, out_channels, **conv_args),
@@ -257,12 +259,14 @@ def test_fused_generator_matches_eager(name, fused_calls, device):
     reference = copy.deepcopy(model).double()
     assert fuse(model) is model
     assert type(model.main) is FusedSequential
-    assert_matches_reference(model, reference, lambda: torch.randn(2, nz, 1, 1), device, train_steps)
+    assert_matches_reference(model, reference, lambda: torch.randn(2, nz, 1, 1), device,
+                             train_steps)
     # one chain of the BN runs and the last ConvTranspose2d (with its Tanh), in training and eval
     assert fused_calls == [("chain", runs + 1)] * (train_steps + 1)
 
 
-# (model, image size, fused runs with BN, training steps): the first and last convolutions have no BN
+# (model, image size, fused runs with BN, training steps): the first and last convolutions have no
+# BN
 DISCRIMINATORS = {
     "discriminator32": (lambda: Discriminator(32, ndf=4), 32, 2, 2),
     "discriminator64": (lambda: Discriminator(64, ndf=2), 64, 3, 1),
@@ -351,7 +355,8 @@ def test_unfusable_runs_are_left_and_still_work(capsys, fused_calls, device):
     class Holder(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv, self.bn, self.relu = nn.ConvTranspose2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+            self.conv, self.bn, self.relu = \
+                nn.ConvTranspose2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
 
         def forward(self, x):
             return self.relu(self.bn(self.conv(x)))
@@ -395,7 +400,8 @@ def test_unfusable_runs_are_left_and_still_work(capsys, fused_calls, device):
                  "left  subclass.0: inside MySequential, a subclass of nn.Sequential",
                  "left  holder.conv: inside Holder, not an nn.Sequential"]:
         assert line in report, f"{line!r} not in:\n{report}"
-    assert_matches_reference(model, reference, lambda: torch.randn(2, 4, 2, 2), device, train_steps=2)
+    assert_matches_reference(model, reference, lambda: torch.randn(2, 4, 2, 2), device,
+                             train_steps=2)
     assert fused_calls == [True, True, True, True, False, False]
     assert len(hook_calls) == 3  # the hooked run ran eagerly, hook and all
 
@@ -405,7 +411,8 @@ def test_mismatched_batch_norm_and_fused_module_are_left(capsys):
                           ConvTransposeBNReLU(4, 4, 3))
     fuse(model, verbose=True)
     report = capsys.readouterr().out
-    assert "left  0: BatchNorm2d has num_features=5 but the ConvTranspose2d gives 4 channels" in report
+    assert "left  0: BatchNorm2d has num_features=5 but the ConvTranspose2d gives 4 channels" \
+        in report
     assert "left  3.conv: inside a ConvTransposeBNReLU, which is already fused" in report
     assert type(model) is nn.Sequential
     # the mismatched run fails exactly as it does eagerly
@@ -470,8 +477,9 @@ def test_fuse_swaps_bce_losses_and_unfuse_restores_them(capsys, monkeypatch, dev
 
 
 def test_fused_generator_compiles_without_graph_breaks(monkeypatch):
-    """fuse()'s rewrite (the Sequential's walk and BatchNorm's bookkeeping) is traceable in one graph;
-    the reference op stands in for the kernels, whose own tracing is the functional layer's."""
+    """fuse()'s rewrite (the Sequential's walk and BatchNorm's bookkeeping) is traceable in one
+    graph; the reference op stands in for the kernels, whose own tracing is the functional
+    layer's."""
     monkeypatch.setenv("AIGC_FAST_IMPL", "ref")
     torch.manual_seed(9)
     model = fuse(randomize_batch_norms_(Generator(32, nz=8, ngf=2)))
@@ -603,7 +611,8 @@ def test_lazy_run_fuses_from_its_second_call(capsys, fused_calls, device):
     assert fused_calls == [] and type(model[0]) is nn.ConvTranspose2d
     randomize_batch_norms_(model)
     reference = unfuse(copy.deepcopy(model)).double()
-    assert_matches_reference(model, reference, lambda: torch.randn(2, 4, 3, 3), device, train_steps=2)
+    assert_matches_reference(model, reference, lambda: torch.randn(2, 4, 3, 3), device,
+                             train_steps=2)
     assert fused_calls == [True, True, False]
 
 

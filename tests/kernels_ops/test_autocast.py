@@ -82,7 +82,8 @@ def test_float16_statistics_exact_when_mean_dwarfs_std(device):
     """|mean| / std ~ 100: the running statistics our kernels keep for a float16 layer equal float64
     statistics of its float16 conv output y (float32 accumulation, one rounding: what they
     normalise) to float32's level, where a float32 sum / sum-of-squares would lose the variance.
-    (Not the reference: PyTorch's float16 CPU convolution rounds along the way, so its y differs.)"""
+    (Not the reference: PyTorch's float16 CPU convolution rounds along the way, so its y
+    differs.)"""
     shape, geometry = (2, 3, 6, 5, 5, 3), dict(stride=1, padding=2)
     case = layer_case(*shape, seed=4, device=device)
     case["x"] = 30 + case["x"]

@@ -60,7 +60,8 @@ def max_rel_err(out, ref):
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     assert out.shape == ref.shape
     assert torch.equal(out.isnan(), ref.isnan()), "NaNs differ"
-    assert torch.equal(torch.where(out.isinf(), out, 0.0), torch.where(ref.isinf(), ref, 0.0)), "infs differ"
+    assert torch.equal(torch.where(out.isinf(), out, 0.0),
+                       torch.where(ref.isinf(), ref, 0.0)), "infs differ"
     finite = ref.isfinite()
     return ((out[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-300)).item()
 
@@ -85,13 +86,14 @@ def make_positive(shape, gen):
 
 
 def run_with_grads(fn, inputs, reduction, need_target_grad):
-    """Loss and gradients (input, target) of ``fn(input, target, reduction=..., **kwargs)`` through a
-    fixed random upstream gradient, so that the gradient's scaling is checked too."""
+    """Loss and gradients (input, target) of ``fn(input, target, reduction=..., **kwargs)`` through
+    a fixed random upstream gradient, so that the gradient's scaling is checked too."""
     x, t, kwargs = inputs
     x = x.clone().requires_grad_()
     t = t.clone().requires_grad_(need_target_grad)
     loss = fn(x, t, reduction=reduction, **kwargs)
-    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(0),
+                           dtype=torch.float64)
     (loss * upstream.to(loss)).sum().backward()
     return loss, x.grad, t.grad
 
@@ -101,7 +103,8 @@ def float64_inputs(x, t, kwargs):
 
 
 def to_device(x, t, kwargs, device):
-    return x.to(device), t.to(device), {k: None if v is None else v.to(device) for k, v in kwargs.items()}
+    return x.to(device), t.to(device), {k: None if v is None else v.to(device) for k,
+                                        v in kwargs.items()}
 
 
 def logit_case(name, gen):
@@ -161,10 +164,12 @@ def test_binary_cross_entropy_matches_float64_pytorch(name, reduction, impl, dev
 def test_other_dtypes_accumulate_in_float32_or_better(dtype, device):
     for reduction in ("none", "mean"):
         errors = check_parity(functional.bce_with_logits, F.binary_cross_entropy_with_logits,
-                              logit_case("both", seeded("dtype")), reduction, "triton", device, dtype)
+                              logit_case("both", seeded("dtype")), reduction, "triton",
+                              device, dtype)
         assert max(e for e in errors if e is not None) <= TOL[dtype], (reduction, errors)
         errors = check_parity(functional.binary_cross_entropy, F.binary_cross_entropy,
-                              prob_case("weight", seeded("dtype")), reduction, "triton", device, dtype)
+                              prob_case("weight", seeded("dtype")), reduction, "triton",
+                              device, dtype)
         assert max(e for e in errors if e is not None) <= TOL[dtype], (reduction, errors)
 
 
@@ -210,10 +215,12 @@ def test_reduction_over_several_programs_is_deterministic(reduction, max_program
 
 
 def test_a_discriminator_batch_takes_one_launch_each_way(device, launches):
-    """128 logits fit one program, which writes the mean itself: one launch forward, one backward."""
+    """128 logits fit one program, which writes the mean itself: one launch forward, one
+    backward."""
     gen = seeded("gan")
     logits = wide_logits((128, 1), gen).to(device).requires_grad_()
-    loss = functional.bce_with_logits(logits, torch.ones(()).expand(128, 1).to(device), impl="triton")
+    loss = functional.bce_with_logits(logits, torch.ones(()).expand(128, 1).to(device),
+                                      impl="triton")
     loss.backward()
     assert launches() == {"_bce_fwd_kernel": 1, "_sum_partials_kernel": 0, "_bce_bwd_kernel": 1}
 
@@ -232,7 +239,8 @@ def test_strided_logits_expanded_target_and_expanded_gradient(impl, device):
         loss.sum().backward()
         return loss, x.grad
 
-    got = loss_and_grad(functional.bce_with_logits, logits.to(device), pos_weight.to(device), impl=impl)
+    got = loss_and_grad(functional.bce_with_logits, logits.to(device), pos_weight.to(device),
+                        impl=impl)
     want = loss_and_grad(F.binary_cross_entropy_with_logits, logits.double(), pos_weight.double())
     assert max(max_rel_err(g, w) for g, w in zip(got, want)) <= TOL[torch.float32]
 
@@ -392,37 +400,44 @@ def test_what_pytorch_accepts_is_accepted(impl, device):
     weight and pos_weight."""
     gen = seeded("accepted")
     x, t = wide_logits(SHAPE, gen).to(device), make_target("soft", SHAPE, gen).to(device)
-    w, pw = torch.tensor([1, 2, 3, 1, 2, 3, 1]).to(device), torch.tensor([[2], [1], [3], [1], [4]]).to(device)
+    w, pw = torch.tensor([1, 2, 3, 1, 2, 3,
+                          1]).to(device), torch.tensor([[2], [1], [3], [1], [4]]).to(device)
     with pytest.warns(UserWarning, match="elementwise_mean"):
-        ours = functional.bce_with_logits(x, t, weight=w, pos_weight=pw, reduction="elementwise_mean",
+        ours = functional.bce_with_logits(x, t, weight=w, pos_weight=pw,
+                                          reduction="elementwise_mean",
                                           impl=impl)
     want = F.binary_cross_entropy_with_logits(x.double(), t.double(), weight=w, pos_weight=pw)
     assert max_rel_err(ours, want) <= TOL[torch.float32]
     p = torch.sigmoid(x)
     with pytest.warns(UserWarning, match="elementwise_mean"):
-        ours = functional.binary_cross_entropy(p, t, weight=w, reduction="elementwise_mean", impl=impl)
+        ours = functional.binary_cross_entropy(p, t, weight=w, reduction="elementwise_mean",
+                                               impl=impl)
     want = F.binary_cross_entropy(p.double(), t.double(), weight=w.double())
     assert max_rel_err(ours, want) <= TOL[torch.float32]
     module = fused_nn.BCEWithLogitsLoss(pos_weight=pw, reduction="elementwise_mean", impl=impl)
     with pytest.warns(UserWarning, match="elementwise_mean"):
         ours = module(x, t)
     assert max_rel_err(ours, F.binary_cross_entropy_with_logits(x.double(), t.double(),
-                                                                pos_weight=pw)) <= TOL[torch.float32]
+                                                                pos_weight=pw)) \
+        <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_empty_input_matches_pytorch(reduction, impl, device):
     x = torch.empty(0, 3, device=device, requires_grad=True)
-    ours = functional.bce_with_logits(x, torch.empty(0, 3, device=device), reduction=reduction, impl=impl)
-    want = F.binary_cross_entropy_with_logits(x, torch.empty(0, 3, device=device), reduction=reduction)
+    ours = functional.bce_with_logits(x, torch.empty(0, 3, device=device), reduction=reduction,
+                                      impl=impl)
+    want = F.binary_cross_entropy_with_logits(x, torch.empty(0, 3, device=device),
+                                              reduction=reduction)
     assert ours.shape == want.shape
     assert torch.equal(ours.isnan(), want.isnan())
     assert torch.equal(ours.nan_to_num(), want.nan_to_num())
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.filterwarnings("ignore:size_average and reduce args")  # the legacy arguments, on purpose
+# the legacy arguments, on purpose
+@pytest.mark.filterwarnings("ignore:size_average and reduce args")
 @pytest.mark.parametrize("ours, theirs, is_logits", [
     (fused_nn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss, True),
     (fused_nn.BCELoss, torch.nn.BCELoss, False),

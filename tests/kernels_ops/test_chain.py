@@ -89,7 +89,8 @@ def test_chain_saves_one_tensor_per_layer(device):
     activation-sized tensors per BN layer."""
     torch.manual_seed(23)
     model = nn.Sequential(nn.Conv2d(3, 6, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),
-                          nn.Conv2d(6, 8, 4, 2, 1, bias=False), nn.BatchNorm2d(8), nn.LeakyReLU(0.2),
+                          nn.Conv2d(6, 8, 4, 2, 1, bias=False), nn.BatchNorm2d(8),
+                          nn.LeakyReLU(0.2),
                           nn.Conv2d(8, 1, 4, 1, 0, bias=False)).to(device)
     fuse(model)
     x = torch.randn(2, 3, 16, 16, device=device)
@@ -202,7 +203,8 @@ def test_bad_links_name_the_argument(device):
         chain.conv_chain(x, [], [], [], [])
     with pytest.raises(ValueError, match=r"bn_params must be a list with one entry per link \(1\)"):
         chain.conv_chain(x, [link], [weight], [], [None])
-    with pytest.raises(ValueError, match=r"weights\[0\] must be a 4-D tensor with 3 input channels"):
+    with pytest.raises(ValueError,
+                       match=r"weights\[0\] must be a 4-D tensor with 3 input channels"):
         chain.conv_chain(x, [link], [weight[:2]], [None], [None])
     with pytest.raises(ValueError, match=r"bn_params\[0\] must be \(gamma, beta\) exactly when"):
         chain.conv_chain(x, [chain.Link(True, (1, 1), (0, 0), has_bn=True)], [weight], [None],

@@ -71,7 +71,8 @@ def run_op(case, transposed, cfg, layer, *, dtype=None, x_layout="nchw", **kwarg
     gradient; returns dict: out, running stats, and the gradients of the tensors given."""
     cast = lambda t: (t.to(dtype) if dtype else t).clone()  # noqa: E731
     leaves = {key: cast(case[key]).requires_grad_() for key in GRADS if case[key] is not None}
-    stats = {key: cast(case[key]) for key in ("running_mean", "running_var") if case[key] is not None}
+    stats = {key: cast(case[key]) for key in ("running_mean", "running_var")
+             if case[key] is not None}
     x = layout(leaves["x"], x_layout)
     _, act, slope, _ = layer
     out = functional.conv_bn_act(
@@ -89,8 +90,8 @@ def float64_reference(case, transposed, cfg, layer, **kwargs):
 
 
 def assert_close(result, expected, tol=TOL):
-    """Every tensor within ``tol`` relative; the conv bias's gradient under training BN is 0 in exact
-    arithmetic, so it is measured on the scale of BN's bias gradient instead."""
+    """Every tensor within ``tol`` relative; the conv bias's gradient under training BN is 0 in
+    exact arithmetic, so it is measured on the scale of BN's bias gradient instead."""
     assert result.keys() == expected.keys()
     errors = {}
     for key, want in expected.items():
@@ -156,7 +157,8 @@ def test_statistics_exact_when_mean_dwarfs_std(device):
     # dW = sum x * dy cancels (x ~ 1e3, sum dy = 0), beyond float32 itself; the rest holds 1e-4
     del result["grad_weight"], expected["grad_weight"]
     assert_close(result, expected)
-    y = torch.nn.functional.conv2d(case["x"].double(), case["weight"].double(), None, 1, 1)[..., 1:-1, 1:-1]
+    y = torch.nn.functional.conv2d(case["x"].double(), case["weight"].double(), None, 1,
+                                   1)[..., 1:-1, 1:-1]
     assert (y.mean(dim=(0, 2, 3)).abs() > 100 * y.std(dim=(0, 2, 3))).all()
 
 
@@ -166,7 +168,8 @@ def test_half_precision(device, poisoned):
         cfg, _ = configs["dcgan-k4-s2"]
         for layer in ("bn-leaky0.2-bias", "leaky0.01"):
             case = make_case(cfg, transposed, LAYERS[layer], device)
-            result = run_op(case, transposed, cfg, LAYERS[layer], dtype=torch.float16, impl="triton")
+            result = run_op(case, transposed, cfg, LAYERS[layer], dtype=torch.float16,
+                            impl="triton")
             assert result["out"].dtype == torch.float16
             assert_close(result, float64_reference(case, transposed, cfg, LAYERS[layer]), tol=5e-3)
 

@@ -54,7 +54,8 @@ def run_op(case, grad_out_seed=1, dtype=None, needs_grad=GRAD_NAMES, **kwargs):
     stats = {key: (case[key].to(dtype) if dtype else case[key]).clone()
              for key in ("running_mean", "running_var")}
     out = functional.conv_transpose_bn_relu(
-        leaves["x"], leaves["weight"], leaves["bn_weight"], leaves["bn_bias"], stats["running_mean"],
+        leaves["x"], leaves["weight"], leaves["bn_weight"], leaves["bn_bias"],
+        stats["running_mean"],
         stats["running_var"], bias=leaves.get("bias"), **kwargs)
     result = dict(out=out.detach(), **stats)
     if out.requires_grad:
@@ -186,7 +187,8 @@ def test_statistics_exact_when_mean_dwarfs_std(impl, device):
 def test_two_runs_bitwise_equal(training, device):
     cfg = CONFIGS["dcgan-4x4-s2"]
     case = make_case(cfg, device, bias=True)
-    first, second = (run_op(case, impl="triton", training=training, **geometry(cfg)) for _ in range(2))
+    first, second = (run_op(case, impl="triton", training=training, **geometry(cfg))
+                     for _ in range(2))
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
@@ -199,7 +201,8 @@ def test_channels_last_and_strided_views(device, poisoned):
     x = case["x"].to(memory_format=torch.channels_last).requires_grad_()
     weight_t = case["weight"].transpose(0, 1).contiguous().requires_grad_()
     out = functional.conv_transpose_bn_relu(x, weight_t.transpose(0, 1), case["bn_weight"],
-                                            case["bn_bias"], None, None, impl="triton", **geometry(cfg))
+                                            case["bn_bias"], None, None, impl="triton",
+                                            **geometry(cfg))
     gen = torch.Generator().manual_seed(1)
     grad = torch.randn(out.shape, generator=gen).to(device).to(memory_format=torch.channels_last)
     assert not grad.is_contiguous()
@@ -219,7 +222,8 @@ def test_only_weight_needs_grad(device, poisoned):
 
 
 def test_momentum_none_as_device_factor(device, poisoned):
-    """nn.BatchNorm2d(momentum=None) = cumulative average: pass 1/num_batches_tracked as a tensor."""
+    """nn.BatchNorm2d(momentum=None) = cumulative average: pass 1/num_batches_tracked as a
+    tensor."""
     cfg = CONFIGS["dcgan-4x4-s2"]
     case = make_case(cfg, device)
     conv = torch.nn.ConvTranspose2d(3, 5, 4, 2, 1, bias=False).double().to(device)
@@ -271,7 +275,8 @@ BAD_INPUTS = [
     (dict(momentum=torch.ones(2)), ValueError, "0-dim floating tensor"),
     (dict(training=False, running_mean=None, running_var=None), ValueError,
      "required when training=False"),
-    (dict(x=torch.randn(1, 3, 1, 1), stride=1, padding=1, weight=torch.randn(3, 5, 3, 3)), ValueError,
+    (dict(x=torch.randn(1, 3, 1, 1), stride=1, padding=1, weight=torch.randn(3, 5, 3, 3)),
+     ValueError,
      "Expected more than 1 value per channel when training"),
     (dict(eps=-1e-5), ValueError, "eps must be a float > 0 in training, >= 0 in eval"),
     (dict(eps=0.0), ValueError, "eps must be a float > 0 in training"),

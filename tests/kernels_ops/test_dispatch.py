@@ -1,5 +1,5 @@
-"""impl dispatch: "auto" picks Triton only where the kernels can run, "ref" and AIGC_FAST_IMPL force a
-path, and a forced path that cannot run fails loudly instead of silently falling back."""
+"""impl dispatch: "auto" picks Triton only where the kernels can run, "ref" and AIGC_FAST_IMPL force
+a path, and a forced path that cannot run fails loudly instead of silently falling back."""
 import pytest
 import torch
 
@@ -29,8 +29,8 @@ def test_fallback_warns_once_per_cause(monkeypatch, recwarn, device):
         assert functional.resolve_impl("auto", device, torch.float64) == "ref"
         assert functional.resolve_impl("auto", device, unsupported="a reason of the op's") == "ref"
     assert [str(w.message) for w in recwarn] == [
-        "aigc_fast: Triton kernels cannot run here (this kernel takes torch.float32, torch.float16, "
-        "torch.bfloat16, got torch.float64); using the PyTorch reference.",
+        "aigc_fast: Triton kernels cannot run here (this kernel takes torch.float32, "
+        "torch.float16, torch.bfloat16, got torch.float64); using the PyTorch reference.",
         "aigc_fast: Triton kernels cannot run here (a reason of the op's); using the PyTorch "
         "reference."]
     with pytest.raises(RuntimeError, match="impl='triton' cannot run: a reason of the op's"):

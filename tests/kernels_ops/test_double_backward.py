@@ -36,7 +36,8 @@ def test_bce_gradgradcheck_on_the_triton_path(reduction, device):
 
 
 def r1_penalty_grads(D, x, loss_fn):
-    """The gradients of D's parameters of ||d loss(D(x)) / dx||^2, an R1 penalty through the loss."""
+    """The gradients of D's parameters of ||d loss(D(x)) / dx||^2, an R1 penalty through the
+    loss."""
     x = x.detach().requires_grad_()
     gx, = torch.autograd.grad(loss_fn(D(x).view(-1), torch.ones(len(x), dtype=x.dtype,
                                                                   device=x.device)),
@@ -52,8 +53,10 @@ def test_r1_penalty_through_the_fused_loss_matches_float64(device):
     D = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)).to(device)
     D64 = copy.deepcopy(D).double()
     x = torch.randn(4, 5, device=device)
-    grads = r1_penalty_grads(D, x, lambda logits, t: functional.bce_with_logits(logits, t, impl="triton"))
-    expected = r1_penalty_grads(D64, x.double(), torch.nn.functional.binary_cross_entropy_with_logits)
+    grads = r1_penalty_grads(D, x, lambda logits,
+                             t: functional.bce_with_logits(logits, t, impl="triton"))
+    expected = r1_penalty_grads(D64, x.double(),
+                                torch.nn.functional.binary_cross_entropy_with_logits)
     for name, grad in expected.items():
         assert grads[name] is not None, name
         assert rel_err(grads[name], grad) <= TOL, name

@@ -30,7 +30,8 @@ def run_plan(tmp_path, size, batch):
 
 
 def eager_step_flops(size, batch):
-    """The convolutions' FLOPs of one eager training step (D on real and fake, G), on meta tensors."""
+    """The convolutions' FLOPs of one eager training step (D on real and fake, G), on meta
+    tensors."""
     from aigc_fast.models import build_models
     from aigc_fast.train import train_step
     from benchmarks.cases import DCGAN

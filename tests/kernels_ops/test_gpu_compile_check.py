@@ -25,7 +25,8 @@ FUSED_STEP_KERNELS = {"_chain_conv_kernel", "_backward_pair_kernel", "_weight_gr
 def quick_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile_check") / "rows.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_compile_check.py"), "--quick", "--rows", "bad",
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_compile_check.py"), "--quick",
+         "--rows", "bad",
          "--json", str(out)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1500)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
@@ -63,11 +64,12 @@ def _compile_one(tmp_path, kernel):
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
         from benchmarks import gpu_compile_check as check
         check._init_worker({str(tmp_path)!r})
-        launch = check.Launch("compile_check_kernels", {kernel!r}, (check.Pointer(torch.float32, 0),),
-                              {{"BLOCK": 64}}, "fp32", "sm_90")
+        launch = check.Launch("compile_check_kernels", {kernel!r},
+                              (check.Pointer(torch.float32, 0),), {{"BLOCK": 64}}, "fp32", "sm_90")
         print(json.dumps(check.compile_job(check.Job("L01", launch, {{}}, ""))))
         """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=ENV, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=ENV,
+                          capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -83,7 +83,8 @@ def _chain_args(device, keep=True):
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
     cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
     links = [Link(True, (2, 2), (1, 1), (1, 1), True, 1e-5, None, "relu"),
-             Link(False, (1, 1), (1, 1), (0, 0), False, activation="leaky_relu", negative_slope=0.2),
+             Link(False, (1, 1), (1, 1), (0, 0), False, activation="leaky_relu",
+                  negative_slope=0.2),
              Link(True, (2, 2), (0, 0), (0, 0), activation="tanh")]
     weights = [cl(rand(3, 5, 3, 3)), cl(rand(7, 5, 3, 3)), cl(rand(7, 3, 2, 2))]
     bn = [rand(5), rand(5), rand(5), rand(5).abs() + 0.5, torch.tensor(3, device=device)]
@@ -104,7 +105,8 @@ def test_conv_chain_backward_opcheck(device):
 def test_operators_declare_what_they_mutate():
     def mutated(name):
         schema = getattr(torch.ops.aigc_fast, name).default._schema
-        return {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        return {a.name for a in schema.arguments if a.alias_info is not None
+                and a.alias_info.is_write}
 
     assert mutated("conv_chain") == {"running_means", "running_vars", "batch_counts"}
     # the backward writes nothing it is given: a graph can be backpropagated again

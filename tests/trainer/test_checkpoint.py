@@ -99,11 +99,13 @@ def test_load_errors_name_the_file(tmp_path, content, message):
 
 def test_state_dict_mismatch_is_one_clear_line():
     small, big = Generator(32, nz=10, ngf=4), Generator(32, nz=10, ngf=8)
-    with pytest.raises(UsageError, match=r"main\.0\.weight has shape \(10, 16, 4, 4\), but the flags "
+    with pytest.raises(UsageError,
+                       match=r"main\.0\.weight has shape \(10, 16, 4, 4\), but the flags "
                                          r"build \(10, 32, 4, 4\)"):
         load_state_checked(big, small.state_dict(), "checkpoint x.pt")
     with pytest.raises(UsageError, match="keys do not match"):
         load_state_checked(Generator(64, nz=10, ngf=4), small.state_dict(), "checkpoint x.pt")
     other = Generator(32, nz=10, ngf=4)
     load_state_checked(other, small.state_dict(), "checkpoint x.pt")
-    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), small.state_dict().values()))
+    assert all(torch.equal(a, b) for a,
+               b in zip(other.state_dict().values(), small.state_dict().values()))

@@ -12,7 +12,8 @@ from aigc_fast.training.data import make_shapes
 from aigc_fast.train import main as train_main
 from cli_helpers import run_cli
 
-_cli = partial(run_cli, curves.main, prog="aigc_fast.curves")  # _cli(argv, capsys) -> (status, out, err)
+_cli = partial(run_cli, curves.main,
+               prog="aigc_fast.curves")  # _cli(argv, capsys) -> (status, out, err)
 
 TINY = ["--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "4", "--workers", "0",
         "--log-every", "1", "--eval-every", "2", "--eval-n", "16"]
@@ -43,14 +44,16 @@ def test_read_metrics_splits_training_and_evaluation_rows(tmp_path):
     assert [r["step"] for r in train] == [1, 2] and evals == [rows[1]]
 
 
-def test_without_matplotlib_the_run_says_how_and_does_the_rest(tmp_path, data, capsys, no_matplotlib):
+def test_without_matplotlib_the_run_says_how_and_does_the_rest(tmp_path, data, capsys,
+                                                               no_matplotlib):
     out = tmp_path / "run"
     assert train_main(["--data", data, "--steps", "2", "--out", str(out)] + TINY) == 0
     hint = [line for line in capsys.readouterr().out.splitlines() if "curves.png" in line]
     assert len(hint) == 1 and "pip install 'aigc_fast[plot]'" in hint[0]
     assert f"python -m aigc_fast.curves {out}" in hint[0]
     assert not (out / "curves.png").exists()
-    assert (out / "checkpoints" / "last.pt").exists() and (out / "samples" / "step_000002.png").exists()
+    assert (out / "checkpoints" / "last.pt").exists() \
+        and (out / "samples" / "step_000002.png").exists()
     status, _, err = _cli([str(out)], capsys)
     assert status == 2 and err.count("\n") == 1 and "pip install 'aigc_fast[plot]'" in err
 

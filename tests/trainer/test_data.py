@@ -1,4 +1,5 @@
-"""Data sources (embedded shapes, image folders, .npz), their errors, and the resumable batch order."""
+"""Data sources (embedded shapes, image folders, .npz), their errors, and the resumable batch
+order."""
 import warnings
 
 import numpy as np
@@ -8,10 +9,11 @@ from PIL import Image
 
 from aigc_fast.training import data
 from aigc_fast.training.cli import UsageError
-from aigc_fast.training.data import BatchOrder, batch_stream, load_images, make_shapes, to_model_range
+from aigc_fast.training.data import (BatchOrder, batch_stream, load_images, make_shapes,
+                                     to_model_range)
 
 
-# --- shapes ----------------------------------------------------------------------------------------
+# --- shapes ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -25,7 +27,8 @@ def test_shapes_are_deterministic_and_varied(size):
     flat = a.float().flatten(2)
     spread = (flat.max(2).values - flat.min(2).values).max(1).values
     assert (spread > 60).all()
-    # backgrounds (corner pixels) differ between images, so do shape sizes (pixels unlike the corner)
+    # backgrounds (corner pixels) differ between images, so do shape sizes (pixels unlike the
+    # corner)
     assert len({tuple(c) for c in a[:, :, 0, 0].tolist()}) > 30
     corner = a[:, :, :1, :1].float()
     covered = ((a.float() - corner).abs().sum(1) > 40).float().mean((1, 2))
@@ -59,7 +62,7 @@ def test_rgb_to_grayscale_is_luma(tmp_path):
     assert (grey.double() - expected).abs().max() <= 0.5 + 1e-4
 
 
-# --- image folders ---------------------------------------------------------------------------------
+# --- image folders --------------------------------------------------------------------------------
 
 
 def _write(path, w, h, colour=None, mode="RGB", middle=None):
@@ -115,7 +118,7 @@ def test_folder_errors(tmp_path):
         load_images("shapes", 48, 3)
 
 
-# --- .npz ------------------------------------------------------------------------------------------
+# --- .npz -----------------------------------------------------------------------------------------
 
 
 def test_npz_round_trip_and_resize(tmp_path):
@@ -161,7 +164,7 @@ def test_npz_corrupt_file(tmp_path):
         load_images(str(tmp_path / "file.txt"), 32, 3)
 
 
-# --- batches ---------------------------------------------------------------------------------------
+# --- batches --------------------------------------------------------------------------------------
 
 
 def test_batch_order_is_resumable_and_covers_each_epoch():
@@ -180,7 +183,8 @@ def test_batch_order_is_resumable_and_covers_each_epoch():
 
 
 def test_batch_stream_and_model_range():
-    images = torch.arange(6 * 3 * 2 * 2, dtype=torch.int64).remainder(256).to(torch.uint8).view(6, 3, 2, 2)
+    images = torch.arange(6 * 3 * 2 * 2,
+                          dtype=torch.int64).remainder(256).to(torch.uint8).view(6, 3, 2, 2)
     order = BatchOrder(6, 2, seed=0)
     batches = batch_stream(images, order, 0, torch.device("cpu"))
     for index in [next(order.batches(0)), *list(_take(order.batches(1), 2))]:

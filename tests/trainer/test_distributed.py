@@ -29,7 +29,8 @@ from aigc_fast.training.options import parse_args
 from aigc_fast.training.run import setup
 
 NZ, WIDTH = 8, 4
-TINY = ["--ngf", str(WIDTH), "--ndf", str(WIDTH), "--nz", str(NZ), "--workers", "0", "--device", "cpu",
+TINY = ["--ngf", str(WIDTH), "--ndf", str(WIDTH), "--nz", str(NZ), "--workers", "0",
+        "--device", "cpu",
         "--backend", "eager", "--seed", "3"]
 LAUNCH_TIMEOUT_S = 120  # a 2-process run of a few steps takes ~10 s here; this only stops a hang
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake")
@@ -104,7 +105,7 @@ def _assert_weights_close(a, b, rtol):
             assert err <= rtol, (key, err.item())
 
 
-# --- sharding and set-up, in this process -----------------------------------------------------------
+# --- sharding and set-up, in this process ---------------------------------------------------------
 
 
 def test_batch_order_shards_the_global_batch():
@@ -117,7 +118,8 @@ def test_batch_order_shards_the_global_batch():
         parts = [next(s) for s in streams]
         assert torch.equal(torch.cat(parts), expected)
         assert len(set(torch.cat(parts).tolist())) == 8  # disjoint shards
-    with pytest.raises(UsageError, match="--batch-size 8 x 4 processes is larger than the data set"):
+    with pytest.raises(UsageError,
+                       match="--batch-size 8 x 4 processes is larger than the data set"):
         BatchOrder(n=23, batch_size=8, seed=0, rank=0, world_size=4)
 
 
@@ -131,10 +133,12 @@ def test_world_shards_noise_and_keeps_the_global_batch_on_resume():
     assert torch.equal(World(cpu, rank=1, world_size=3).shard(rows), rows[2:4])
     assert World(cpu).shard(rows) is rows
     saved = {"batch_size": 4, "world_size": 2, "seed": 1}
-    assert World(cpu).per_process_config(saved, "ckpt") == {"batch_size": 8, "world_size": 1, "seed": 1}
+    assert World(cpu).per_process_config(saved,
+                                         "ckpt") == {"batch_size": 8, "world_size": 1, "seed": 1}
     assert World(cpu, 0, 4).per_process_config(saved, "ckpt")["batch_size"] == 2
     assert World(cpu, 0, 2).per_process_config({"batch_size": 8}, "ckpt")["batch_size"] == 4  # old
-    with pytest.raises(UsageError, match="ckpt: its global batch of 8 images does not split over 3"):
+    with pytest.raises(UsageError,
+                       match="ckpt: its global batch of 8 images does not split over 3"):
         World(cpu, 0, 3).per_process_config(saved, "ckpt")
 
 
@@ -151,18 +155,20 @@ def test_without_torchrun_there_is_no_process_group(monkeypatch):
 def test_sync_bn_needs_the_eager_backend(npz):
     args, explicit = parse_args(TINY + ["--data", npz, "--batch-size", "4", "--sync-bn",
                                         "--backend", "compile"])
-    with pytest.raises(UsageError, match="--sync-bn runs on the eager backend only; got --backend compile"):
+    with pytest.raises(UsageError, match="--sync-bn runs on the eager backend only; got --backend "
+                                         "compile"):
         setup(args, explicit, World(torch.device("cpu"), rank=0, world_size=2, backend="gloo"))
 
 
-# --- 2 processes under torchrun ---------------------------------------------------------------------
+# --- 2 processes under torchrun -------------------------------------------------------------------
 
 
 def test_two_processes_hold_identical_weights_and_draw_distinct_shards(tmp_path, npz, one_process):
     out, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
     (tmp_path / "entry.py").write_text(DUMPING_ENTRY)
-    stdout = _torchrun(TINY + ["--data", npz, "--batch-size", "4", "--steps", "3", "--log-every", "1",
+    stdout = _torchrun(TINY
+                       + ["--data", npz, "--batch-size", "4", "--steps", "3", "--log-every", "1",
                                "--out", str(out)],
                        entry=(str(tmp_path / "entry.py"),), env=_child_env(DUMP_DIR=str(dump)))
     assert stdout.count("batch 4 per process x 2 processes = 8 global (gloo)") == 1  # rank 0 alone
@@ -200,7 +206,8 @@ def test_sync_bn_two_by_four_is_one_by_eight_and_resumes_both_ways(tmp_path, npz
     assert torch.load(two / "checkpoints" / "last.pt", weights_only=True)["config"]["sync_bn"]
 
     # ... resumed in 1 process (batch 8 per process now), steps 3-4
-    assert main(["--resume", str(two / "checkpoints" / "last.pt"), "--steps", "4", "--workers", "0"]) == 0
+    assert main(["--resume", str(two / "checkpoints" / "last.pt"), "--steps", "4", "--workers",
+                 "0"]) == 0
     resumed = torch.load(two / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["step"] == 4
     assert (resumed["config"]["batch_size"], resumed["config"]["world_size"]) == (8, 1)
@@ -215,13 +222,14 @@ def test_sync_bn_two_by_four_is_one_by_eight_and_resumes_both_ways(tmp_path, npz
     _torchrun(["--resume", str(reverse / "last.pt"), "--steps", "4", "--sync-bn", "--workers", "0",
                "--device", "cpu", "--backend", "eager"])
     resumed = torch.load(reverse / "last.pt", weights_only=True)
-    assert (resumed["step"], resumed["config"]["batch_size"], resumed["config"]["world_size"]) == (4, 4, 2)
+    assert (resumed["step"], resumed["config"]["batch_size"],
+            resumed["config"]["world_size"]) == (4, 4, 2)
     assert sorted(_rows(reverse.parent)) == [3, 4]
     _assert_rows_close(_rows(reverse.parent), reference, rtol=1e-5)
     _assert_weights_close(_weights(reverse / "last.pt"), final, rtol=1e-5)
 
 
-# --- interruptions and failures: two ranks started as torchrun starts them ---------------------------
+# --- interruptions and failures: two ranks started as torchrun starts them ------------------------
 
 
 def _free_port():
@@ -235,12 +243,14 @@ class _Ranks:
 
     def __init__(self, tmp_path, npz, extra):
         self.out, port = tmp_path / "run", str(_free_port())
-        argv = TINY + ["--data", npz, "--batch-size", "2", "--steps", "100000", "--out", str(self.out),
+        argv = TINY + ["--data", npz, "--batch-size", "2", "--steps", "100000", "--out",
+                       str(self.out),
                        *extra]
         self.logs = [tmp_path / f"rank{r}.log" for r in range(2)]
         self.procs = []
         for rank, log in enumerate(self.logs):
-            env = _child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank),
+            env = _child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
+                             RANK=str(rank),
                              LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
             with open(log, "w") as f:
                 self.procs.append(subprocess.Popen([sys.executable, "-m", "aigc_fast.train", *argv],
@@ -257,16 +267,19 @@ class _Ranks:
         raise AssertionError("training did not start:\n" + self.output())
 
     def wait(self, rank, timeout_s):
-        """(exit status, seconds it took) of ``rank``; fails if it is still running after timeout_s."""
+        """(exit status, seconds it took) of ``rank``; fails if it is still running after
+        timeout_s."""
         t0 = time.monotonic()
         try:
             status = self.procs[rank].wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"rank {rank} still running after {timeout_s} s:\n" + self.output())
+            raise AssertionError(f"rank {rank} still running after {timeout_s} s:\n"
+                                 + self.output())
         return status, time.monotonic() - t0
 
     def output(self):
-        return "\n".join(f"--- rank {r}\n{log.read_text()[-2000:]}" for r, log in enumerate(self.logs))
+        return "\n".join(f"--- rank {r}\n{log.read_text()[-2000:]}" for r,
+                         log in enumerate(self.logs))
 
     def close(self):
         for p in self.procs:
@@ -291,12 +304,14 @@ def ranks(tmp_path, npz):
 def test_ctrl_c_on_one_rank_stops_both_at_the_same_step(ranks):
     job = ranks("--log-every", "3", "--dist-timeout", "60")
     job.wait_for_training()
-    job.procs[1].send_signal(signal.SIGINT)  # rank 1 only: rank 0 learns of it at the next agreement
+    # rank 1 only: rank 0 learns of it at the next agreement
+    job.procs[1].send_signal(signal.SIGINT)
     assert job.wait(1, 60)[0] == 130 and job.wait(0, 60)[0] == 130, job.output()
     step = torch.load(job.out / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert max(_rows(job.out)) == step  # the stopped step is logged with its checkpoint
     log0 = job.logs[0].read_text()
-    assert f"interrupted at step {step}/100000" in log0 and "interrupted" not in job.logs[1].read_text()
+    assert f"interrupted at step {step}/100000" in log0 \
+        and "interrupted" not in job.logs[1].read_text()
 
 
 def test_a_killed_rank_ends_the_other_within_the_timeout(ranks):
@@ -321,7 +336,7 @@ def test_a_stalled_rank_ends_the_other_after_the_timeout(ranks):
     assert seconds >= timeout * 0.5, seconds  # it waited for the peer, then gave up
 
 
-# --- SIGTERM under a real torchrun agent ---------------------------------------------------------------
+# --- SIGTERM under a real torchrun agent ----------------------------------------------------------
 
 
 def _worker_pids(agent):
@@ -341,7 +356,8 @@ def test_sigterm_to_one_torchrun_rank_checkpoints_within_seconds_and_resumes_bit
     split, log = tmp_path / "split", tmp_path / "split.log"
     with open(log, "w") as f:
         agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  "--nproc-per-node", "2", "-m", "aigc_fast.train", *common, "--out",
+                                  "--nproc-per-node", "2", "-m", "aigc_fast.train",
+                                  *common, "--out",
                                   str(split)], env=_child_env(), stdout=f, stderr=subprocess.STDOUT)
     try:
         end = time.monotonic() + LAUNCH_TIMEOUT_S

@@ -56,7 +56,8 @@ def test_ramp_up_decays_match_the_product_form():
         p.append(_step_to(G, seed=10 + t))
         ema.update(t)
     # weight of p_i: (1 - d_i) * prod_{j>i} d_j, and prod_j d_j for p_0
-    weights = [math.prod(decays)] + [(1 - decays[i - 1]) * math.prod(decays[i:]) for i in range(1, k + 1)]
+    weights = [math.prod(decays)] + [(1 - decays[i - 1]) * math.prod(decays[i:])
+                                     for i in range(1, k + 1)]
     assert sum(weights) == pytest.approx(1.0)
     for j, got in enumerate(_params(ema.module)):
         expected = sum(w * p[i][j] for i, w in enumerate(weights))

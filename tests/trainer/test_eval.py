@@ -81,7 +81,8 @@ def test_text_output_and_no_ema(run, capsys):
 
 def test_other_data_and_seed(run, tmp_path, capsys):
     ckpt = str(run / "checkpoints" / "last.pt")
-    other = _npz(tmp_path / "other.npz", make_shapes(20, 64, seed=3))  # resized to 32 as in training
+    other = _npz(tmp_path / "other.npz",
+                 make_shapes(20, 64, seed=3))  # resized to 32 as in training
     scores = []
     for argv in (["--data", other], ["--data", other], ["--data", other, "--seed", "1"], []):
         status, out, _ = _cli(["--checkpoint", ckpt, "--n", "20", "--json"] + argv, capsys)

@@ -36,7 +36,8 @@ def _folder(path, images):
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
     noise = np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), dtype=np.uint8)
-    return {"shapes": _folder(root / "shapes", make_shapes(N, 32, seed=3).permute(0, 2, 3, 1).numpy()),
+    return {"shapes": _folder(root / "shapes",
+                              make_shapes(N, 32, seed=3).permute(0, 2, 3, 1).numpy()),
             "noise": _folder(root / "noise", noise)}
 
 

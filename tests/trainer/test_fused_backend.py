@@ -89,14 +89,16 @@ FORBIDDEN_PREFIXES = ("convolution", "native_batch_norm", "_native_batch_norm", 
 
 def test_fused_step_has_no_aten_convolution_batch_norm_or_activation(device):
     """One fused training step (G and D forward and backward, both optimisers) seen by a
-    TorchDispatchMode: no convolution, BatchNorm or ReLU/LeakyReLU runs as an aten op (the eager step,
-    counted the same way, has every one of them)."""
+    TorchDispatchMode: no convolution, BatchNorm or ReLU/LeakyReLU runs as an aten op (the eager
+    step, counted the same way, has every one of them)."""
     from benchmarks.step_traffic import step_traffic
 
     shape = dict(image_size=32, batch=2, nz=8, ngf=2, ndf=2, execute=True, device=device)
     eager, fused = (step_traffic(backend, **shape) for backend in ("eager", "fused"))
-    assert {"convolution", "convolution_backward", "native_batch_norm", "native_batch_norm_backward",
-            "leaky_relu_", "leaky_relu_backward", "relu_", "threshold_backward"} <= set(eager["aten_ops"])
+    assert {"convolution", "convolution_backward", "native_batch_norm",
+            "native_batch_norm_backward",
+            "leaky_relu_", "leaky_relu_backward", "relu_",
+            "threshold_backward"} <= set(eager["aten_ops"])
     assert [op for op in fused["aten_ops"] if op.startswith(FORBIDDEN_PREFIXES)] == []
     # G and D each run as one chain, about one launch per layer per pass. Forwards: G's 4
     # convolutions, D's 4 three times (16); D's first layer recomputed in each D backward (3); the

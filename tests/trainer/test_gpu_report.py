@@ -20,7 +20,8 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--dry-run", "--json", str(out),
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--dry-run", "--json",
+         str(out),
          "--providers", ",".join(PROVIDERS)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -40,7 +41,8 @@ def test_dry_run_checks_the_fused_ops_first(dry_run):
 def test_dry_run_measures_every_group_and_reports_a_failing_provider(dry_run):
     _, report = dry_run
     rows = report["results"]
-    assert {r["group"] for r in rows} == {"conv_transpose_bn_relu fwd", "conv_transpose_bn_relu fwd+bwd",
+    assert {r["group"]
+            for r in rows} == {"conv_transpose_bn_relu fwd", "conv_transpose_bn_relu fwd+bwd",
                                           "bce_with_logits fwd+bwd", "train_step"}
     for r in rows:
         assert r["provider"] in PROVIDERS
@@ -54,7 +56,8 @@ def test_dry_run_measures_every_group_and_reports_a_failing_provider(dry_run):
     interpreted = [r for r in rows if r["provider"] == "fused[interpret]"]
     assert interpreted and all(r["impl"] == "triton" for r in interpreted)
     env = report["environment"]
-    assert env["triton_interpret"] and env["torch"] and env["triton"] and env["date"] and env["device"]
+    assert env["triton_interpret"] and env["torch"] and env["triton"] and env["date"] \
+        and env["device"]
 
 
 def test_dry_run_prints_one_table_that_the_json_holds(dry_run):
@@ -100,14 +103,16 @@ def test_time_limit_interrupts_a_measurement():
 
 def test_fused_graph_provider_rows():
     """fused-graph (the fused step in one CUDA graph) sits beside compile-reduce-overhead for the
-    whole step at 32 px b64 and 64 px b512 in the GPU plan; without CUDA its row fails, saying why."""
+    whole step at 32 px b64 and 64 px b512 in the GPU plan; without CUDA its row fails, saying
+    why."""
     gpu_report.prepare_imports()
     from benchmarks import cases, providers
 
     plan = providers.plan(gpu_report.torch.device("cuda"))  # the plan only: nothing runs on CUDA
     graphed = [c for c, p in plan if p == "fused-graph"]
     sizes = {(c.image_size, c.batch) for c in graphed}
-    assert sizes == {(32, 64), (64, 512)} and all(isinstance(c, cases.TrainStepCase) for c in graphed)
+    assert sizes == {(32, 64),
+                     (64, 512)} and all(isinstance(c, cases.TrainStepCase) for c in graphed)
     assert all((c, "compile-reduce-overhead") in plan for c in graphed)
     args = gpu_report.parse_args(["--dry-run"])
     row = gpu_report.measure_row(graphed[0], "fused-graph", gpu_report.torch.device("cpu"), args,

@@ -1,5 +1,6 @@
-"""--precision: the choice per device and on resume, the step under autocast (float32 master weights,
-optimiser state, BN statistics and losses), fp16's gradient scaler, and a bf16 CPU run that learns."""
+"""--precision: the choice per device and on resume, the step under autocast (float32 master
+weights, optimiser state, BN statistics and losses), fp16's gradient scaler, and a bf16 CPU run that
+learns."""
 import json
 from functools import partial
 
@@ -46,7 +47,8 @@ def test_the_choice_of_precision():
 
 
 def test_tf32_on_a_cpu_is_a_one_line_error(capsys, tmp_path):
-    status, _, err = _cli(["--precision", "tf32", "--device", "cpu", "--out", str(tmp_path)], capsys)
+    status, _, err = _cli(["--precision", "tf32", "--device", "cpu", "--out",
+                           str(tmp_path)], capsys)
     assert_one_line_error(status, err, "--precision tf32", "expected fp32, bf16 or fp16")
 
 
@@ -60,7 +62,8 @@ def test_half_step_keeps_float32_state_and_tracks_the_float32_step(name, dtype):
     seen = []
     G.main[0].register_forward_hook(lambda m, args, out: seen.append(out.dtype))
     precision = Precision(name, CPU)
-    for scaler in precision.scalers.values():  # fp16: a scale this tiny D's gradients never overflow
+    # fp16: a scale this tiny D's gradients never overflow
+    for scaler in precision.scalers.values():
         scaler.load_state_dict(dict(scaler.state_dict(), scale=2.0**8))
     got = train_step(G, D, opt_g, opt_d, real, z, F.binary_cross_entropy_with_logits, precision)
     expected = train_step(G32, D32, opt_g32, opt_d32, real, z, F.binary_cross_entropy_with_logits)
@@ -75,8 +78,8 @@ def test_half_step_keeps_float32_state_and_tracks_the_float32_step(name, dtype):
 
 
 def test_fp16_overflow_step_is_skipped_and_training_continues():
-    """A loss scale of 2**40 overflows float16 gradients: that step leaves weights and Adam untouched
-    and backs the scale off (here straight to 2**10); the next step trains, finitely."""
+    """A loss scale of 2**40 overflows float16 gradients: that step leaves weights and Adam
+    untouched and backs the scale off (here straight to 2**10); the next step trains, finitely."""
     G, D, opt_g, opt_d, real, z = _tiny_step_setup()
     precision = Precision("fp16", CPU)
     for scaler in precision.scalers.values():
@@ -84,7 +87,8 @@ def test_fp16_overflow_step_is_skipped_and_training_continues():
     before = _state(G, D)
     params = [p.clone() for m in (G, D) for p in m.parameters()]
     train_step(G, D, opt_g, opt_d, real, z, F.binary_cross_entropy_with_logits, precision)
-    assert all(torch.equal(p, q) for p, q in zip(params, (p for m in (G, D) for p in m.parameters())))
+    assert all(torch.equal(p, q) for p,
+               q in zip(params, (p for m in (G, D) for p in m.parameters())))
     assert not opt_g.state and not opt_d.state  # Adam took no step
     assert [s.get_scale() for s in precision.scalers.values()] == [2.0**10, 2.0**10]
 
@@ -107,7 +111,8 @@ def test_resume_under_another_precision_says_so(tmp_path, capsys, shapes_npz):
     status, stdout, _ = _cli(["--resume", str(last), "--steps", "3"], capsys)
     assert status == 0 and "| precision fp16 (the checkpoint's) |" in stdout
     status, stdout, _ = _cli(["--resume", str(last), "--steps", "4", "--precision", "bf16"], capsys)
-    assert status == 0 and "| precision bf16 (requested; the checkpoint trained in fp16) |" in stdout
+    assert status == 0 \
+        and "| precision bf16 (requested; the checkpoint trained in fp16) |" in stdout
     assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
     ckpt = torch.load(last, weights_only=True)
     assert "scalers" not in ckpt  # bf16 has no scaler

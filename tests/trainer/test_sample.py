@@ -17,7 +17,8 @@ _cli = partial(run_cli, main, prog="aigc_fast.sample")  # _cli(argv, capsys) -> 
 def checkpoint(tmp_path_factory):
     """A real (one-step, tiny) training checkpoint."""
     out = tmp_path_factory.mktemp("run")
-    argv = ["--dry-run", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "4", "--out", str(out)]
+    argv = ["--dry-run", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "4", "--out",
+            str(out)]
     assert train_main(argv) == 0
     return out / "checkpoints" / "last.pt"
 
@@ -60,7 +61,8 @@ def test_out_dir_writes_single_pngs_repeatably(checkpoint, tmp_path, capsys):
     assert files == [f"{i:06d}.png" for i in range(5)]
     first = np.asarray(Image.open(tmp_path / "a" / "000000.png"))
     assert first.shape == (32, 32, 3) and first.std() > 0
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+               for f in files)
     assert (tmp_path / "a" / files[0]).read_bytes() != (tmp_path / "c" / files[0]).read_bytes()
 
 

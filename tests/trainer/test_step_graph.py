@@ -1,7 +1,8 @@
 """The training step in a CUDA graph (aigc_fast.training.step_graph, --cuda-graph). Capture needs
 CUDA: the bitwise comparison of captured and uncaptured steps skips without it. On a CPU the rest
 of what the capture relies on is tested: the fused step (Triton path) reads nothing back to the
-host, Adam's state follows the run's capturable setting across checkpoints, and --cuda-graph resolves."""
+host, Adam's state follows the run's capturable setting across checkpoints, and --cuda-graph
+resolves."""
 import copy
 
 import pytest
@@ -71,8 +72,8 @@ def test_the_watch_catches_a_host_read():
 
 
 def test_set_capturable_follows_the_run_not_the_checkpoint():
-    """A checkpoint from a captured CUDA run (capturable=True) resumes in an uncaptured run: its Adam
-    steps like a fresh non-capturable one (unchanged, a CPU Adam refuses capturable state)."""
+    """A checkpoint from a captured CUDA run (capturable=True) resumes in an uncaptured run: its
+    Adam steps like a fresh non-capturable one (unchanged, a CPU Adam refuses capturable state)."""
     torch.manual_seed(2)
     params = [torch.nn.Parameter(torch.randn(3, 4))]
     opt = torch.optim.Adam(params, lr=0.1)

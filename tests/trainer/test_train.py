@@ -27,7 +27,8 @@ from cli_helpers import assert_one_line_error, run_cli
 _cli = partial(run_cli, main, prog="aigc_fast.train")  # _cli(argv, capsys) -> (status, out, err)
 
 TINY = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "4", "--workers", "0"]
-NO_EVAL = ["--eval-every", "0"]  # for runs whose test is not about the SWD evaluation (seconds each)
+NO_EVAL = ["--eval-every",
+           "0"]  # for runs whose test is not about the SWD evaluation (seconds each)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def npz(shapes_npz):
 
 
 
-# --- the step ----------------------------------------------------------------------------------------
+# --- the step -------------------------------------------------------------------------------------
 
 
 def _tiny_models(seed=0):
@@ -66,7 +67,8 @@ def _reference_step(G, D, opt_g, opt_d, real, z):
     err_g = bce(D(fake), torch.ones(len(real)))
     err_g.backward()
     opt_g.step()
-    return err_real + err_fake, err_g, torch.sigmoid(out_real).mean(), torch.sigmoid(out_fake).mean()
+    return err_real + err_fake, err_g, torch.sigmoid(out_real).mean(), \
+        torch.sigmoid(out_fake).mean()
 
 
 def test_train_step_matches_the_textbook_step():
@@ -118,7 +120,7 @@ def test_train_step_uses_the_given_loss_fn():
     assert calls == [[1.0] * 3, [0.0] * 3, [1.0] * 3]  # D real, D fake, G
 
 
-# --- backends ----------------------------------------------------------------------------------------
+# --- backends -------------------------------------------------------------------------------------
 
 
 def test_backend_table():
@@ -152,7 +154,7 @@ def test_eager_on_cpu_is_channels_last_with_nchw_numerics():
     torch.testing.assert_close(G.eval()(z), nchw(z), rtol=0, atol=1e-6)
 
 
-# --- the command line ----------------------------------------------------------------------------------
+# --- the command line -----------------------------------------------------------------------------
 
 
 def test_help_documents_every_flag(capsys):
@@ -187,8 +189,10 @@ def test_device_takes_any_torch_device_string(capsys):
 
 def test_pytorch_examples_flags_are_hidden_aliases(tmp_path, capsys):
     """dcgan/main.py's spellings set our settings; --help names them once, after the list."""
-    args, explicit = parse_args(["--dataroot", str(tmp_path), "--imageSize", "64", "--batchSize", "16",
-                                       "--manualSeed", "7", "--outf", "o", "--niter", "3", "--cuda"])
+    args, explicit = parse_args(["--dataroot", str(tmp_path), "--imageSize", "64",
+                                 "--batchSize", "16",
+                                       "--manualSeed", "7", "--outf", "o", "--niter", "3",
+                                       "--cuda"])
     assert (args.data, args.image_size, args.batch_size, args.seed, args.out, args.epochs,
             args.device) == (str(tmp_path), 64, 16, 7, "o", 3, "cuda")
     assert {"data", "image_size", "batch_size", "seed"} <= explicit
@@ -223,13 +227,16 @@ def test_dry_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     status, stdout, _ = _cli(["--dry-run", "--out", str(out), "--nc", "1"] + TINY, capsys)
     assert status == 0
-    assert "backend eager (auto: first available of eager on cpu)" in stdout and "done: step 1/1" in stdout
+    assert "backend eager (auto: first available of eager on cpu)" in stdout \
+        and "done: step 1/1" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["data"] == "shapes" and config["steps"] == 1 and config["nc"] == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and set(rows[0]) == {"step", "epoch", "loss_d", "loss_g", "d_real", "d_fake",
+    assert len(rows) == 1 and set(rows[0]) == {"step", "epoch", "loss_d", "loss_g", "d_real",
+                                               "d_fake",
                                                "images_per_s", "seconds"}
-    assert (out / "samples" / "real.png").exists() and (out / "samples" / "step_000001.png").exists()
+    assert (out / "samples" / "real.png").exists() \
+        and (out / "samples" / "step_000001.png").exists()
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 1 and ckpt["version"] == __version__ and ckpt["config"] == config
     assert set(CHECKPOINT_KEYS) <= set(ckpt) and "main.0.weight" in ckpt["G"]
@@ -278,7 +285,8 @@ def test_resume_is_bitwise_exact(tmp_path, npz, precision):
     _assert_bitwise_equal(straight["noise"], split["noise"])
 
     def rows(run):
-        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line)
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     def losses(run):
         return [(r["step"], r["loss_d"], r["loss_g"], r["d_real"], r["d_fake"])
@@ -324,14 +332,15 @@ def test_resume_auto_and_output_folders(tmp_path, monkeypatch):
     assert _next_run_dir() == Path("runs/003") and Path("runs/003").is_dir()
 
 
-# --- bad input: one line, exit 2, nothing lost ------------------------------------------------------
+# --- bad input: one line, exit 2, nothing lost ----------------------------------------------------
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, npz, capsys):
     status, _, err = _cli(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], capsys)
     assert_one_line_error(status, err, "nope", "no such file or folder", "expected")
     (tmp_path / "empty").mkdir()
-    status, _, err = _cli(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")], capsys)
+    status, _, err = _cli(["--data", str(tmp_path / "empty"), "--out",
+                           str(tmp_path / "o2")], capsys)
     assert_one_line_error(status, err, "empty", "no image files")
     status, _, err = _cli(["--image-size", "48"], capsys)
     assert_one_line_error(status, err, "--image-size", "48", "32, 64")
@@ -364,18 +373,20 @@ def test_shape_mismatch_between_checkpoint_and_model(tmp_path, npz, capsys):
     ckpt["config"]["ngf"] = 16  # a config that no longer matches the stored weights
     torch.save(ckpt, tmp_path / "edited.pt")
     capsys.readouterr()
-    status, _, err = _cli(["--resume", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "o")], capsys)
+    status, _, err = _cli(["--resume", str(tmp_path / "edited.pt"), "--out",
+                           str(tmp_path / "o")], capsys)
     assert_one_line_error(status, err, "edited.pt", "main.0.weight", "shape")
 
 
-# --- failures during training ------------------------------------------------------------------------
+# --- failures during training ---------------------------------------------------------------------
 
 
 def _backend_with_loss(loss_fn):
     return Backend("eager", "test", lambda G, D: Prepared(G, D, G, D, loss_fn), lambda device: None)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, npz, capsys, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, npz, capsys,
+                                                                  monkeypatch):
     out = tmp_path / "run"
     common = ["--data", npz, "--out", str(out), "--log-every", "1"] + TINY + NO_EVAL
     assert main(common + ["--steps", "2"]) == 0
@@ -413,7 +424,8 @@ def test_ctrl_c_checkpoints_and_exits_130(tmp_path, npz, capsys, monkeypatch, de
 
     monkeypatch.setitem(BACKENDS, "eager", _backend_with_loss(interrupted_at_step_3))
     out = tmp_path / "run"
-    status, _, err = _cli(["--data", npz, "--steps", "50", "--out", str(out)] + TINY + NO_EVAL, capsys)
+    status, _, err = _cli(["--data", npz, "--steps", "50", "--out", str(out)] + TINY
+                          + NO_EVAL, capsys)
     assert status == 130
     last = out / "checkpoints" / "last.pt"
     assert f"resume with: python -m aigc_fast.train --resume {last}" in err
@@ -421,7 +433,7 @@ def test_ctrl_c_checkpoints_and_exits_130(tmp_path, npz, capsys, monkeypatch, de
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
-# --- faults of long runs: SIGTERM, a full disk, an unreadable last checkpoint ------------------------
+# --- faults of long runs: SIGTERM, a full disk, an unreadable last checkpoint ---------------------
 
 
 @pytest.fixture
@@ -445,8 +457,8 @@ def _loss_acting_in_step(step, action):
     return loss
 
 
-def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(tmp_path, npz, capsys, monkeypatch,
-                                                                   default_sigterm):
+def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(tmp_path, npz, capsys,
+                                                                  monkeypatch, default_sigterm):
     common = ["--data", npz, "--log-every", "2", "--checkpoint-every", "100"] + TINY + NO_EVAL
     sigterm = partial(signal.raise_signal, signal.SIGTERM)  # a real SIGTERM, to this process
     # the same backend in every run (the registered eager one runs channels_last)
@@ -515,9 +527,9 @@ def test_a_full_disk_ends_the_run_with_one_line_and_a_loadable_checkpoint(
     failed = last if full_at == "checkpoint" else out / "metrics.jsonl"  # step 4's, step 3's
     lines = _stderr_lines(err)
     assert status == 1 and "Traceback" not in err and len(lines) == 1, lines
-    assert lines[0] == (f"aigc_fast.train: stopped: cannot write {failed} (No space left on device, "
-                        f"ENOSPC); the last good checkpoint is {last} (step 2); resume with: python "
-                        f"-m aigc_fast.train --resume {last}")
+    assert lines[0] == (f"aigc_fast.train: stopped: cannot write {failed} (No space left on "
+                        f"device, ENOSPC); the last good checkpoint is {last} (step 2); resume "
+                        f"with: python -m aigc_fast.train --resume {last}")
     assert torch.load(last, weights_only=True)["step"] == 2  # intact
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt", "step_000002.pt"]  # no temp
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

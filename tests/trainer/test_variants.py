@@ -4,8 +4,8 @@ DiffAugment and 16..256 px models.
 Each variant trains 2 steps (1 at 128 and 256 px) with our kernels (interpreted on the CPU) in
 float32 and is held against the same steps in eager float64 PyTorch: losses, parameters and
 running statistics within REL_TOL. The same variants run through the CLI with --backend eager
-and fused from one --seed, and their checkpoints agree under the same keys. The augmentation policies and the
-penalties are checked against direct implementations on fresh random data.
+and fused from one --seed, and their checkpoints agree under the same keys. The augmentation
+policies and the penalties are checked against direct implementations on fresh random data.
 """
 import copy
 import json
@@ -34,7 +34,7 @@ def _rel(a, b, floor=1e-12):
     return ((a - b).norm() / max(b.norm().item(), floor)).item()
 
 
-# --- DiffAugment against direct implementations -----------------------------------------------------
+# --- DiffAugment against direct implementations ---------------------------------------------------
 
 
 def _images(n=3, c=3, h=16, w=12, seed=0, dtype=torch.float64):
@@ -74,7 +74,8 @@ def test_color_is_the_papers_formula_with_draws_independent_of_dtype():
     b, s, c = (v.view(3, 1, 1, 1) for v in (b, s, c))
     want = x + (b - 0.5)
     want = (want - want.mean(1, keepdim=True)) * (2 * s) + want.mean(1, keepdim=True)
-    want = (want - want.mean((1, 2, 3), keepdim=True)) * (c + 0.5) + want.mean((1, 2, 3), keepdim=True)
+    want = (want - want.mean((1, 2, 3),
+                             keepdim=True)) * (c + 0.5) + want.mean((1, 2, 3), keepdim=True)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert _rel(got32, want) < 1e-6
 
@@ -94,7 +95,7 @@ def test_diffaugment_is_differentiable_and_draws_in_range():
         augment.parse_policy("translation,flip")
 
 
-# --- losses and penalties ---------------------------------------------------------------------------
+# --- losses and penalties -------------------------------------------------------------------------
 
 
 def test_losses_match_their_textbook_forms():
@@ -152,14 +153,15 @@ def test_variants_that_cannot_be_graphed_say_why():
     assert "--augment" in graph_blocker({**base, "augment": "color"})
 
 
-# --- 2 fused steps against eager float64 ------------------------------------------------------------
+# --- 2 fused steps against eager float64 ----------------------------------------------------------
 
 # (image size, build_models keywords, Objective keywords); each row is a variant of the issue.
 # Interpreted, a step's cost grows with the pixels: 128 and 256 px take one step of one image at
 # width 1 (the 256 px step still takes minutes on 2 CPU cores: it runs on CUDA, or on the CPU with
 # AIGC_FAST_SLOW_TESTS=1).
 STEP_VARIANTS = {
-    "hinge+sn+augment": (16, dict(spectral_norm=True), dict(loss="hinge", policy="translation,cutout,color")),
+    "hinge+sn+augment": (16, dict(spectral_norm=True),
+                         dict(loss="hinge", policy="translation,cutout,color")),
     "lsgan+r1+layer": (16, dict(d_norm="layer"), dict(loss="lsgan", r1_gamma=0.5, r1_every=2)),
     "wgan-gp": (16, dict(d_norm="none"), dict(loss="wgan-gp")),
     "bce-128px": (128, {}, dict(loss="bce")),
@@ -215,7 +217,7 @@ def test_fused_steps_match_eager_float64(variant, device, capsys):
                 assert torch.equal(value.cpu(), state64[key]), (variant, key)
 
 
-# --- the CLI: eager and fused from one seed ----------------------------------------------------------
+# --- the CLI: eager and fused from one seed -------------------------------------------------------
 
 TINY = ["--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "2", "--workers", "0",
         "--eval-every", "0", "--sample-every", "100", "--seed", "5", "--steps", "2",

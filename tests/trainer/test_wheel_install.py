@@ -33,7 +33,8 @@ def test_installed_wheel_trains_from_outside_the_checkout(tmp_path, shapes_npz):
     work.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     pip = [sys.executable, "-m", "pip"]
-    _run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), "."], src, env)
+    _run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), "."],
+         src, env)
     (wheel,) = wheels.glob("aigc_fast-*.whl")
     _run(pip + ["install", "--no-deps", "-q", "--target", str(site), str(wheel)], work, env)
 
