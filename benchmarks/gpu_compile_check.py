@@ -182,10 +182,11 @@ def _unwrap(kernel, until):
 
 
 @contextlib.contextmanager
-def recording_launches(multiprocessors, autocast):
-    """Collect ``(kernel, args, kwargs)`` of every Triton launch instead of running it, while our
-    launchers take meta tensors (under ``autocast``'s dtype, or none) and every fused op is forced
-    onto its Triton path (a silent fallback to the reference would leave its kernels unchecked)."""
+def recording_launches(multiprocessors, autocast, capability=90):
+    """Collect ``(kernel, args, kwargs, grid)`` of every Triton launch instead of running it, while
+    our launchers take meta tensors for a GPU of ``multiprocessors`` SMs and compute
+    ``capability`` (under ``autocast``'s dtype, or none) and every fused op is forced onto its
+    Triton path (a silent fallback to the reference would leave its kernels unchecked)."""
     from triton.runtime.jit import JITFunction
 
     from aigc_fast.kernels import META_LAUNCHES
@@ -199,6 +200,7 @@ def recording_launches(multiprocessors, autocast):
     saved = (JITFunction.run, os.environ.get("AIGC_FAST_IMPL"))
     JITFunction.run = record
     META_LAUNCHES.enabled, META_LAUNCHES.multiprocessors = True, multiprocessors
+    META_LAUNCHES.capability = capability
     META_LAUNCHES.autocast = autocast
     os.environ["AIGC_FAST_IMPL"] = "triton"
     try:
@@ -294,7 +296,8 @@ def record_launches(archs, dtypes):
             storage, autocast = DTYPES[dtype]
             for tf32 in ((True, False) if dtype == "fp32" else (True,)):
                 for where, call in workloads():
-                    with _tf32(tf32), recording_launches(ARCHS[arch][1], autocast) as launches:
+                    with _tf32(tf32), recording_launches(ARCHS[arch][1], autocast,
+                                                         ARCHS[arch][0]) as launches:
                         call(storage)
                     for module, name, args, kwargs, _ in launches:
                         launch = Launch(module, name, tuple(map(_as_recorded, args)),

@@ -31,7 +31,8 @@ class MetaLaunches:
     training step on meta tensors (shapes, no data): then our launchers take meta tensors and
     nothing runs. ``multiprocessors`` is the target GPU's SM count, from which split-K factors
     (hence some launches' arguments) are derived; ``autocast`` the dtype of a recorded
-    ``torch.autocast`` region (which the meta device cannot enter), or None; ``plans``, when a
+    ``torch.autocast`` region (which the meta device cannot enter), or None; ``capability`` the
+    target's compute capability (90: sm_90), on which tiles depend; ``plans``, when a
     list, receives each GEMM launch's plan (kernel name, its chain_gemm.ConvLaunch /
     conv_gemm.WeightGradLaunch objects) as the launcher makes it."""
 
@@ -39,6 +40,7 @@ class MetaLaunches:
     multiprocessors: int = 0
     autocast: Optional[torch.dtype] = None
     plans: Optional[list] = None
+    capability: int = 90
 
     def note(self, kernel: str, *plans):
         """Record a GEMM launch's plans for the GEMM plan (a no-op unless it is listening)."""

@@ -25,6 +25,23 @@ def pow2_block(n: int, lo: int, hi: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def compute_capability(device: torch.device) -> int:
+    """The target's compute capability as one number (90: sm_90): the recorded GPU's for meta
+    tensors; the CUDA device's; sm_90's under the interpreter, which has none."""
+    if device.type == "meta":
+        return META_LAUNCHES.capability
+    if device.type != "cuda":
+        return 90
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

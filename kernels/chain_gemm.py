@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import META_LAUNCHES
-from ._config import dot_precision, multiprocessor_count
+from ._config import compute_capability, dot_precision, multiprocessor_count
 from .bn_act import (INVSTD, MEAN, PARTIAL_ROWS, SCALE, SHIFT, Side, activate, activate_grad,
                      activate_grad_from_out, bn_affine, chan_combine, mean_invstd_affine,
                      store_vec, sum_grad_partials, update_running)
@@ -412,7 +412,8 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
     precision = dot_precision(x.dtype, dev)
     rows, phases = conv_rows(n, out_hw, stride, transposed)
     tile = tile or conv_tile(rows, phases, c_out, c_in, kernel[0] * kernel[1], precision == "ieee",
-                             multiprocessor_count(dev), running_bn=out.mode == Epilogue.BN_RUNNING)
+                             multiprocessor_count(dev), compute_capability(dev),
+                             running_bn=out.mode == Epilogue.BN_RUNNING)
     tiles = triton.cdiv(rows, tile.block_m)
     group_rows, groups = finalize_groups(phases * tiles)
     partials = None
@@ -477,7 +478,8 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
     conv_tile_, wgrad_tile = pair_tiles(rows, phases, weight_view.shape[3], weight_view.shape[2],
                                         kernel[0] * kernel[1], w_g.shape[1], w_x.shape[1],
                                         dot_precision(w_x.dtype, w_x.device) == "ieee",
-                                        multiprocessor_count(w_x.device))
+                                        multiprocessor_count(w_x.device),
+                                        compute_capability(w_x.device))
     conv = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, None, bn,
                        bn_grads, tile=conv_tile_)
     wgrad = weight_grad_launch(wgrad_x, wgrad_g, kernel, stride, padding, out=dw,

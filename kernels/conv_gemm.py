@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import META_LAUNCHES
-from ._config import dot_precision, multiprocessor_count
+from ._config import compute_capability, dot_precision, multiprocessor_count
 from .bn_act import AS_STORED, Side, chain_operand
 from .tiles import MAX_K_ITERATIONS, Tile, weight_grad_tile, wide_offsets
 
@@ -333,12 +333,14 @@ def weight_grad_program(
     j = (pid_mn // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < C_out
     j_ok = j < columns
-    if PACK_N:
+    if PACK_N:  # each column its own tap
         taps = j // C_in
         ci = j - taps * C_in
-    else:
-        taps = tl.zeros_like(j) + tap
+        column_taps = taps
+    else:  # one tap for the program: its coordinates stay scalars, the rows' 1-D
+        taps = tap
         ci = j
+        column_taps = j * 0 + tap
     kh = taps // KW
     kw = taps - kh * KW
     p_start = split * PIXELS_PER_SPLIT
@@ -350,8 +352,6 @@ def weight_grad_program(
         ow = p % OW
         oh = (p // OW) % OH
         n = wide(p // (OW * OH), INT64)
-        ih = oh[:, None] * SH - PAD_H + kh[None, :]
-        iw = ow[:, None] * SW - PAD_W + kw[None, :]
         g_ok = p_ok[:, None] & co_ok[None, :]
         g = tl.load(g_ptr + (n * sgn + wide(oh, INT64) * sgh + wide(ow, INT64) * sgw)[:, None]
                     + co[None, :] * sgc, mask=g_ok, other=0.0)
@@ -359,20 +359,32 @@ def weight_grad_program(
             g = chain_operand(g.to(tl.float32), G_MODE, G_ACT, g_slope, gy_ptr,
                               wide(p, INT64)[:, None] * C_out + co[None, :], gvec_ptr, gcoef_ptr,
                               C_out, co, co_ok, g_ok).to(g_ptr.dtype.element_ty)
-        b_ok = (p_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-        b = tl.load(x_ptr + (n * sxn)[:, None] + wide(ih, INT64) * sxh + wide(iw, INT64) * sxw
-                    + ci[None, :] * sxc, mask=b_ok, other=0.0)
+        if PACK_N:
+            ih = oh[:, None] * SH - PAD_H + kh[None, :]
+            iw = ow[:, None] * SW - PAD_W + kw[None, :]
+            b_ok = p_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = (n[:, None] * H + ih) * W + iw
+            b_ptrs = (x_ptr + (n * sxn)[:, None] + wide(ih, INT64) * sxh + wide(iw, INT64) * sxw
+                      + ci[None, :] * sxc)
+        else:
+            ih = oh * SH - PAD_H + kh
+            iw = ow * SW - PAD_W + kw
+            row_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            b_ok = row_ok[:, None] & j_ok[None, :]
+            pix = ((n * H + ih) * W + iw)[:, None]
+            b_ptrs = (x_ptr + (n * sxn + wide(ih, INT64) * sxh + wide(iw, INT64) * sxw)[:, None]
+                      + ci[None, :] * sxc)
+        b = tl.load(b_ptrs, mask=b_ok, other=0.0)
         if X_MODE != AS_STORED:
             b = chain_operand(b.to(tl.float32), X_MODE, X_ACT, x_slope, xy_ptr,
-                              ((n[:, None] * H + ih) * W + iw) * C_in + ci[None, :], xvec_ptr,
-                              xcoef_ptr, C_in, ci, j_ok, b_ok).to(x_ptr.dtype.element_ty)
+                              pix * C_in + ci[None, :], xvec_ptr, xcoef_ptr, C_in, ci, j_ok,
+                              b_ok).to(x_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(g), b, acc, input_precision=DOT_PRECISION)
     ok = co_ok[:, None] & j_ok[None, :]
-    dw_offs = (wide(co, INT64)[:, None] * sdo
-               + (ci * sdi + kh * sdh + kw * sdw)[None, :])
+    dw_offs = wide(co, INT64)[:, None] * sdo + (ci * sdi + kh * sdh + kw * sdw)[None, :]
     if SPLIT:
         numel = split.to(tl.int64) * 0 + C_out * C_in * KH * KW  # int64: split * numel may not fit
-        offs = (wide(co, INT64)[:, None] * C_in + ci[None, :]) * (KH * KW) + taps[None, :]
+        offs = (wide(co, INT64)[:, None] * C_in + ci[None, :]) * (KH * KW) + column_taps[None, :]
         tl.store(part_ptr + split * numel + offs, acc, mask=ok)
         if last_arrival(cnt_ptr + pid_mn * (KH * KW) + tap, splits):
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -438,7 +450,8 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
     _check_rows(pixels, "N*OH*OW")
     dev = x.tensor.device
     precision = dot_precision(x.tensor.dtype, dev)
-    tile = tile or weight_grad_tile(c_out, c_in, kh * kw, exact=precision == "ieee")
+    tile = tile or weight_grad_tile(c_out, c_in, kh * kw, precision == "ieee",
+                                    compute_capability(dev))
     pack = c_in < tile.block_n
     if splits is None:
         tiles = (triton.cdiv(c_out, tile.block_m)

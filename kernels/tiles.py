@@ -79,14 +79,15 @@ def wide_offsets(*tensors) -> bool:
 
 
 def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: bool,
-              multiprocessors: int, running_bn: bool = False) -> Tile:
+              multiprocessors: int, capability: int, running_bn: bool = False) -> Tile:
     """The tile of a convolution GEMM (forward or input gradient) with ``rows`` output pixels in
     each of its ``phases``, ``c_out`` output channels and ``taps`` x ``c_in`` reduced per pixel:
     columns as few as hold c_out; rows up to 128 (the statistics partials have one row per row
     tile), halved down to 16 while the launch would not give each of the GPU's
     ``multiprocessors`` a program; a deeper reduction step where 16 would loop past
-    MAX_K_ITERATIONS; BIG for the large ones, but under the eval-BN epilogue (``running_bn``),
-    whose registers it would spill."""
+    MAX_K_ITERATIONS; BIG for the large ones on sm_90 and later (``capability``; sm_80's
+    mma.sync accumulators spill it), but under the eval-BN epilogue (``running_bn``), whose
+    registers it would spill."""
     if "conv" in _FORCED:
         return _FORCED["conv"]
     block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
@@ -96,13 +97,19 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
         block_m //= 2
     if interpreting():  # the CUDA-core path below 16 columns too, so that tests run it
         return Tile(block_m, 32 if c_out >= 16 else _columns(c_out, 8, 1), 16, 4, 1)
-    if (not exact and not running_bn and c_out >= 128 and block_m == 128
+    if (not exact and not running_bn and capability >= 90 and c_out >= 128 and block_m == 128
             and triton.cdiv(rows, 128) * phases * triton.cdiv(c_out, 128) >= multiprocessors):
         return BIG
     block_k = 16 if taps * triton.cdiv(c_in, 16) <= MAX_K_ITERATIONS else 32
-    warps = 8 if block_m >= 128 else 4  # 8 warps on fewer rows spread a tile too thin: spills
+    # what built without spills (the GPU compile check): on sm_90, 8 warps for 128 rows, 4 below;
+    # on sm_80 with tensor cores (mma.sync keeps more in registers), at most 64 rows: 4 warps for
+    # 64, 8 below
+    warps = 8 if block_m >= 128 else 4
     if exact:
         return Tile(block_m, _columns(c_out, 32, 1), block_k, warps, 1)
+    if capability < 90:
+        block_m = min(block_m, 64)
+        return Tile(block_m, _columns(c_out, 64, 1), block_k, 4 if block_m == 64 else 8, 2)
     return Tile(block_m, _columns(c_out, 64, 1), block_k, warps, 2)
 
 
@@ -113,14 +120,14 @@ def _weight_grad_columns(c_in: int, taps: int, widest: int) -> int:
     return _columns(c_in if c_in >= 16 else c_in * taps, widest)
 
 
-def weight_grad_tile(c_out: int, c_in: int, taps: int, exact: bool) -> Tile:
+def weight_grad_tile(c_out: int, c_in: int, taps: int, exact: bool, capability: int) -> Tile:
     """The tile of a weight-gradient GEMM: (C_out, C_in) outputs per tap, pixels reduced; each side
     as narrow as holds its channels."""
     if "weight_grad" in _FORCED:
         return _FORCED["weight_grad"]
     if interpreting():
         return Tile(32, 32, 128, 4, 1)
-    if not exact and c_out >= 128 and c_in >= 128:
+    if not exact and capability >= 90 and c_out >= 128 and c_in >= 128:
         return BIG
     if exact:
         return Tile(_columns(c_out, 64), _weight_grad_columns(c_in, taps, 64), 16, 8, 3)
@@ -128,21 +135,23 @@ def weight_grad_tile(c_out: int, c_in: int, taps: int, exact: bool) -> Tile:
 
 
 def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out: int,
-               w_c_in: int, exact: bool, multiprocessors: int):
+               w_c_in: int, exact: bool, multiprocessors: int, capability: int):
     """(conv tile, weight-gradient tile) of a backward pair launch, which runs both GEMMs with one
     warp count and stage count and holds the registers of the larger branch; ``c_out``: the
     input gradient's columns, ``w_c_out`` x ``w_c_in``: the weight gradient's outputs per tap."""
     if "pair" in _FORCED:
         return _FORCED["pair"]
-    conv = conv_tile(rows, phases, c_out, c_in, taps, exact, multiprocessors)
+    conv = conv_tile(rows, phases, c_out, c_in, taps, exact, multiprocessors, capability)
     if interpreting():
-        return conv, weight_grad_tile(w_c_out, w_c_in, taps, exact)
-    if exact:
-        return (Tile(conv.block_m, min(conv.block_n, 16), 16, 4, 2),
-                Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 32), 16, 4, 2))
+        return conv, weight_grad_tile(w_c_out, w_c_in, taps, exact, capability)
+    if exact:  # 4 warps on sm_90, 8 on sm_80 (the compile check)
+        warps = 4 if capability >= 90 else 8
+        return (Tile(conv.block_m, min(conv.block_n, 16), 16, warps, 2),
+                Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 32), 16, warps, 2))
     if conv == BIG:  # both branches BIG but with BLOCK_K 16: at 32 their loads' transforms spill
         if w_c_out >= 128 and w_c_in >= 128:
             return PAIR_BIG, PAIR_BIG
         return BIG, Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, 8, 3)
-    return (Tile(conv.block_m, conv.block_n, conv.block_k, conv.warps, 3),
-            Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, conv.warps, 3))
+    warps = conv.warps if capability >= 90 else 8  # sm_80: 8, which built without spills
+    return (Tile(conv.block_m, conv.block_n, conv.block_k, warps, 3),
+            Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, warps, 3))
