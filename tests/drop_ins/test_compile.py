@@ -16,7 +16,7 @@ from oracle import rel_err
 
 RTOL = 1e-5  # norm-wise; eager and aot_eager run the same kernels in the same order (bitwise)
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)

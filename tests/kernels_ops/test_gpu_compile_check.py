@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 # Kernels every fused training step launches (forward, backward, loss), whatever their tiling.

@@ -35,7 +35,7 @@ def test_shapes_are_deterministic_and_varied(size):
     assert covered.min() > 0.03 and covered.max() < 0.95 and covered.std() > 0.05
 
 
-@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("size", [32, pytest.param(64, marks=pytest.mark.slow)])
 def test_every_shape_lies_inside_the_frame(size):
     """Shapes are placed by their real extents: along the frame's edge a shape's coverage stays
     under 11 % (the soft ramp's tail at a triangle's base corners), so no shape is cut off."""

@@ -41,6 +41,8 @@ DUMPING_ENTRY = """
 import os, sys, torch
 from aigc_fast.training import train  # the command, whose run_training calls train.fit
 from aigc_fast.training.cli import run_main
+
+pytestmark = pytest.mark.slow  # see pyproject's markers
 fit = train.fit
 def fit_and_dump(run):
     status = fit(run)

@@ -13,6 +13,8 @@ import torch
 from aigc_fast.models import Generator
 from aigc_fast.train import main, resolve_backend
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 SMALL = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "4", "--workers", "0",
          "--log-every", "1", "--sample-every", "100", "--seed", "3", "--eval-every", "0"]
 REL_TOL = 1e-4

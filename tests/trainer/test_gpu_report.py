@@ -11,6 +11,8 @@ import pytest
 
 from benchmarks import gpu_report
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDERS = ("eager", "fused", "fused[interpret]")  # "fused" needs CUDA: it must fail, and alone
 

@@ -180,7 +180,8 @@ def _adam(module):
     return torch.optim.Adam(module.parameters(), lr=1e-3, betas=(0.5, 0.999))
 
 
-@pytest.mark.parametrize("variant", list(STEP_VARIANTS))
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v.startswith("bce-")
+                                     else v for v in STEP_VARIANTS])
 def test_fused_steps_match_eager_float64(variant, device, capsys):
     size, model_kwargs, objective_kwargs = STEP_VARIANTS[variant]
     if (variant in SLOW_ON_THE_INTERPRETER and device.type == "cpu"
