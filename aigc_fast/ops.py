@@ -14,8 +14,8 @@ Why ``custom_op`` (opaque), not ``triton_op`` + ``wrap_triton``:
   ``wrap_triton`` returns the interpreter's kernel unwrapped (torch/_library/triton.py), so a
   triton_op's body cannot be traced: on FakeTensors the interpreter copies their storage to the
   host and fails ("Cannot access data pointer of Tensor"). A triton_op could not be compiled in CI.
-- The kernels are already fused, and the launchers choose tilings, split-K factors and pruned
-  autotune configs in Python: Inductor would have nothing to fuse into them.
+- The kernels are already fused, and the launchers choose tiles (kernels/tiles.py) and split-K
+  factors in Python: Inductor would have nothing to fuse into them.
 The cost: Inductor cannot fuse the surrounding elementwise ops into our kernels' prologues.
 
 Outputs an op does not need for a call (what backward keeps when no gradient is wanted, gradients

@@ -92,12 +92,10 @@ class AtenTraffic(TorchDispatchMode):
 def triton_traffic(execute=True):
     """Counts Triton launches and their bytes (Counters by kernel name); ``execute=False`` skips
     running them."""
-    from triton.runtime.autotuner import Autotuner
-
     from aigc_fast.kernels import bn_act
 
     kernel_class = type(bn_act._apply_kernel)  # JITFunction, or InterpretedFunction
-    real_run, real_tuned_run = kernel_class.run, Autotuner.run
+    real_run = kernel_class.run
     found = {"launches": collections.Counter(), "bytes": collections.Counter()}
 
     def counting_run(self, *args, **kwargs):
@@ -105,17 +103,11 @@ def triton_traffic(execute=True):
         found["bytes"][self.__name__] += _unique_bytes(_tensors((args, kwargs)))
         return real_run(self, *args, **kwargs) if execute else None
 
-    def tuned_run(self, *args, **kwargs):
-        """Executed, an autotuned kernel's launches are counted by the kernel it wraps."""
-        if execute:
-            return real_tuned_run(self, *args, **kwargs)
-        return counting_run(self.fn, *args, **kwargs)
-
-    kernel_class.run, Autotuner.run = counting_run, tuned_run
+    kernel_class.run = counting_run
     try:
         yield found
     finally:
-        kernel_class.run, Autotuner.run = real_run, real_tuned_run
+        kernel_class.run = real_run
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ def set_capturable(optimizer, capturable):
 class GraphedStep:
     """``step(real, z)`` (a dict of 0-dim tensors, as :func:`aigc_fast.train.train_step` returns)
     captured in a CUDA graph after ``warmup`` uncaptured calls (on a side stream, as capture
-    requires: they fill Triton's autotune caches and Adam's state). Each call then copies ``real``
+    requires: they fill Triton's compile caches and Adam's state). Each call then copies ``real``
     and ``z`` into the graph's static input buffers and replays it; the returned tensors are the
     graph's static outputs, overwritten by the next call. A call whose inputs have another shape or
     dtype runs uncaptured."""

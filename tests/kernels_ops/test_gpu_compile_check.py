@@ -1,7 +1,8 @@
 """benchmarks/gpu_compile_check.py: every Triton launch of a fused training step compiles for a real
 GPU, through Triton's launch path, with no config that spills, on this machine without a GPU.
 
-The check's quick form (sm_90, fp32 with tf32 and ieee products, every autotune config) runs here;
+The check's quick form (sm_90, fp32 with tf32 and ieee products, every launch as recorded) runs
+here;
 the full form (sm_80 too, fp16 and bf16) is the documented command. Both run without the
 interpreter, so they run in a subprocess whose environment drops TRITON_INTERPRET."""
 import json
