@@ -260,3 +260,31 @@ def test_the_64_bit_offsets_variant(device):
     with tiles.forced(int64=True):
         assert_matches_reference(model, reference, lambda: torch.randn(2, 3, 8, 6), device,
                                  train_steps=1)
+
+
+MENU = {  # tiles of the rule's menu the interpreter's shapes would not pick, with their pairs
+    "128x128x32": "BIG",
+    "128x128x16 pair": "PAIR_BIG",
+    "64x64x16": (64, 64, 16),
+    "128x4x16 CUDA cores": (128, 4, 16),
+}
+
+
+@pytest.mark.parametrize("name", MENU)
+def test_every_menu_tile_against_float64(name, device):
+    """Each tile of the rule's menu, forced on every GEMM of a training chain (forward, the
+    backward pair, a lone weight gradient) through the seam, against float64."""
+    from aigc_fast.kernels import tiles
+
+    picked = MENU[name]
+    tile = getattr(tiles, picked) if isinstance(picked, str) else tiles.Tile(*picked, 4, 1)
+    wgrad = tile if tile.block_n >= 16 else tiles.Tile(64, 64, 16, 4, 1)
+    torch.manual_seed(29)
+    model = randomize_batch_norms_(nn.Sequential(
+        nn.Conv2d(3, 20, 3, 1, 1, bias=False), nn.BatchNorm2d(20), nn.ReLU(),
+        nn.ConvTranspose2d(20, 6, 4, 2, 1, bias=False), nn.BatchNorm2d(6), nn.LeakyReLU(0.2)))
+    reference = copy.deepcopy(model).double()
+    fuse(model)
+    with tiles.forced(conv=tile, pair=(tile, wgrad), weight_grad=wgrad):
+        assert_matches_reference(model, reference, lambda: torch.randn(2, 3, 6, 5), device,
+                                 train_steps=1)
