@@ -400,6 +400,17 @@ class ConvLaunch:
         return 2 * pixels * c_in * self.c_out * self.kernel[0] * self.kernel[1]
 
 
+# the epilogues the tile rule tells apart (tiles.conv_tile)
+TILE_EPILOGUES = {Epilogue.BN_RUNNING: "running_bn", Epilogue.BN_ACT_GRAD: "bn_grad"}
+
+
+def phase_taps(kernel, stride, transposed) -> int:
+    """The most taps a GEMM row reduces over: all of them, or a transposed conv's phase's."""
+    if not transposed:
+        return kernel[0] * kernel[1]
+    return triton.cdiv(kernel[0], stride[0]) * triton.cdiv(kernel[1], stride[1])
+
+
 def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_hw, out: Side,
                 bias, bn, bn_grads, tile=None):
     """Plan one conv GEMM launch (:func:`chain_conv`'s arguments, which see); ``tile``: the rule's
@@ -411,9 +422,9 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
     dev = x.device
     precision = dot_precision(x.dtype, dev)
     rows, phases = conv_rows(n, out_hw, stride, transposed)
-    tile = tile or conv_tile(rows, phases, c_out, c_in, kernel[0] * kernel[1], precision == "ieee",
-                             multiprocessor_count(dev), compute_capability(dev),
-                             running_bn=out.mode == Epilogue.BN_RUNNING)
+    tile = tile or conv_tile(rows, phases, c_out, c_in, phase_taps(kernel, stride, transposed),
+                             precision == "ieee", multiprocessor_count(dev),
+                             compute_capability(dev), TILE_EPILOGUES.get(out.mode, ""))
     tiles = triton.cdiv(rows, tile.block_m)
     group_rows, groups = finalize_groups(phases * tiles)
     partials = None

@@ -79,15 +79,15 @@ def wide_offsets(*tensors) -> bool:
 
 
 def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: bool,
-              multiprocessors: int, capability: int, running_bn: bool = False) -> Tile:
+              multiprocessors: int, capability: int, epilogue: str = "") -> Tile:
     """The tile of a convolution GEMM (forward or input gradient) with ``rows`` output pixels in
     each of its ``phases``, ``c_out`` output channels and ``taps`` x ``c_in`` reduced per pixel:
     columns as few as hold c_out; rows up to 128 (the statistics partials have one row per row
     tile), halved down to 16 while the launch would not give each of the GPU's
-    ``multiprocessors`` a program; a deeper reduction step where 16 would loop past
-    MAX_K_ITERATIONS; BIG for the large ones on sm_90 and later (``capability``; sm_80's
-    mma.sync accumulators spill it), but under the eval-BN epilogue (``running_bn``), whose
-    registers it would spill."""
+    ``multiprocessors`` a program (``taps``: a phase's); a deeper reduction step where 16 would
+    loop past MAX_K_ITERATIONS; BIG for the large ones on sm_90 and later (``capability``; sm_80's
+    mma.sync accumulators spill it), but under the eval-BN epilogue (``epilogue`` "running_bn"),
+    whose registers it would spill, and with 2 stages under a BN backward's ("bn_grad")."""
     if "conv" in _FORCED:
         return _FORCED["conv"]
     block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
@@ -97,9 +97,10 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
         block_m //= 2
     if interpreting():  # the CUDA-core path below 16 columns too, so that tests run it
         return Tile(block_m, 32 if c_out >= 16 else _columns(c_out, 8, 1), 16, 4, 1)
-    if (not exact and not running_bn and capability >= 90 and c_out >= 128 and block_m == 128
+    if (not exact and epilogue != "running_bn" and capability >= 90 and c_out >= 128
+            and block_m == 128
             and triton.cdiv(rows, 128) * phases * triton.cdiv(c_out, 128) >= multiprocessors):
-        return BIG
+        return Tile(128, 128, 32, 8, 2) if epilogue == "bn_grad" else BIG
     block_k = 16 if taps * triton.cdiv(c_in, 16) <= MAX_K_ITERATIONS else 32
     # what built without spills (the GPU compile check): on sm_90, 8 warps for 128 rows, 4 below;
     # on sm_80 with tensor cores (mma.sync keeps more in registers), at most 64 rows: 4 warps for
@@ -144,9 +145,10 @@ def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out
     conv = conv_tile(rows, phases, c_out, c_in, taps, exact, multiprocessors, capability)
     if interpreting():
         return conv, weight_grad_tile(w_c_out, w_c_in, taps, exact, capability)
-    if exact:  # 4 warps on sm_90, 8 on sm_80 (the compile check)
+    if exact:  # 4 warps on sm_90; on sm_80 at most 64 rows, 8 warps (the compile check)
         warps = 4 if capability >= 90 else 8
-        return (Tile(conv.block_m, min(conv.block_n, 16), 16, warps, 2),
+        block_m = conv.block_m if capability >= 90 else min(conv.block_m, 64)
+        return (Tile(block_m, min(conv.block_n, 16), 16, warps, 2),
                 Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 32), 16, warps, 2))
     if conv == BIG:  # both branches BIG but with BLOCK_K 16: at 32 their loads' transforms spill
         if w_c_out >= 128 and w_c_in >= 128:
