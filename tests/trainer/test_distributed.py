@@ -28,6 +28,8 @@ from aigc_fast.train import main
 from aigc_fast.training.options import parse_args
 from aigc_fast.training.run import setup
 
+pytestmark = pytest.mark.slow  # see pyproject's markers
+
 NZ, WIDTH = 8, 4
 TINY = ["--ngf", str(WIDTH), "--ndf", str(WIDTH), "--nz", str(NZ), "--workers", "0",
         "--device", "cpu",
@@ -41,8 +43,6 @@ DUMPING_ENTRY = """
 import os, sys, torch
 from aigc_fast.training import train  # the command, whose run_training calls train.fit
 from aigc_fast.training.cli import run_main
-
-pytestmark = pytest.mark.slow  # see pyproject's markers
 fit = train.fit
 def fit_and_dump(run):
     status = fit(run)
