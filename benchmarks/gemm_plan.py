@@ -144,13 +144,13 @@ def _gemm_row(plan):
     total, most = plan.k_iterations()
     useful = plan.useful_flops()
     if isinstance(plan, WeightGradLaunch):
-        m, n, k, split = plan.c_out, plan.c_in * plan.taps, plan.pixels, plan.splits
+        m, n, k = plan.c_out, plan.c_in * plan.taps, plan.pixels
     else:
         oh, ow = plan.out_hw
-        m, n, split = plan.x_shape[0] * oh * ow, plan.c_out, 1
+        m, n = plan.x_shape[0] * oh * ow, plan.c_out
         k = useful // (2 * m * n)
     return {"M": m, "N": n, "K": k, "tile": [t.block_m, t.block_n, t.block_k], "warps": t.warps,
-            "stages": t.stages, "programs": plan.programs, "split_k": split,
+            "stages": t.stages, "programs": plan.programs, "split_k": plan.splits,
             "k_iterations_total": total, "k_iterations_max": most, "useful_flops": useful,
             "executed_flops": total * 2 * t.block_m * t.block_n * t.block_k}
 
@@ -249,14 +249,14 @@ def print_plan(plan):
     sms = c["sms"]
     print(f"# GEMM plan: {c['size']} px b{c['batch']} {c['dtype']}, {sms} SMs "
           f"({t['launches']} GEMM launches)\n")
-    print("| role | kernel | M | N | K | tile | warps/stages | programs | waves | k-it max | "
-          "useful GF | executed GF | x |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| role | kernel | M | N | K | tile | warps/stages | split-K | programs | waves "
+          "| k-it max | useful GF | executed GF | x |\n|" + "---|" * 14)
     for row in plan["launches"]:
         for g in row["gemms"]:
             waves = g["programs"] / (sms * row.get("ctas_per_sm", 1))
             print(f"| {row['role']}{' (recompute)' if row['recompute'] else ''} | {row['kernel']} "
                   f"| {g['M']} | {g['N']} | {g['K']} | {'x'.join(map(str, g['tile']))} | "
-                  f"{g['warps']}/{g['stages']} | {g['programs']} | {waves:.2f} | "
+                  f"{g['warps']}/{g['stages']} | {g['split_k']} | {g['programs']} | {waves:.2f} | "
                   f"{g['k_iterations_max']} | {g['useful_flops'] / 1e9:.2f} | "
                   f"{g['executed_flops'] / 1e9:.2f} | "
                   f"{g['executed_flops'] / g['useful_flops']:.2f} |")

@@ -25,9 +25,10 @@ from ._config import compute_capability, dot_precision, multiprocessor_count
 from .bn_act import (INVSTD, MEAN, PARTIAL_ROWS, SCALE, SHIFT, Side, activate, activate_grad,
                      activate_grad_from_out, bn_affine, chan_combine, mean_invstd_affine,
                      store_vec, sum_grad_partials, update_running)
-from .conv_gemm import (_nhwc_strides, conv_rows, counters, gemm_rows, implicit_gemm, last_arrival,
-                        out_coords, weight_grad_columns, weight_grad_launch, weight_grad_program)
-from .tiles import conv_tile, pair_tiles, wide_offsets
+from .conv_gemm import (_nhwc_strides, conv_rows, counters, gemm_rows, gemm_stride,
+                        implicit_gemm, last_arrival, out_coords, weight_grad_columns,
+                        weight_grad_launch, weight_grad_program)
+from .tiles import conv_splits, conv_tile, pair_tiles, wide_offsets
 
 
 class Epilogue(enum.IntEnum):
@@ -80,11 +81,12 @@ def _chain_conv_kernel(
         # the epilogue layer: conv bias, batch statistics (training), what the BN epilogues write
         HAS_BIAS: tl.constexpr, O_TRAINING: tl.constexpr, WRITE_Y: tl.constexpr,
         UPDATE_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, MOMENTUM_FROM: tl.constexpr,
-        # products and tile
-        DOT_PRECISION: tl.constexpr,
+        # split-K, products and tile
+        SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """:func:`chain_conv_program` on a (row tiles, column blocks) grid."""
+    """:func:`chain_conv_program` on a (row tiles, column blocks, K splits) grid."""
     chain_conv_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
+                       tl.program_id(2), tl.num_programs(2),
                        x_ptr, ay_ptr, avec_ptr, acoef_ptr, w_ptr,
                        out_ptr, oy_ptr, ovec_ptr, ocoef_ptr, bias_ptr, part_ptr, cnt_ptr,
                        gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr,
@@ -94,12 +96,12 @@ def _chain_conv_kernel(
                        sxn, sxh, sxw, sxc, swh, sww, swk, swn,
                        KH, KW, SH, SW, TRANSPOSED, PACK_K, INT64, A_MODE, A_ACT, OUT_MODE, O_ACT,
                        HAS_BIAS, O_TRAINING, WRITE_Y, UPDATE_RUNNING, HAS_NBT, MOMENTUM_FROM,
-                       DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                       SPLIT_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def chain_conv_program(
-        pid_m, pid_n, num_m, num_n,
+        pid_m, pid_n, num_m, num_n, pid_s, num_s,
         x_ptr, ay_ptr, avec_ptr, acoef_ptr, w_ptr,
         out_ptr, oy_ptr, ovec_ptr, ocoef_ptr, bias_ptr, part_ptr, cnt_ptr,
         gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr, dgamma_ptr, dbeta_ptr,
@@ -111,38 +113,41 @@ def chain_conv_program(
         A_MODE: tl.constexpr, A_ACT: tl.constexpr, OUT_MODE: tl.constexpr, O_ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr, O_TRAINING: tl.constexpr, WRITE_Y: tl.constexpr,
         UPDATE_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, MOMENTUM_FROM: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n, oh, ow, co] = epilogue(sum over taps and ci of A[n, ih, iw, ci] * w[kh, kw, ci, co])
     where ih = oh*SH - PAD_H + kh (Conv2d), or oh = ih*SH - PAD_H + kh (TRANSPOSED,
     phase-decomposed: conv_gemm.gemm_rows), with A = chain_operand(x, A_MODE) and the OUT_MODE
     epilogue. This program computes row tile ``pid_m`` (of ``num_m``) and column block ``pid_n`` (of
-    ``num_n``)."""
+    ``num_n``), and with SPLIT_K run ``pid_s`` of the ``num_s`` runs its reduction is cut into (an
+    elementwise epilogue only: :func:`_split_k_epilogue`)."""
     row_ok, n, qh, qw, ph, pw, taps_h, taps_w = gemm_rows(pid_m, TILES, N, OH, OW, PAD_H, PAD_W, KH,
                                                           KW, SH, SW, TRANSPOSED, INT64, BLOCK_M)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < C_out
     acc = implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw,
                         taps_h, taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope,
-                        sxn, sxh, sxw, sxc, swh, sww, swk, swn, KW, SH, SW, TRANSPOSED, PACK_K,
-                        INT64, A_MODE, A_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                        sxn, sxh, sxw, sxc, swh, sww, swk, swn, pid_s, num_s, KW, SH, SW,
+                        TRANSPOSED, PACK_K, INT64, A_MODE, A_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                        BLOCK_K)
 
     oh, ow = out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH, SW, TRANSPOSED)
     ok2 = row_ok[:, None] & co_ok[None, :]
     offs = ((n * OH + oh) * OW + ow)[:, None] * C_out + co[None, :]
-    if OUT_MODE == EPI_ACT and HAS_BIAS:  # a BN layer folds its bias into the statistics instead
-        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    v = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the values stored and reread
-    if OUT_MODE == EPI_ACT:
-        tl.store(out_ptr + offs, activate(v, O_ACT, o_slope), mask=ok2)
-    elif OUT_MODE == EPI_ACT_GRAD:
-        out = tl.load(oy_ptr + offs, mask=ok2, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, activate_grad_from_out(out, v, O_ACT, o_slope), mask=ok2)
+    if SPLIT_K:
+        _split_k_epilogue(acc, pid_m * num_n + pid_n, pid_s, num_s, part_ptr, cnt_ptr, offs, ok2,
+                          co, co_ok, out_ptr, oy_ptr, bias_ptr, o_slope, OUT_MODE, O_ACT, HAS_BIAS,
+                          BLOCK_M, BLOCK_N)
+    elif OUT_MODE == EPI_ACT or OUT_MODE == EPI_ACT_GRAD:
+        _elementwise_epilogue(acc, offs, ok2, co, co_ok, out_ptr, oy_ptr, bias_ptr, o_slope,
+                              OUT_MODE, O_ACT, HAS_BIAS)
     elif OUT_MODE == EPI_BN_RUNNING:
-        _running_bn_epilogue(v, offs, ok2, pid_m, co, co_ok, out_ptr, oy_ptr, ovec_ptr, bias_ptr,
-                             gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, C_out, eps, o_slope, O_ACT,
-                             HAS_BIAS, WRITE_Y)
+        # the values stored and reread, in the output dtype
+        _running_bn_epilogue(acc.to(out_ptr.dtype.element_ty).to(tl.float32), offs, ok2, pid_m,
+                             co, co_ok, out_ptr, oy_ptr, ovec_ptr, bias_ptr, gamma_ptr, beta_ptr,
+                             rmean_ptr, rvar_ptr, C_out, eps, o_slope, O_ACT, HAS_BIAS, WRITE_Y)
     else:
+        v = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the values stored and reread
         tl.store(out_ptr + offs, v, mask=ok2)
         groups = tl.cdiv(num_m, GROUP_ROWS)
         p_offs = pid_m.to(tl.int64) * C_out + co
@@ -196,6 +201,40 @@ def chain_conv_program(
                     _finish_grad(part_ptr, num_m, groups, stride, C_out, co, co_ok, ovec_ptr,
                                  ocoef_ptr, dgamma_ptr, dbeta_ptr,
                                  1.0 / (N * OH * OW).to(tl.float32), O_TRAINING, BLOCK_N)
+
+
+@triton.jit
+def _elementwise_epilogue(acc, offs, ok2, co, co_ok, out_ptr, oy_ptr, bias_ptr, o_slope,
+                          OUT_MODE: tl.constexpr, O_ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The epilogues of a layer without BN: out = act(acc + bias) (ACT), or the gradient through
+    the activation from the layer's stored output (ACT_GRAD)."""
+    if OUT_MODE == EPI_ACT and HAS_BIAS:  # a BN layer folds its bias into the statistics instead
+        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    v = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the values stored and reread
+    if OUT_MODE == EPI_ACT:
+        tl.store(out_ptr + offs, activate(v, O_ACT, o_slope), mask=ok2)
+    else:
+        out = tl.load(oy_ptr + offs, mask=ok2, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, activate_grad_from_out(out, v, O_ACT, o_slope), mask=ok2)
+
+
+@triton.jit
+def _split_k_epilogue(acc, tile, split, splits, part_ptr, cnt_ptr, offs, ok2, co, co_ok, out_ptr,
+                      oy_ptr, bias_ptr, o_slope, OUT_MODE: tl.constexpr, O_ACT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K: every run stores its float32 sum in its slot of ``tile``'s ``splits`` slots in
+    ``part_ptr``; the last to arrive (ticket ``cnt_ptr + tile``) adds the slots in split order,
+    whatever the arrival order (deterministic), and runs the elementwise epilogue."""
+    size: tl.constexpr = BLOCK_M * BLOCK_N
+    local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    slots = part_ptr + tile.to(tl.int64) * splits * size + local
+    tl.store(slots + split * size, acc)
+    if last_arrival(cnt_ptr + tile, splits):
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, splits):
+            total += tl.load(slots + s * size, cache_modifier=".cg")
+        _elementwise_epilogue(total, offs, ok2, co, co_ok, out_ptr, oy_ptr, bias_ptr, o_slope,
+                              OUT_MODE, O_ACT, HAS_BIAS)
 
 
 @triton.jit
@@ -286,7 +325,7 @@ def _backward_pair_kernel(
         A_MODE: tl.constexpr, A_ACT: tl.constexpr, OUT_MODE: tl.constexpr, O_ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr, O_TRAINING: tl.constexpr, WRITE_Y: tl.constexpr,
         UPDATE_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, MOMENTUM_FROM: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         W_KH: tl.constexpr, W_KW: tl.constexpr, W_SH: tl.constexpr, W_SW: tl.constexpr,
         W_X_MODE: tl.constexpr, W_X_ACT: tl.constexpr, W_G_MODE: tl.constexpr,
@@ -315,7 +354,7 @@ def _backward_pair_kernel(
     else:
         q = pid - w_programs
         col_blocks = tl.cdiv(C_out, BLOCK_N)
-        chain_conv_program(q % ROWS, q // ROWS, ROWS, col_blocks,
+        chain_conv_program(q % ROWS, q // ROWS, ROWS, col_blocks, 0, 1,
                            x_ptr, ay_ptr, avec_ptr, acoef_ptr, w_ptr,
                            out_ptr, oy_ptr, ovec_ptr, ocoef_ptr, bias_ptr, part_ptr, cnt_ptr,
                            gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_ptr,
@@ -326,7 +365,7 @@ def _backward_pair_kernel(
                            KH, KW, SH, SW, TRANSPOSED, PACK_K, INT64, A_MODE, A_ACT,
                            OUT_MODE, O_ACT,
                            HAS_BIAS, O_TRAINING, WRITE_Y, UPDATE_RUNNING, HAS_NBT, MOMENTUM_FROM,
-                           DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                           SPLIT_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -354,10 +393,11 @@ class ConvLaunch:
     ``phases``, ``c_out`` columns) and the convolution it computes (``x_shape`` its input's, the
     rest as named), from which the GEMM plan counts its work."""
 
-    def __init__(self, args, constexprs, tile, tiles, phases, x_shape, c_out, out_hw, kernel,
-                 stride, transposed, tickets):
+    def __init__(self, args, constexprs, tile, tiles, phases, splits, x_shape, c_out, out_hw,
+                 kernel, stride, transposed, tickets):
         self.args, self.constexprs, self.tile, self.tickets = args, constexprs, tile, tickets
-        self.tiles, self.phases, self.x_shape, self.c_out = tiles, phases, x_shape, c_out
+        self.tiles, self.phases, self.splits = tiles, phases, splits
+        self.x_shape, self.c_out = x_shape, c_out
         self.out_hw, self.kernel, self.stride, self.transposed = out_hw, kernel, stride, transposed
 
     @property
@@ -373,24 +413,20 @@ class ConvLaunch:
         return max(min(group_rows, self.rows), groups)
 
     @property
+    def columns(self) -> int:
+        return triton.cdiv(self.c_out, self.tile.block_n)
+
+    @property
     def programs(self) -> int:
-        return self.rows * triton.cdiv(self.c_out, self.tile.block_n)
+        """The grid's (row tiles, column blocks, K splits) programs."""
+        return self.rows * self.columns * self.splits
 
     def k_iterations(self):
-        """(summed over the programs, the most of one program): a program loops over its phase's
-        taps (conv_gemm.gemm_rows) times the input channels' blocks, or (PACK_K) over the
-        (tap, channel) pairs, BLOCK_K at a time."""
-        (kh, kw), (sh, sw) = self.kernel, self.stride
-        blocks = triton.cdiv(self.x_shape[1], self.tile.block_k)
-        if self.constexprs["PACK_K"]:
-            per_phase = [triton.cdiv(kh * kw * self.x_shape[1], self.tile.block_k)]
-        elif self.transposed:
-            per_phase = [triton.cdiv(kh - ph, sh) * triton.cdiv(kw - pw, sw) * blocks
-                         for ph in range(sh) for pw in range(sw)]
-        else:
-            per_phase = [kh * kw * blocks]
-        columns = triton.cdiv(self.c_out, self.tile.block_n)
-        return sum(per_phase) * self.tiles * columns, max(per_phase)
+        """(summed over the programs, the most of one program): the runs of a split reduction
+        partition its steps (:func:`phase_steps`)."""
+        per_phase = phase_steps(self.kernel, self.stride, self.x_shape[1], self.transposed,
+                                self.constexprs["PACK_K"], self.tile.block_k)
+        return sum(per_phase) * self.tiles * self.columns, triton.cdiv(max(per_phase), self.splits)
 
     def useful_flops(self) -> int:
         """The convolution's own multiply-adds x 2, as torch.utils.flop_counter counts them: over
@@ -404,6 +440,20 @@ class ConvLaunch:
 TILE_EPILOGUES = {Epilogue.BN_RUNNING: "running_bn", Epilogue.BN_ACT_GRAD: "bn_grad"}
 
 
+def phase_steps(kernel, stride, c_in, transposed, pack_k, block_k):
+    """The reduction loop's steps of a GEMM row in each phase: its phase's taps
+    (conv_gemm.gemm_rows) times the input channels' blocks, or (``pack_k``) the (tap, channel)
+    pairs, ``block_k`` at a time."""
+    (kh, kw), (sh, sw) = kernel, stride
+    if pack_k:
+        return [triton.cdiv(kh * kw * c_in, block_k)]
+    blocks = triton.cdiv(c_in, block_k)
+    if transposed:
+        return [triton.cdiv(kh - ph, sh) * triton.cdiv(kw - pw, sw) * blocks
+                for ph in range(sh) for pw in range(sw)]
+    return [kh * kw * blocks]
+
+
 def phase_taps(kernel, stride, transposed) -> int:
     """The most taps a GEMM row reduces over: all of them, or a transposed conv's phase's."""
     if not transposed:
@@ -412,12 +462,13 @@ def phase_taps(kernel, stride, transposed) -> int:
 
 
 def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_hw, out: Side,
-                bias, bn, bn_grads, tile=None):
+                bias, bn, bn_grads, tile=None, may_split=True):
     """Plan one conv GEMM launch (:func:`chain_conv`'s arguments, which see); ``tile``: the rule's
-    (tiles.conv_tile) unless given."""
+    (tiles.conv_tile) unless given; split-K (tiles.conv_splits) where ``may_split``."""
     x = a.tensor
     n, c_in, h, w = x.shape
     c_out = weight_view.shape[3]
+    stride = gemm_stride(kernel, stride, (h, w), transposed)
     (sh, sw), (pad_h, pad_w) = stride, padding
     dev = x.device
     precision = dot_precision(x.dtype, dev)
@@ -427,8 +478,18 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
                              compute_capability(dev), TILE_EPILOGUES.get(out.mode, ""))
     tiles = triton.cdiv(rows, tile.block_m)
     group_rows, groups = finalize_groups(phases * tiles)
-    partials = None
-    if out.mode in (Epilogue.BN_BATCH, Epilogue.BN_ACT_GRAD):
+    pack_k = not transposed and c_in < tile.block_k
+    columns = triton.cdiv(c_out, tile.block_n)
+    splits = 1 if not may_split else conv_splits(
+        phases * tiles * columns,
+        max(phase_steps(kernel, stride, c_in, transposed, pack_k, tile.block_k)),
+        multiprocessor_count(dev), out.mode in (Epilogue.ACT, Epilogue.ACT_GRAD))
+    partials, tickets = None, conv_tickets(c_out, groups)
+    if splits > 1:  # a float32 tile per run, a ticket per tile (_split_k_epilogue)
+        partials = torch.empty(phases * tiles * columns * splits * tile.block_m * tile.block_n,
+                               device=dev, dtype=torch.float32)
+        tickets = phases * tiles * columns
+    elif out.mode in (Epilogue.BN_BATCH, Epilogue.BN_ACT_GRAD):
         width = 3 if out.mode == Epilogue.BN_BATCH else 2
         partials = torch.empty((width, phases * tiles + groups, c_out), device=dev,
                                dtype=torch.float32)
@@ -442,23 +503,23 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     fill = lambda t: t if t is not None else out.tensor  # noqa: E731 (placeholders, never read)
     args = (x, a.y, a.vec, a.coef, weight_view, out.tensor, out.y, out.vec, out.coef, fill(bias),
-            fill(partials), counters(conv_tickets(c_out, groups), dev), *map(fill, bn_tensors),
+            fill(partials), counters(tickets, dev), *map(fill, bn_tensors),
             *map(fill, bn_grads), n, c_in, h, w, c_out, *out_hw, pad_h, pad_w, tiles, group_rows,
             bn.momentum_value() if bn is not None else 0.0, _unbias(n * out_hw[0] * out_hw[1]),
             bn.eps if bn is not None else 0.0, a.slope, out.slope, *_nhwc_strides(x),
             *weight_view.stride())
     constexprs = dict(KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, TRANSPOSED=transposed,
-                      PACK_K=not transposed and c_in < tile.block_k,
+                      PACK_K=pack_k,
                       INT64=wide_offsets(x, out.tensor, a.y, out.y), A_MODE=a.mode, A_ACT=a.act,
                       OUT_MODE=out.mode, O_ACT=out.act,
                       HAS_BIAS=bias is not None, O_TRAINING=bn is not None and bn.training,
                       WRITE_Y=out.mode == Epilogue.BN_RUNNING and out.y is not out.tensor,
                       UPDATE_RUNNING=bn is not None and bn.running_mean is not None,
                       HAS_NBT=bn is not None and bn.num_batches_tracked is not None,
-                      MOMENTUM_FROM=int(momentum_from), DOT_PRECISION=precision,
-                      **tile.constexprs())
-    return ConvLaunch(args, constexprs, tile, tiles, phases, tuple(x.shape), c_out, tuple(out_hw),
-                      tuple(kernel), tuple(stride), transposed, conv_tickets(c_out, groups))
+                      MOMENTUM_FROM=int(momentum_from), SPLIT_K=splits > 1,
+                      DOT_PRECISION=precision, **tile.constexprs())
+    return ConvLaunch(args, constexprs, tile, tiles, phases, splits, tuple(x.shape), c_out,
+                      tuple(out_hw), tuple(kernel), tuple(stride), transposed, tickets)
 
 
 def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out_hw, out: Side,
@@ -470,7 +531,7 @@ def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out
     ``training``); BN_ACT_GRAD writes its (dgamma, dbeta) into ``bn_grads`` (required then)."""
     launch = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, bias,
                          bn, bn_grads)
-    grid = (launch.rows, triton.cdiv(launch.c_out, launch.tile.block_n))
+    grid = (launch.rows, launch.columns, launch.splits)
     META_LAUNCHES.note("_chain_conv_kernel", launch)
     _chain_conv_kernel[grid](*launch.args, **launch.constexprs, **launch.tile.options())
 
@@ -484,7 +545,9 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
     padding). They are independent: the first writes the previous layer's output gradient and
     backward sums, the second reads this layer's dy and the previous layer's forward numbers. One
     launch instead of two, and each tile of dy is read from L2 by both."""
-    rows, phases = conv_rows(a.tensor.shape[0], out_hw, stride, transposed)
+    rows, phases = conv_rows(a.tensor.shape[0], out_hw,
+                             gemm_stride(kernel, stride, a.tensor.shape[2:], transposed),
+                             transposed)
     w_x, w_g = wgrad_x.tensor, wgrad_g.tensor
     conv_tile_, wgrad_tile = pair_tiles(rows, phases, weight_view.shape[3], weight_view.shape[2],
                                         kernel[0] * kernel[1], w_g.shape[1], w_x.shape[1],
@@ -492,7 +555,7 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
                                         multiprocessor_count(w_x.device),
                                         compute_capability(w_x.device))
     conv = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, None, bn,
-                       bn_grads, tile=conv_tile_)
+                       bn_grads, tile=conv_tile_, may_split=False)  # one 1-D grid: no K splits
     wgrad = weight_grad_launch(wgrad_x, wgrad_g, kernel, stride, padding, out=dw,
                                tickets_from=conv.tickets, tile=wgrad_tile)
     w_constexprs = {"W_" + k: v for k, v in wgrad.constexprs.items()}

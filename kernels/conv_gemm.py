@@ -112,9 +112,19 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def split_range(steps, split, splits):
+    """The loop steps [first, last) of run ``split`` of ``splits`` (the last runs may be shorter or
+    empty)."""
+    per = tl.cdiv(steps, splits)
+    first = split * per
+    return first, tl.minimum(first + per, steps)
+
+
+@triton.jit
 def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw, taps_h,
                   taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc,
-                  swh, sww, swk, swn, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                  swh, sww, swk, swn, split, splits, KW: tl.constexpr, SH: tl.constexpr,
+                  SW: tl.constexpr,
                   TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr, INT64: tl.constexpr,
                   A_MODE: tl.constexpr, A_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -122,11 +132,13 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, 
     output channels ``co``: one flat loop over (tap, input channel block), each A tile loaded
     through bn_act.chain_operand(A_MODE) (``ay_ptr``/``avec_ptr``/``acoef_ptr``: its layer's y or
     output, vec and coef). PACK_K (a Conv2d with fewer input channels than BLOCK_K: an image) runs K
-    as (tap, channel) pairs, BLOCK_K of them per step, so no step pads a tap's few channels."""
+    as (tap, channel) pairs, BLOCK_K of them per step, so no step pads a tap's few channels.
+    Split-K: the loop's steps are cut into ``splits`` equal runs; this sums run ``split``."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PACK_K:
         k_total = taps_h * taps_w * C_in
-        for k0 in range(0, k_total, BLOCK_K):
+        first, last = split_range(tl.cdiv(k_total, BLOCK_K), split, splits)
+        for k0 in range(first * BLOCK_K, last * BLOCK_K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < k_total
             tap = k // C_in
@@ -149,7 +161,8 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, 
             acc = mma(a, b, acc, DOT_PRECISION, BLOCK_N)
         return acc
     k_blocks = tl.cdiv(C_in, BLOCK_K)
-    for it in range(0, taps_h * taps_w * k_blocks):
+    first, last = split_range(taps_h * taps_w * k_blocks, split, splits)
+    for it in range(first, last):
         ci, ih, iw, kh, kw = tap_coords(it, k_blocks, taps_w, qh, qw, ph, pw, PAD_H, PAD_W, SH, SW,
                                         TRANSPOSED, BLOCK_K)
         ci_ok = ci < C_in
@@ -199,6 +212,16 @@ def pack_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
 def swap_kn(packed: torch.Tensor) -> torch.Tensor:
     """The operand of the other direction's GEMM: a view, no copy (its K is then contiguous)."""
     return packed.transpose(2, 3)
+
+
+def gemm_stride(kernel, stride, in_hw, transposed):
+    """The stride a GEMM runs a convolution with: its own, but a transposed one whose input is one
+    pixel along a side runs that side with stride = kernel (the same output: every output pixel
+    then reads exactly one tap, so each of its kernel-many phases is a dense GEMM over K = C_in,
+    where stride 1 would loop over every tap and find all but one out of the input). This is G's
+    first layer (z, 1x1 -> 4x4) and the input gradient of D's last (4x4 -> 1x1)."""
+    return tuple(k if transposed and size == 1 and s < k else s
+                 for k, s, size in zip(kernel, stride, in_hw))
 
 
 def conv_rows(n, out_hw, stride, transposed):

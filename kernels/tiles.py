@@ -54,8 +54,9 @@ _FORCED = {}
 @contextlib.contextmanager
 def forced(**tiles):
     """The test seam: inside the block the rules named (``conv``, ``weight_grad``, ``pair``: a
-    Tile, or for ``pair`` a pair of them; ``int64``: True for 64-bit offsets) return what is given,
-    so that interpreter tests can run any tile and variant against float64."""
+    Tile, or for ``pair`` a pair of them; ``conv_splits``: a count; ``int64``: True for 64-bit
+    offsets) return what is given, so that interpreter tests can run any tile and variant against
+    float64."""
     saved = dict(_FORCED)
     _FORCED.update(tiles)
     try:
@@ -112,6 +113,25 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
         block_m = min(block_m, 64)
         return Tile(block_m, _columns(c_out, 64, 1), block_k, 4 if block_m == 64 else 8, 2)
     return Tile(block_m, _columns(c_out, 64, 1), block_k, warps, 2)
+
+
+# A run of a split reduction sums at least this many loop steps: shorter runs would spend more on
+# their partial sums than they save.
+MIN_SPLIT_STEPS = 8
+
+
+def conv_splits(programs: int, steps: int, multiprocessors: int, elementwise: bool) -> int:
+    """Split-K runs of a convolution GEMM of ``programs`` programs that loop ``steps`` times: 1,
+    unless its epilogue is ``elementwise`` (no BN: the last run to arrive adds the runs' sums and
+    applies it) and it would leave most of the GPU idle (D's last conv: N = 1, K = 16 C_in, a
+    program per 16 images); then enough runs to give every multiprocessor a program, each at
+    least MIN_SPLIT_STEPS steps long. BN epilogues fill the GPU with smaller row tiles instead
+    (:func:`conv_tile`)."""
+    if "conv_splits" in _FORCED:
+        return _FORCED["conv_splits"]
+    if interpreting() or not elementwise or 2 * programs > multiprocessors:
+        return 1
+    return max(1, min(multiprocessors // programs, steps // MIN_SPLIT_STEPS))
 
 
 def _weight_grad_columns(c_in: int, taps: int, widest: int) -> int:

@@ -288,3 +288,61 @@ def test_every_menu_tile_against_float64(name, device):
     with tiles.forced(conv=tile, pair=(tile, wgrad), weight_grad=wgrad):
         assert_matches_reference(model, reference, lambda: torch.randn(2, 3, 6, 5), device,
                                  train_steps=1)
+
+
+@pytest.fixture
+def conv_launches(monkeypatch):
+    """The plan (chain_gemm.ConvLaunch) of every conv GEMM launch, pairs included."""
+    from aigc_fast.kernels import chain_gemm
+
+    plans = []
+    real = chain_gemm.conv_launch
+
+    def recording(*args, **kwargs):
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(chain_gemm, "conv_launch", recording)
+    return plans
+
+
+def test_split_k_runs_add_up_in_order(device, conv_launches):
+    """Split-K (tiles.conv_splits, forced to 5 runs, more than some GEMMs have loop steps, so some
+    runs are empty) on every GEMM whose epilogue is elementwise: the forwards of a chain without
+    BN ending on a one-channel conv with a bias (D's last layer) and the lone input gradients;
+    outputs, input and parameter gradients against float64."""
+    from aigc_fast.kernels import tiles
+
+    torch.manual_seed(30)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, 1, 1, bias=False), nn.LeakyReLU(0.2),
+        nn.Conv2d(6, 5, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),
+        nn.Conv2d(5, 1, 3, 1, 0, bias=True))
+    reference = copy.deepcopy(model).double()
+    fuse(model)
+    with tiles.forced(conv_splits=5):
+        assert_matches_reference(model, reference, lambda: torch.randn(3, 3, 8, 6), device,
+                                 train_steps=1)
+    assert {p.splits for p in conv_launches} == {1, 5}  # pairs never split
+    assert all(p.constexprs["SPLIT_K"] == (p.splits > 1) for p in conv_launches)
+
+
+def test_a_one_pixel_transposed_conv_runs_one_tap_per_phase(device, conv_launches):
+    """A transposed conv from a one-pixel side (G's first layer; the input gradient of D's last
+    conv, 4x4 -> 1x1) runs that side with stride = kernel (conv_gemm.gemm_stride): every output
+    pixel one tap, a dense GEMM per phase, no tap of the loop outside the input. With padding,
+    output_padding, a 1 x 5 input (one side only) and a BN layer after it, against float64."""
+    torch.manual_seed(31)
+    model = randomize_batch_norms_(nn.Sequential(
+        nn.ConvTranspose2d(6, 5, (4, 3), stride=1, padding=(1, 0), bias=False),
+        nn.BatchNorm2d(5), nn.ReLU(),
+        nn.ConvTranspose2d(5, 4, 3, stride=2, padding=1, output_padding=1, bias=False),
+        nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 3, (2, 7), 1, 0, bias=False), nn.LeakyReLU(0.2),
+        nn.Conv2d(3, 1, (3, 1), 1, 0, bias=False)))
+    reference = copy.deepcopy(model).double()
+    fuse(model)
+    assert_matches_reference(model, reference, lambda: torch.randn(3, 6, 1, 5), device,
+                             train_steps=1)
+    one_pixel = {(p.kernel, p.stride) for p in conv_launches if p.transposed and p.x_shape[2] == 1}
+    assert one_pixel == {((4, 3), (4, 1)), ((3, 1), (3, 1))}, one_pixel
