@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import META_LAUNCHES
+from . import META_LAUNCHES, autotune
 from ._config import compute_capability, dot_precision, multiprocessor_count
 from .bn_act import (INVSTD, MEAN, PARTIAL_ROWS, SCALE, SHIFT, Side, activate, activate_grad,
                      activate_grad_from_out, bn_affine, chan_combine, mean_invstd_affine,
@@ -28,7 +28,7 @@ from .bn_act import (INVSTD, MEAN, PARTIAL_ROWS, SCALE, SHIFT, Side, activate, a
 from .conv_gemm import (_nhwc_strides, conv_rows, counters, gemm_rows, gemm_stride,
                         implicit_gemm, last_arrival, out_coords, weight_grad_columns,
                         weight_grad_launch, weight_grad_program)
-from .tiles import conv_splits, conv_tile, pair_tiles, wide_offsets
+from .tiles import conv_candidates, conv_splits, conv_tile, pair_tiles, wide_offsets
 
 
 class Epilogue(enum.IntEnum):
@@ -529,10 +529,25 @@ def chain_conv(a: Side, weight_view, kernel, *, transposed, stride, padding, out
     (conv_gemm.pack_weight / swap_kn); ``bias``: the conv bias (ACT, BN_BATCH, BN_RUNNING) or None;
     ``bn``: the output side layer's chain.BatchNorm (BN_BATCH, BN_RUNNING; BN_ACT_GRAD reads its
     ``training``); BN_ACT_GRAD writes its (dgamma, dbeta) into ``bn_grads`` (required then)."""
-    launch = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, bias,
-                         bn, bn_grads)
-    grid = (launch.rows, launch.columns, launch.splits)
+    def plan(tile=None):
+        return conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, bias,
+                           bn, bn_grads, tile)
+
+    launch = plan()
+    if autotune.wanted(a.tensor.device):
+        key = ("_chain_conv_kernel", launch.x_shape, launch.c_out, launch.out_hw,
+               tuple(sorted(launch.constexprs.items())))
+        state = [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+                 if t is not None] if bn is not None else []
+        tile = autotune.fastest_tile(key, conv_candidates(launch.tile),
+                                     lambda t: _launch_conv(plan(t)), state, a.tensor.device)
+        launch = plan(tile)
     META_LAUNCHES.note("_chain_conv_kernel", launch)
+    _launch_conv(launch)
+
+
+def _launch_conv(launch: ConvLaunch):
+    grid = (launch.rows, launch.columns, launch.splits)
     _chain_conv_kernel[grid](*launch.args, **launch.constexprs, **launch.tile.options())
 
 

@@ -8,6 +8,7 @@ sm_90 and sm_80 and fails on a spill; the GEMM plan (benchmarks/gemm_plan.py) pr
 launch executes.
 """
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import triton
@@ -113,6 +114,19 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
         block_m = min(block_m, 64)
         return Tile(block_m, _columns(c_out, 64, 1), block_k, 4 if block_m == 64 else 8, 2)
     return Tile(block_m, _columns(c_out, 64, 1), block_k, warps, 2)
+
+
+def conv_candidates(rule: Tile) -> list:
+    """The tiles opt-in autotuning (kernels.autotune) times for a conv GEMM: the rule's first,
+    then its neighbours: half the rows (twice the programs), the other reduction step (16 or 32),
+    one more pipeline stage."""
+    found = [rule]
+    if rule.block_m > 16:
+        found.append(dataclasses.replace(rule, block_m=rule.block_m // 2, warps=4))
+    found.append(dataclasses.replace(rule, block_k=48 - rule.block_k if rule.block_k in (16, 32)
+                                     else 16))
+    found.append(dataclasses.replace(rule, stages=rule.stages + 1))
+    return list(dict.fromkeys(found))
 
 
 # A run of a split reduction sums at least this many loop steps: shorter runs would spend more on

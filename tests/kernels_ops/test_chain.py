@@ -346,3 +346,48 @@ def test_a_one_pixel_transposed_conv_runs_one_tap_per_phase(device, conv_launche
                              train_steps=1)
     one_pixel = {(p.kernel, p.stride) for p in conv_launches if p.transposed and p.x_shape[2] == 1}
     assert one_pixel == {((4, 3), (4, 1)), ((3, 1), (3, 1))}, one_pixel
+
+
+def test_opt_in_autotune_times_candidates_and_leaves_no_trace(device, monkeypatch):
+    """AIGC_FAST_AUTOTUNE=1: the first launch of each shape runs every candidate tile of the rule
+    (tiles.conv_candidates) in turn; the fastest (here, by a stand-in clock, the last tried) serves
+    that launch and every later one of its shape. The trials leave no trace: outputs, gradients
+    and running statistics (updated once per step, not once per trial) match float64."""
+    from aigc_fast.kernels import autotune, chain_gemm, tiles
+
+    monkeypatch.setenv("AIGC_FAST_AUTOTUNE", "1")
+    ran, clock = [], []
+    real_launch = chain_gemm._launch_conv
+    monkeypatch.setattr(chain_gemm, "_launch_conv",
+                        lambda launch: ran.append(launch) or real_launch(launch))
+
+    def stand_in_clock(run, device):
+        run()
+        clock.append(None)
+        return -len(clock)  # each trial faster than the one before
+
+    monkeypatch.setattr(autotune, "_median_seconds", stand_in_clock)
+    autotune.forget()
+    torch.manual_seed(32)
+    model = randomize_batch_norms_(nn.Sequential(
+        nn.Conv2d(3, 6, 3, 1, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 1, 4, 1, 0, bias=False)))
+    reference = copy.deepcopy(model).double()
+    fuse(model)
+    try:
+        assert_matches_reference(model, reference, lambda: torch.randn(2, 3, 4, 4), device,
+                                 train_steps=2)
+    finally:
+        autotune.forget()
+
+    def shape(launch):
+        c = launch.constexprs
+        return launch.x_shape, launch.c_out, c["OUT_MODE"], c["A_MODE"], c["O_TRAINING"]
+
+    first = ran[0]  # the first layer's training forward (2 x 4 x 4 rows, 6 x 27 columns)
+    candidates = tiles.conv_candidates(tiles.conv_tile(32, 1, 6, 3, 9, True, 8, 90))
+    assert len(candidates) >= 3
+    assert [launch.tile for launch in ran[:len(candidates)]] == candidates
+    same_shape = [launch.tile for launch in ran[len(candidates):] if shape(launch) == shape(first)]
+    assert len(same_shape) == 2 and set(same_shape) == {candidates[-1]}  # a launch per step
+
