@@ -127,9 +127,9 @@ def chain_conv_program(
     co_ok = co < C_out
     acc = implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw,
                         taps_h, taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope,
-                        sxn, sxh, sxw, sxc, swh, sww, swk, swn, pid_s, num_s, KW, SH, SW,
-                        TRANSPOSED, PACK_K, INT64, A_MODE, A_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                        BLOCK_K)
+                        sxn, sxh, sxw, sxc, swh, sww, swk, swn, pid_s, num_s, SPLIT_K, KW, SH,
+                        SW, TRANSPOSED, PACK_K, INT64, A_MODE, A_ACT, DOT_PRECISION, BLOCK_M,
+                        BLOCK_N, BLOCK_K)
 
     oh, ow = out_coords(qh, qw, ph, pw, PAD_H, PAD_W, SH, SW, TRANSPOSED)
     ok2 = row_ok[:, None] & co_ok[None, :]

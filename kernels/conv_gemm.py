@@ -123,8 +123,8 @@ def split_range(steps, split, splits):
 @triton.jit
 def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, ph, pw, taps_h,
                   taps_w, co, co_ok, C_in, H, W, PAD_H, PAD_W, a_slope, sxn, sxh, sxw, sxc,
-                  swh, sww, swk, swn, split, splits, KW: tl.constexpr, SH: tl.constexpr,
-                  SW: tl.constexpr,
+                  swh, sww, swk, swn, split, splits, SPLIT_K: tl.constexpr, KW: tl.constexpr,
+                  SH: tl.constexpr, SW: tl.constexpr,
                   TRANSPOSED: tl.constexpr, PACK_K: tl.constexpr, INT64: tl.constexpr,
                   A_MODE: tl.constexpr, A_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -133,12 +133,18 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, 
     through bn_act.chain_operand(A_MODE) (``ay_ptr``/``avec_ptr``/``acoef_ptr``: its layer's y or
     output, vec and coef). PACK_K (a Conv2d with fewer input channels than BLOCK_K: an image) runs K
     as (tap, channel) pairs, BLOCK_K of them per step, so no step pads a tap's few channels.
-    Split-K: the loop's steps are cut into ``splits`` equal runs; this sums run ``split``."""
+    SPLIT_K: the loop's steps are cut into ``splits`` equal runs; this sums run ``split`` (a
+    constexpr, so that an unsplit loop keeps its constant start: its registers are counted)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PACK_K:
         k_total = taps_h * taps_w * C_in
-        first, last = split_range(tl.cdiv(k_total, BLOCK_K), split, splits)
-        for k0 in range(first * BLOCK_K, last * BLOCK_K, BLOCK_K):
+        k_first = 0
+        k_last = k_total
+        if SPLIT_K:
+            first, last = split_range(tl.cdiv(k_total, BLOCK_K), split, splits)
+            k_first = first * BLOCK_K
+            k_last = tl.minimum(last * BLOCK_K, k_total)
+        for k0 in range(k_first, k_last, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < k_total
             tap = k // C_in
@@ -161,7 +167,10 @@ def implicit_gemm(x_ptr, w_ptr, ay_ptr, avec_ptr, acoef_ptr, row_ok, n, qh, qw, 
             acc = mma(a, b, acc, DOT_PRECISION, BLOCK_N)
         return acc
     k_blocks = tl.cdiv(C_in, BLOCK_K)
-    first, last = split_range(taps_h * taps_w * k_blocks, split, splits)
+    first = 0
+    last = taps_h * taps_w * k_blocks
+    if SPLIT_K:
+        first, last = split_range(last, split, splits)
     for it in range(first, last):
         ci, ih, iw, kh, kw = tap_coords(it, k_blocks, taps_w, qh, qw, ph, pw, PAD_H, PAD_W, SH, SW,
                                         TRANSPOSED, BLOCK_K)
