@@ -126,7 +126,7 @@ def fit(run):
         signal_number, failed = agree(run.step, interrupt.signal_number,
                                       run.write_failure is not None, wrote=True)
         while run.step < total and not (signal_number or failed):
-            real = to_model_range(next(stream))
+            real = to_model_range(next(stream)[0])
             # every rank draws the global batch's noise and keeps its own rows
             z = run.world.shard(torch.randn(run.world.world_size * c["batch_size"], c["nz"],
                                             device=run.device, generator=run.noise))

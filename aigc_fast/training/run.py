@@ -17,7 +17,7 @@ from .backends import Prepared, prepare_backend, resolve_backend
 from .checkpoint import (checkpoint_bytes, load_checkpoint, load_state_checked, rng_states,
                          set_rng_states, write_bytes_atomic)
 from .cli import UsageError, resolve_device
-from .data import SHAPES, BatchOrder, images_of_config, to_model_range
+from .data import SHAPES, BatchOrder, data_of_config, to_model_range
 from .distributed import World, convert_sync_bn
 from .ema import EMA, EMA_KEY
 from .board import Board
@@ -218,7 +218,7 @@ def setup(args, explicit, world=None):
     cuda_graph, cuda_graph_reason = resolve_cuda_graph(args.cuda_graph, backend, device, precision,
                                                        world.world_size, cfg)
 
-    images, data_desc = images_of_config(cfg, args.workers, args.download)
+    images, data_desc = data_of_config(cfg, args.workers, args.download)[:2]
     order = BatchOrder(len(images), cfg["batch_size"], cfg["seed"], world.rank, world.world_size)
     start = ckpt["step"] if ckpt else 0
     cfg.update(steps=total_steps(args, saved, order.steps_per_epoch, start), backend=backend,
