@@ -21,6 +21,7 @@ from .cli import (ArgumentParser, UsageError, add_device_argument, positive_int,
 from .ema import EMA_KEY
 from ..models import Generator, cpu_channels_last
 
+DEFAULT_COUNT = 64  # --n's default for an unconditional checkpoint
 CLASS_COLUMNS = 8  # a conditional grid's images per class (the trainer's, and --n's default)
 
 
@@ -126,8 +127,8 @@ def build_parser():
                    help="a checkpoint written by aigc_fast.train (e.g. "
                         "runs/001/checkpoints/last.pt)")
     p.add_argument("--n", type=positive_int, default=None,
-                   help=f"how many images (default 64); of a conditional checkpoint, how many of "
-                        f"each class (default {CLASS_COLUMNS})")
+                   help=f"how many images (default {DEFAULT_COUNT}); of a conditional "
+                        f"checkpoint, how many of each class (default {CLASS_COLUMNS})")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", metavar="FILE.png", help="write one grid of all images to this PNG")
     out.add_argument("--out-dir", metavar="DIR",
@@ -179,7 +180,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     G = load_generator(args.checkpoint, device, ema=not args.no_ema)
     classes = chosen_classes(G, args.classes, args.checkpoint)
-    n = args.n or (64 if classes is None else CLASS_COLUMNS)
+    n = args.n or (DEFAULT_COUNT if classes is None else CLASS_COLUMNS)
     batches = generate(G, n, args.seed, args.batch_size, device, classes)
     what = f"{n} images" if classes is None else f"{n} images of each of classes {classes}"
     if args.out:
