@@ -238,7 +238,7 @@ def load_npz(path, image_size, nc, conditional=False):
             name = "images" if "images" in names else (names[0] if len(names) == 1 else None)
             if name is None:
                 raise UsageError(f"{what}: holds arrays {names}; expected one array "
-                                 "(or one named 'images', and 'labels')")
+                                 "(or one named 'images'), beside an optional 'labels'")
             array = archive[name]
             labels = archive["labels"] if conditional and "labels" in archive.files else None
     except UsageError:
@@ -421,8 +421,8 @@ def load_data(data, image_size, nc, workers=0, dataset=None, download=False,
     if dataset == SHAPES:
         shapes = LazyShapes(SHAPES_COUNT, image_size, nc)
         lazy = image_size > SHAPES_EAGER_MAX_SIZE
-        images, labels, num_classes = (shapes if lazy else shapes[:]), shapes.labels, \
-            len(SHAPE_CLASSES)
+        images = shapes if lazy else shapes[:]
+        labels, num_classes = shapes.labels, len(SHAPE_CLASSES)
         desc = f"shapes (embedded, {SHAPES_COUNT} images{', rendered per batch' * lazy}"
     else:
         if dataset in FOLDER_SETS:
