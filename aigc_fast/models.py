@@ -135,13 +135,19 @@ class Discriminator(nn.Module):
 @torch.no_grad()
 def dcgan_init_(module):
     """DCGAN initialisation (Radford et al.): conv weights N(0, 0.02), BN weight N(1, 0.02), bias
-    0."""
+    0. A conditional Discriminator's class embedding is N(0, 0.02) too: its projection
+    <embed(y), sum-pooled features> is a convolution of the features with embed(y) at every
+    position, so it starts at the final convolution's scale (PyTorch's N(0, 1) made it ~50 times
+    larger: the untrained D's logits were the projection alone). G's embedding keeps N(0, 1), the
+    scale of the noise it joins."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, Discriminator) and m.num_classes:
+            nn.init.normal_(m.embed.weight, 0.0, 0.02)
     return module
 
 

@@ -25,15 +25,17 @@ def device():
 
 @pytest.fixture(scope="session")
 def shapes_npz(tmp_path_factory):
-    """Writes ``n`` embedded-shape images (32 px, ``seed``) as a uint8 N x H x W x C .npz and
-    returns its path: a small --data file, faster to load than the embedded 16k set."""
+    """Writes ``n`` embedded-shape images (32 px, ``seed``) as a uint8 N x H x W x C .npz, with
+    their kinds as 'labels' (for --conditional), and returns its path: a small --data file, faster
+    to load than the embedded 16k set."""
     import numpy as np
 
-    from aigc_fast.training.data import make_shapes
+    from aigc_fast.training.data import LazyShapes
 
     def write(n, seed):
         path = tmp_path_factory.mktemp("data") / f"shapes{n}_seed{seed}.npz"
-        np.savez(path, images=make_shapes(n, 32, seed=seed).permute(0, 2, 3, 1).numpy())
+        shapes = LazyShapes(n, 32, seed=seed)
+        np.savez(path, images=shapes[:].permute(0, 2, 3, 1).numpy(), labels=shapes.labels.numpy())
         return str(path)
 
     return write

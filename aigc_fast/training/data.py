@@ -4,10 +4,15 @@ torchvision (:mod:`.torchvision_sets`), the standard sets pytorch/examples' dcga
 Every source is decoded once into one uint8 tensor (N, C, S, S) held in memory: batches are then an
 index operation, fast enough for any GPU, and the order of batches is a pure function of
 (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would have.
+
+A conditional run (``--conditional``) also reads each image's class, an int64 tensor (N,) indexed
+by the same batches: a folder's first-level sub-folders, an npz's ``labels`` array, the targets of
+cifar10, mnist and fake, the shapes set's kinds (:data:`SHAPE_CLASSES`).
 """
 import os
 import warnings
 from pathlib import Path
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -40,6 +45,9 @@ SPREAD = 0.4
 # a square 0.8 r, a triangle 1.04 r (half its 2.08 r base; it is 1.8 r tall, centred vertically).
 HALF_EXTENT = (1.0, 0.8, 1.04)
 DEVICE_RESIDENT_BYTES = 1 << 30  # data sets up to this size live on the GPU: no host copy per batch
+SHAPE_CLASSES = ("circle", "square", "triangle")  # the shapes set's kinds: its conditional classes
+LABELLED_SOURCES = ("a folder of class sub-folders, an npz with 'labels', cifar10, mnist, fake or "
+                    "shapes")
 
 
 # --- the embedded "shapes" set -----------------------------------------------------------------
@@ -58,7 +66,7 @@ def _uniform(g, n, low, high):
 def _shape_params(g, n, size):
     """Per-image random parameters of the shapes set (drawn all at once: chunking cannot change
     them)."""
-    kind = torch.randint(0, 3, (n,), generator=g)  # 0 circle, 1 square, 2 triangle
+    kind = torch.randint(0, len(SHAPE_CLASSES), (n,), generator=g)  # an index of SHAPE_CLASSES
     radius = _uniform(g, n, *RADIUS) * size
     # how far the centre may move and keep the whole shape and its soft edge in the frame (only the
     # ramp's faint tail at a triangle's base corners, under 11 % coverage, can reach the frame's
@@ -159,6 +167,11 @@ class LazyShapes:
     def __len__(self):
         return self.n
 
+    @property
+    def labels(self):
+        """Each image's kind (an index of SHAPE_CLASSES): its class in a conditional run."""
+        return self.params["kind"]
+
     def __getitem__(self, index):
         picked = torch.arange(self.n)[index].cpu()  # indexing as a tensor would (int: one image)
         part = {k: v[picked.reshape(-1)] for k, v in self.params.items()}
@@ -211,19 +224,23 @@ def _resize_center_crop(images, size, chunk=1024):
 # --- .npz arrays --------------------------------------------------------------------------------
 
 
-def load_npz(path, image_size, nc):
-    """A uint8 N x H x W x C (or N x H x W) array from ``path`` -> uint8 (N, nc, S, S)."""
+def load_npz(path, image_size, nc, conditional=False):
+    """A uint8 N x H x W x C (or N x H x W) array from ``path`` -> (uint8 (N, nc, S, S), labels,
+    number of classes): with ``conditional`` the int64 (N,) classes of its ``labels`` array and
+    their count (the largest label + 1); else None and 0. A ``labels`` array is never taken for
+    the images."""
     what = f"--data {path}"
     if not Path(path).is_file():
         raise UsageError(f"{what}: no such file; expected a .npz file")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            names = list(archive.files)
+            names = [n for n in archive.files if n != "labels"]
             name = "images" if "images" in names else (names[0] if len(names) == 1 else None)
             if name is None:
                 raise UsageError(f"{what}: holds arrays {names}; expected one array "
-                                 "(or one named 'images')")
+                                 "(or one named 'images'), beside an optional 'labels'")
             array = archive[name]
+            labels = archive["labels"] if conditional and "labels" in archive.files else None
     except UsageError:
         raise
     except Exception as err:  # zipfile/pickle/OS errors: the file is not a readable .npz
@@ -232,7 +249,25 @@ def load_npz(path, image_size, nc):
         raise UsageError(f"{what}: array {name!r} is {array.dtype} with shape {array.shape}; "
                          "expected a non-empty uint8 array N x H x W x C (C = 1 or 3) or N x H x W")
     images = torch.from_numpy(array if array.ndim == 4 else array[..., None]).permute(0, 3, 1, 2)
-    return _resize_center_crop(_to_channels(images, nc, what), image_size).contiguous()
+    images = _resize_center_crop(_to_channels(images, nc, what), image_size).contiguous()
+    if not conditional:
+        return images, None, 0
+    return (images, *_npz_labels(labels, len(images), what))
+
+
+def _npz_labels(labels, n, what):
+    """(int64 (n,) labels, number of classes) of a conditional run's ``labels`` array."""
+    expected = (f"expected an integer array 'labels' of {n} class indices 0..K-1 (K >= 2 classes) "
+                "beside the images")
+    if labels is None:
+        raise UsageError(f"--conditional: {what} holds no 'labels' array; {expected}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
+        raise UsageError(f"--conditional: {what}: 'labels' is {labels.dtype} with shape "
+                         f"{labels.shape}; {expected}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high < 1:
+        raise UsageError(f"--conditional: {what}: 'labels' range over {low}..{high}; {expected}")
+    return torch.from_numpy(labels.astype(np.int64)), high + 1
 
 
 # --- folders of image files -----------------------------------------------------------------------
@@ -297,15 +332,19 @@ def find_labelled_images(root):
     return files, labels, classes
 
 
-def load_folder(root, image_size, nc, workers=0):
-    """Decode every image below ``root`` -> uint8 (N, nc, S, S); unreadable files are skipped."""
+def load_folder(root, image_size, nc, workers=0, conditional=False):
+    """Decode every image below ``root`` -> (uint8 (N, nc, S, S), labels, number of classes);
+    unreadable files are skipped. With ``conditional`` the labels are the int64 (N,) indices of
+    each image's class sub-folder (:func:`find_labelled_images`), else None and 0."""
     what = f"--data {root}"
     if not Path(root).is_dir():
         raise UsageError(f"{what}: no such folder; expected a folder of images")
-    files, _, _ = find_labelled_images(root)
+    files, labels, classes = find_labelled_images(root)
     if not files:
         raise UsageError(f"{what}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found below "
                          "this folder; expected at least one")
+    if conditional:
+        _check_folder_classes(what, files, labels, classes)
     loader = torch.utils.data.DataLoader(_ImageFiles(files, image_size, nc), batch_size=64,
                                          num_workers=workers, collate_fn=_as_list)
     decoded = [a for batch in loader for a in batch]
@@ -319,7 +358,24 @@ def load_folder(root, image_size, nc, workers=0):
                       f"(first: {bad[0]})", stacklevel=2)
     array = np.stack(good)
     images = torch.from_numpy(array if array.ndim == 4 else array[..., None])
-    return images.permute(0, 3, 1, 2).contiguous()
+    images = images.permute(0, 3, 1, 2).contiguous()
+    if not conditional:
+        return images, None, 0
+    kept = [label for label, a in zip(labels, decoded) if a is not None]
+    return images, torch.tensor(kept, dtype=torch.int64), len(classes)
+
+
+def _check_folder_classes(what, files, labels, classes):
+    """A conditional run's folder: every image in a class sub-folder, at least 2 classes."""
+    rule = "the first-level sub-folders are the classes"
+    loose = [f for f, label in zip(files, labels) if label is None]
+    if loose:
+        raise UsageError(f"--conditional: {what} holds {len(loose)} image(s) directly in it "
+                         f"(first: {loose[0].name}); expected every image in a class sub-folder "
+                         f"({rule})")
+    if len(classes) < 2:
+        raise UsageError(f"--conditional: {what} has {len(classes)} class sub-folder(s) "
+                         f"{classes}; expected at least 2 ({rule})")
 
 
 # --- one entry point -----------------------------------------------------------------------------
@@ -341,9 +397,19 @@ def infer_dataset(data):
     raise UsageError(f"--data {data}: no such file or folder; expected {expected}")
 
 
-def load_images(data, image_size, nc, workers=0, dataset=None, download=False,
-                lsun_class=LSUN_DEFAULT_CLASS):
-    """(uint8 (N, nc, S, S), a short description) of ``dataset`` read from ``data`` (its root).
+class Data(NamedTuple):
+    """A training set as :func:`load_data` reads it."""
+
+    images: Any  # uint8 (N, nc, S, S): a tensor, or LazyShapes (rendered per batch)
+    desc: str  # a short description for the start-up line
+    labels: Optional[torch.Tensor] = None  # a conditional run's int64 (N,) class of each image
+    num_classes: int = 0  # 0: unconditional
+
+
+def load_data(data, image_size, nc, workers=0, dataset=None, download=False,
+              lsun_class=LSUN_DEFAULT_CLASS, conditional=False):
+    """:class:`Data` of ``dataset`` read from ``data`` (its root), with each image's class when
+    ``conditional``; a source without classes is then a UsageError.
 
     ``dataset`` None: the one ``data`` means (:func:`infer_dataset`). ``download`` and
     ``lsun_class`` concern the torchvision sets only.
@@ -352,28 +418,37 @@ def load_images(data, image_size, nc, workers=0, dataset=None, download=False,
         raise UsageError(f"--image-size {image_size} is not supported; expected one of "
                          f"{SUPPORTED_IMAGE_SIZES}")
     dataset = dataset or infer_dataset(data)
-    if dataset == SHAPES and image_size > SHAPES_EAGER_MAX_SIZE:
-        return (LazyShapes(SHAPES_COUNT, image_size, nc),
-                f"shapes (embedded, {SHAPES_COUNT} images, rendered per batch)")
     if dataset == SHAPES:
-        images = _to_channels(make_shapes(SHAPES_COUNT, image_size), nc, "shapes")
-        return images, f"shapes (embedded, {len(images)} images)"
-    if dataset in FOLDER_SETS:
-        images = load_folder(data, image_size, nc, workers)
-    elif dataset == "npz":
-        images = load_npz(data, image_size, nc)
+        shapes = LazyShapes(SHAPES_COUNT, image_size, nc)
+        lazy = image_size > SHAPES_EAGER_MAX_SIZE
+        images = shapes if lazy else shapes[:]
+        labels, num_classes = shapes.labels, len(SHAPE_CLASSES)
+        desc = f"shapes (embedded, {SHAPES_COUNT} images{', rendered per batch' * lazy}"
     else:
-        raw = load_torchvision_set(dataset, data, image_size, download, lsun_class)
-        images = _resize_center_crop(_to_channels(raw, nc, f"--dataset {dataset}"), image_size)
-    where = f"{dataset} in {data}" if data is not None else dataset
-    return images.contiguous(), f"{where} ({len(images)} images)"
+        if dataset in FOLDER_SETS:
+            images, labels, num_classes = load_folder(data, image_size, nc, workers, conditional)
+        elif dataset == "npz":
+            images, labels, num_classes = load_npz(data, image_size, nc, conditional)
+        else:
+            raw, labels, num_classes = load_torchvision_set(dataset, data, image_size, download,
+                                                            lsun_class)
+            images = _resize_center_crop(_to_channels(raw, nc, f"--dataset {dataset}"),
+                                         image_size).contiguous()
+        where = f"{dataset} in {data}" if data is not None else dataset
+        desc = f"{where} ({len(images)} images"
+    if not conditional:
+        return Data(images, desc + ")")
+    if labels is None:
+        raise UsageError(f"--conditional: --dataset {dataset} has no class labels; expected a "
+                         f"labelled source: {LABELLED_SOURCES}")
+    return Data(images, f"{desc}, {num_classes} classes)", labels, num_classes)
 
 
-def images_of_config(cfg, workers=0, download=False):
-    """:func:`load_images` of a run's config (a checkpoint's "config", or config.json)."""
+def data_of_config(cfg, workers=0, download=False, conditional=False):
+    """:func:`load_data` of a run's config (a checkpoint's "config", or config.json)."""
     dataset = cfg.get("dataset") or infer_dataset(cfg["data"])  # older runs had no "dataset"
-    return load_images(cfg["data"], cfg["image_size"], cfg["nc"], workers, dataset, download,
-                       cfg.get("classes", LSUN_DEFAULT_CLASS))
+    return load_data(cfg["data"], cfg["image_size"], cfg["nc"], workers, dataset, download,
+                     cfg.get("classes", LSUN_DEFAULT_CLASS), conditional)
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -418,21 +493,29 @@ class BatchOrder:
             epoch, offset = epoch + 1, 0
 
 
-def batch_stream(images, order, start_step, device):
-    """Endless uint8 batches on ``device`` from step ``start_step`` on.
+def batch_stream(images, order, start_step, device, labels=None):
+    """Endless (uint8 images, int64 labels) batches on ``device`` from step ``start_step`` on,
+    each batch's labels picked by the same indices (None for an unconditional run's None).
 
     On CUDA a data set that fits in DEVICE_RESIDENT_BYTES is moved to the GPU once and indexed
     there; a larger one is indexed on the host and copied from pinned memory without blocking.
     """
+    sources = (images, labels)
     if device.type == "cuda" and torch.is_tensor(images) \
             and images.numel() <= DEVICE_RESIDENT_BYTES:
-        images = images.to(device)
-        yield from (images[index] for index in order.batches(start_step, device))
+        sources = tuple(s if s is None else s.to(device) for s in sources)
+        yield from (_pick(sources, index) for index in order.batches(start_step, device))
     elif device.type == "cuda":
         for index in order.batches(start_step):
-            yield images[index].pin_memory().to(device, non_blocking=True)
+            yield tuple(s if s is None else s.pin_memory().to(device, non_blocking=True)
+                        for s in _pick(sources, index))
     else:
-        yield from (images[index] for index in order.batches(start_step))
+        yield from (_pick(sources, index) for index in order.batches(start_step))
+
+
+def _pick(sources, index):
+    """The rows ``index`` of each source tensor (None stays None)."""
+    return tuple(s if s is None else s[index] for s in sources)
 
 
 def to_model_range(batch):

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .cli import (ArgumentParser, UsageError, add_device_argument, positive_int,
                   resolve_device)
-from .data import images_of_config, infer_dataset, to_model_range
+from .data import data_of_config, infer_dataset, to_model_range
 from .ema import EMA_KEY
 from .fidelity import FIDELITY_METRICS, TensorImages, fidelity_scores
 from .metrics import DEFAULT_N, describe, swd
@@ -40,7 +40,7 @@ class Evaluator:
     """SWD of generators against one fixed real set, whose descriptors are computed once."""
 
     def __init__(self, images, n=DEFAULT_N, device=torch.device("cpu"), seed=EVAL_SEED):
-        """``images``: uint8 (N, C, S, S) as :func:`aigc_fast.training.data.load_images` returns
+        """``images``: uint8 (N, C, S, S) as :func:`aigc_fast.training.data.load_data` reads
         them."""
         self.n, self.seed, self.device = min(n, len(images)), seed, device
         real = to_model_range(real_subset(images, self.n, seed).to(device))
@@ -144,7 +144,7 @@ def _real_images(args, cfg):
     if args.data is not None:
         cfg = {**cfg, "dataset": infer_dataset(args.data), "data": args.data}
     try:
-        images, desc = images_of_config(cfg, args.workers)
+        images, desc = data_of_config(cfg, args.workers)[:2]
         return images, desc, cfg
     except UsageError as err:
         if args.data is not None:

@@ -91,16 +91,31 @@ class StopAgreement:
 
 
 def training_step(run):
-    """``step(real, z)``: :func:`train_step` of the run's models and objective at step index
-    ``run.step``, captured in a CUDA graph (:mod:`.step_graph`) when ``cfg["cuda_graph"]``; its
-    metrics are read before the next call (Meter.add stacks them on the device)."""
+    """``step(real, z, *labels)``: :func:`train_step` of the run's models and objective at step
+    index ``run.step`` (``labels``: a conditional run's real and fake labels), captured in a CUDA
+    graph (:mod:`.step_graph`) when ``cfg["cuda_graph"]``; its metrics are read before the next
+    call (Meter.add stacks them on the device)."""
     p = run.model
 
-    def step(real, z):
+    def step(real, z, *labels):
         return train_step(p.G_run, p.D_run, run.opt_g, run.opt_d, real, z, run.objective,
-                          run.precision, step=run.step, D_penalty=p.D)
+                          run.precision, step=run.step, D_penalty=p.D, labels=labels or None)
 
     return GraphedStep(step) if run.cfg["cuda_graph"] else step
+
+
+def draw_fake_inputs(run):
+    """This rank's rows of the step's global draw of G's inputs from ``run.noise``: the noise z
+    and, for a conditional run, then the fake labels, uniform over the classes (None else). Every
+    rank draws the whole global batch and keeps its own rows, so the draws (saved with the
+    generator in checkpoints) are the same on every backend and for any number of processes."""
+    c, world = run.cfg, run.world
+    rows = world.world_size * c["batch_size"]
+    z = world.shard(torch.randn(rows, c["nz"], device=run.device, generator=run.noise))
+    if not c["num_classes"]:
+        return z, None
+    return z, world.shard(torch.randint(c["num_classes"], (rows,), device=run.device,
+                                        generator=run.noise))
 
 
 def fit(run):
@@ -108,7 +123,7 @@ def fit(run):
     number after Ctrl-C (130) or SIGTERM (143), 1 after a failed write of the run's files."""
     c = run.cfg
     total = c["steps"]
-    stream = batch_stream(run.images, run.order, run.step, run.device)
+    stream = batch_stream(run.images, run.order, run.step, run.device, run.labels)
     meter, start_step, t_start = Meter(run.world), run.step, time.perf_counter()
     main_rank = run.world.is_main  # under torchrun only rank 0 samples, evaluates and prints
     eval_seconds = 0.0
@@ -126,11 +141,10 @@ def fit(run):
         signal_number, failed = agree(run.step, interrupt.signal_number,
                                       run.write_failure is not None, wrote=True)
         while run.step < total and not (signal_number or failed):
-            real = to_model_range(next(stream))
-            # every rank draws the global batch's noise and keeps its own rows
-            z = run.world.shard(torch.randn(run.world.world_size * c["batch_size"], c["nz"],
-                                            device=run.device, generator=run.noise))
-            meter.add(step(real, z))
+            real, real_labels = next(stream)
+            z, fake_labels = draw_fake_inputs(run)
+            labels = () if fake_labels is None else (real_labels, fake_labels)
+            meter.add(step(to_model_range(real), z, *labels))
             run.step += 1
             if run.ema is not None:
                 run.ema.update(run.step)

@@ -16,7 +16,7 @@ from .curves import FILE_NAME as CURVES_FILE
 from .curves import write_curves
 from .ema import EMA_KEY
 from .eval import Evaluator, FidelityEvaluator, real_source
-from .sample import eval_mode, make_grid, save_png, to_uint8
+from .sample import CLASS_COLUMNS, eval_mode, make_grid, save_png, to_uint8
 from .variant import describe_variant
 
 METRIC_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
@@ -154,10 +154,13 @@ def sampling_generator(run):
 
 @torch.no_grad()
 def write_samples(run):
-    """samples/step_NNNNNN.png from the fixed noise, G in eval mode (no state changes)."""
+    """samples/step_NNNNNN.png from the fixed noise (and a conditional run's fixed labels: one
+    row per class), G in eval mode (no state changes)."""
     path = run.out / "samples" / f"step_{run.step:06d}.png"
+    labels = () if run.fixed_labels is None else (run.fixed_labels,)
     with eval_mode(sampling_generator(run)) as G:
-        grid = make_grid(to_uint8(G(run.fixed_noise)))
+        grid = make_grid(to_uint8(G(run.fixed_noise, *labels)), nrow=CLASS_COLUMNS if labels
+                         else None)
     write_optional(run, "sample grids", path, lambda p: save_png(grid, p))
     if run.board is not None:
         run.board.add_grid("samples", grid, run.step)

@@ -17,7 +17,7 @@ from .backends import Prepared, prepare_backend, resolve_backend
 from .checkpoint import (checkpoint_bytes, load_checkpoint, load_state_checked, rng_states,
                          set_rng_states, write_bytes_atomic)
 from .cli import UsageError, resolve_device
-from .data import SHAPES, BatchOrder, images_of_config, to_model_range
+from .data import SHAPES, BatchOrder, data_of_config, to_model_range
 from .distributed import World, convert_sync_bn
 from .ema import EMA, EMA_KEY
 from .board import Board
@@ -26,12 +26,13 @@ from .losses import Objective
 from .options import DEFAULT_STEPS, KEPT_KEYS, RUN_KEYS, upgrade_saved_config
 from .precision import Precision, resolve_precision, set_tf32
 from .report import Diverged, write_optional, write_run_file
-from .sample import save_grid
+from .sample import CLASS_COLUMNS, class_rows, save_grid
 from .start_weights import load_start_weights
 from .step_graph import graph_unavailable, set_capturable
 from .variant import build_objective, graph_blocker, resolve_variant
 
-SAMPLE_COUNT = 64  # images in each sample grid
+SAMPLE_COUNT = 64  # images in each sample grid (an unconditional run's: 8 x 8)
+SAMPLE_CLASSES = 16  # a conditional run's grid: one row for each of its first 16 classes
 CHECKPOINT_FORMAT = "aigc_fast.dcgan/1"
 CHECKPOINT_KEYS = ("G", "D", "opt_g", "opt_d", "step", "noise", "rng", "config")
 
@@ -45,12 +46,14 @@ class Run:
     out: Optional[Path]  # None: a new numbered folder under runs/, made once set-up succeeded
     device: torch.device
     images: torch.Tensor
+    labels: Optional[torch.Tensor]  # a conditional run's int64 class of each image; else None
     order: BatchOrder
     model: Prepared
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
-    noise: torch.Generator
+    noise: torch.Generator  # G's inputs: each step's z, then (conditional) its fake labels
     fixed_noise: torch.Tensor
+    fixed_labels: Optional[torch.Tensor]  # a conditional run's sample grid: one row per class
     variant_rng: torch.Generator  # augmentation parameters and gradient-penalty weights
     objective: Objective  # the loss, penalties and augmentation the step trains with
     world: World  # this process's rank among torchrun's processes (rank 0 of 1 without torchrun)
@@ -218,11 +221,18 @@ def setup(args, explicit, world=None):
     cuda_graph, cuda_graph_reason = resolve_cuda_graph(args.cuda_graph, backend, device, precision,
                                                        world.world_size, cfg)
 
-    images, data_desc = images_of_config(cfg, args.workers, args.download)
-    order = BatchOrder(len(images), cfg["batch_size"], cfg["seed"], world.rank, world.world_size)
+    data = data_of_config(cfg, args.workers, args.download, cfg["conditional"])
+    trained_classes = saved.get("num_classes", 0) if saved is not None else data.num_classes
+    if trained_classes != data.num_classes:  # G's and D's class embeddings would not load
+        raise UsageError(f"checkpoint {resume}: trained on {trained_classes} classes, but its "
+                         f"data now has {data.num_classes} ({data.desc}); expected the run's own "
+                         "data")
+    order = BatchOrder(len(data.images), cfg["batch_size"], cfg["seed"], world.rank,
+                       world.world_size)
     start = ckpt["step"] if ckpt else 0
     cfg.update(steps=total_steps(args, saved, order.steps_per_epoch, start), backend=backend,
-               device=device.type, workers=args.workers, version=__version__)
+               device=device.type, workers=args.workers, version=__version__,
+               num_classes=data.num_classes)
     cfg.update(world_size=world.world_size, sync_bn=sync_bn, precision=precision,
                cuda_graph=cuda_graph)
 
@@ -230,7 +240,8 @@ def setup(args, explicit, world=None):
     np.random.seed(cfg["seed"] % 2**32)
     random.seed(cfg["seed"])
     G, D = build_models(cfg["image_size"], cfg["nz"], cfg["ngf"], cfg["ndf"], cfg["nc"],
-                        d_norm=cfg["d_norm"], spectral_norm=cfg["spectral_norm"])
+                        d_norm=cfg["d_norm"], spectral_norm=cfg["spectral_norm"],
+                        num_classes=cfg["num_classes"])
     if ckpt:
         load_state_checked(G, ckpt["G"], f"checkpoint {resume} (G)")
         load_state_checked(D, ckpt["D"], f"checkpoint {resume} (D)")
@@ -249,20 +260,30 @@ def setup(args, explicit, world=None):
     opt_g = torch.optim.Adam(model.G.parameters(), lr=cfg["lr"], betas=betas, capturable=cuda_graph)
     opt_d = torch.optim.Adam(model.D.parameters(), lr=cfg["lr"], betas=betas, capturable=cuda_graph)
     noise = torch.Generator(device).manual_seed(cfg["seed"] + 1)
-    fixed_noise = torch.randn(SAMPLE_COUNT, cfg["nz"],
-                              generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
+    fixed_noise, fixed_labels = sample_inputs(cfg, device)
     variant_rng = torch.Generator(device).manual_seed(cfg["seed"] + 2)
     objective = build_objective(cfg, model.loss_fn, variant_rng)
     ema = EMA(model.G, cfg["ema"]) if cfg["ema"] else None
-    run = Run(cfg, out, device, images, order, model, opt_g, opt_d, noise, fixed_noise,
-              variant_rng, objective, world,
-              data_desc=data_desc, backend_reason=backend_reason, ema=ema,
+    run = Run(cfg, out, device, data.images, data.labels, order, model, opt_g, opt_d, noise,
+              fixed_noise, fixed_labels, variant_rng, objective, world,
+              data_desc=data.desc, backend_reason=backend_reason, ema=ema,
               precision=Precision(precision, device), precision_reason=precision_reason,
               cuda_graph_reason=cuda_graph_reason,
               eval_every=0 if args.dry_run else cfg["eval_every"])
     if ckpt:
         restore(run, ckpt, resume)
     return run
+
+
+def sample_inputs(cfg, device):
+    """(noise, labels or None) of every sample grid, a pure function of the seed: 8 x 8 images;
+    for a conditional run one row of CLASS_COLUMNS per class (its first SAMPLE_CLASSES)."""
+    z = torch.randn(SAMPLE_COUNT, cfg["nz"], generator=torch.Generator().manual_seed(cfg["seed"]))
+    if not cfg["num_classes"]:
+        return z.to(device), None
+    z, labels = class_rows(z[:CLASS_COLUMNS], list(range(min(cfg["num_classes"],
+                                                               SAMPLE_CLASSES))))
+    return z.to(device), labels.to(device)
 
 
 def resolve_cuda_graph(requested, backend, device, precision, world_size, cfg=None):

@@ -42,44 +42,46 @@ def set_capturable(optimizer, capturable):
 
 
 class GraphedStep:
-    """``step(real, z)`` (a dict of 0-dim tensors, as :func:`aigc_fast.train.train_step` returns)
+    """``step(*inputs)`` (a dict of 0-dim tensors, as :func:`aigc_fast.train.train_step` returns)
     captured in a CUDA graph after ``warmup`` uncaptured calls (on a side stream, as capture
-    requires: they fill Triton's compile caches and Adam's state). Each call then copies ``real``
-    and ``z`` into the graph's static input buffers and replays it; the returned tensors are the
-    graph's static outputs, overwritten by the next call. A call whose inputs have another shape or
-    dtype runs uncaptured."""
+    requires: they fill Triton's compile caches and Adam's state). Each call then copies every
+    input tensor (the real batch, the noise and, conditional, the real and fake labels) into the
+    graph's static input buffers and replays it; the returned tensors are the graph's static
+    outputs, overwritten by the next call. A call whose inputs have another count, shape or dtype
+    runs uncaptured."""
 
     def __init__(self, step, warmup=1):
         self.step, self.warmup = step, warmup
         self.graph = self.static_inputs = self.static_outputs = None
         self.calls = 0
 
-    def __call__(self, real, z):
+    def __call__(self, *inputs):
         self.calls += 1
         if self.graph is None and self.calls <= self.warmup:
-            return self._side_stream(real, z)
+            return self._side_stream(inputs)
         if self.graph is None:
-            self._capture(real, z)
-        elif not all(_same_layout(a, b) for a, b in zip(self.static_inputs, (real, z))):
-            return self._side_stream(real, z)
+            self._capture(inputs)
+        elif len(inputs) != len(self.static_inputs) or not all(
+                _same_layout(a, b) for a, b in zip(self.static_inputs, inputs)):
+            return self._side_stream(inputs)
         else:
-            for static, value in zip(self.static_inputs, (real, z)):
+            for static, value in zip(self.static_inputs, inputs):
                 static.copy_(value)
         self.graph.replay()
         return self.static_outputs
 
-    def _side_stream(self, real, z):
+    def _side_stream(self, inputs):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            outputs = self.step(real, z)
+            outputs = self.step(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         return outputs
 
-    def _capture(self, real, z):
+    def _capture(self, inputs):
         """Record the step on static copies of this call's inputs (capture runs nothing: the replay
         that follows performs this call's step)."""
-        self.static_inputs = (real.clone(), z.clone())
+        self.static_inputs = tuple(x.clone() for x in inputs)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_outputs = self.step(*self.static_inputs)

@@ -1,7 +1,7 @@
 """A run's GAN variant: its flags (``--loss``, ``--d-norm``, ``--r1``, ``--r1-every``,
-``--spectral-norm``, ``--augment``), the config keys that record it in checkpoints, the checks
-that refuse combinations that cannot train as asked, and the :class:`~.losses.Objective` it
-trains with.
+``--spectral-norm``, ``--augment``, ``--conditional``), the config keys that record it in
+checkpoints, the checks that refuse combinations that cannot train as asked, and the
+:class:`~.losses.Objective` it trains with.
 
 The variant keys are run settings: a resumed run takes them from its checkpoint and a flag that
 contradicts the checkpoint is an error (:func:`aigc_fast.training.run.make_config`); a checkpoint
@@ -15,7 +15,7 @@ from .losses import DEFAULT_R1_EVERY, LOSSES, Objective
 from ..models import D_NORMS
 
 VARIANT_DEFAULTS = {"loss": "bce", "d_norm": "batch", "r1": 0.0, "r1_every": DEFAULT_R1_EVERY,
-                    "spectral_norm": False, "augment": ""}
+                    "spectral_norm": False, "augment": "", "conditional": False}
 VARIANT_KEYS = tuple(VARIANT_DEFAULTS)
 
 
@@ -62,6 +62,13 @@ def add_variant_arguments(parser):
         help="DiffAugment (Zhao et al. 2020) of every image D sees, real and fake, differentiable: "
              "a comma-separated subset of color, translation, cutout, applied in the given order, "
              "parameters drawn from a generator seeded by --seed (default: none)")
+    add("--conditional", action="store_true",
+        help="class-conditional GAN: G takes a learned class embedding with z, D adds a "
+             "projection head (Miyato and Koyama 2018). The classes: a folder's first-level "
+             "sub-folders, an npz's 'labels' array, cifar10's, mnist's and fake's targets, the "
+             "shapes' kinds (circle, square, triangle). Fake labels are drawn uniformly, after "
+             "each step's noise, from the noise generator seeded by --seed; sample grids have one "
+             "row per class")
 
 
 def resolve_variant(cfg, world_size):
@@ -107,4 +114,6 @@ def describe_variant(cfg):
         parts.append("spectral norm")
     if cfg["augment"]:
         parts.append(f"DiffAugment {cfg['augment']}")
+    if cfg["conditional"]:
+        parts.append(f"conditional on {cfg['num_classes']} classes (projection D)")
     return ", ".join(parts)

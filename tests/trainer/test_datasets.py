@@ -15,7 +15,7 @@ from PIL import Image
 
 from aigc_fast.models import build_models
 from aigc_fast.train import main
-from aigc_fast.training.data import find_labelled_images, load_images
+from aigc_fast.training.data import find_labelled_images, load_data
 from cli_helpers import assert_one_line_error, run_cli
 from extras_helpers import require_extra
 
@@ -49,7 +49,7 @@ def test_folder_reads_imagefolder_layout_and_class_order(tmp_path):
     assert classes == ["a_cats", "b_dogs"]
     assert list(zip(rel, labels)) == [("top.png", None), ("a_cats/w.PNG", 0), ("a_cats/x.png", 0),
                                       ("b_dogs/z.png", 1), ("b_dogs/inner/y.jpg", 1)]
-    images, desc = load_images(str(tmp_path), 32, 3, dataset="folder")
+    images, desc = load_data(str(tmp_path), 32, 3, dataset="folder")[:2]
     assert images.shape == (5, 3, 32, 32) and "folder" in desc
     assert images[2, :, 0, 0].tolist() == [255, 0, 0]  # a_cats/x.png, third in that order
 
@@ -173,10 +173,12 @@ def test_examples_mnist_command_line_present_and_missing(tmp_path, capsys):
     assert status == 0, err
     config = json.loads((out / "config.json").read_text())
     assert (config["dataset"], config["nc"]) == ("mnist", 1)  # one channel, as in examples
-    images, _ = load_images(str(tmp_path / "mnist"), 32, 1, dataset="mnist")
+    images = load_data(str(tmp_path / "mnist"), 32, 1, dataset="mnist").images
     expected = torch.nn.functional.interpolate(torch.from_numpy(digits)[:, None].float(), 32,
                                                mode="bilinear", align_corners=False)
     assert (images.float() - expected.round().clamp(0, 255)).abs().max() <= 1
+    labelled = load_data(str(tmp_path / "mnist"), 32, 1, dataset="mnist", conditional=True)
+    assert labelled.num_classes == 10 and labelled.labels.tolist() == list(range(8))
     status, _, err = _cli(["--dataset", "mnist", "--dataroot", str(tmp_path / "none")], capsys)
     assert_one_line_error(status, err, "--dataset mnist", "MNIST/raw/train-images-idx3-ubyte",
                           "--download")
@@ -199,9 +201,11 @@ def test_examples_cifar10_command_line_present_and_missing(tmp_path, capsys, mon
     status, _, err = _cli(["--dataset", "cifar10", "--dataroot", str(tmp_path / "cifar"),
                            "--dry-run", "--batchSize", "4", "--outf", str(out)] + FAST, capsys)
     assert status == 0, err
-    images, _ = load_images(str(tmp_path / "cifar"), 32, 3, dataset="cifar10")
+    images = load_data(str(tmp_path / "cifar"), 32, 3, dataset="cifar10").images
     assert images.shape == (40, 3, 32, 32)  # five training batches of 8, the test batch unread
     assert torch.equal(images[:8], torch.from_numpy(pixels).view(8, 3, 32, 32))
+    labelled = load_data(str(tmp_path / "cifar"), 32, 3, dataset="cifar10", conditional=True)
+    assert labelled.num_classes == 10 and labelled.labels.tolist() == list(range(8)) * 5
     monkeypatch.undo()
     status, _, err = _cli(["--dataset", "cifar10", "--dataroot", str(tmp_path / "none")], capsys)
     assert_one_line_error(status, err, "--dataset cifar10", "cifar-10-batches-py", "--download")
@@ -209,12 +213,16 @@ def test_examples_cifar10_command_line_present_and_missing(tmp_path, capsys, mon
 
 @pytest.mark.extras
 def test_examples_fake_dry_run(tmp_path, capsys):
-    require_extra("torchvision.datasets")
+    datasets = require_extra("torchvision.datasets")
     out = tmp_path / "run"
     status, stdout, err = _cli(["--dataset", "fake", "--dry-run", "--outf", str(out)] + FAST,
                                capsys)
     assert status == 0, err
     assert "fake (1000 images)" in stdout and "done: step 1/1" in stdout
+    labelled = load_data(None, 16, 3, dataset="fake", conditional=True)
+    reference = datasets.FakeData(1000, (3, 16, 16))
+    assert labelled.num_classes == 10
+    assert labelled.labels[:20].tolist() == [int(reference[i][1]) for i in range(20)]
 
 
 def test_a_checkpoint_from_before_dataset_resumes(tmp_path, capsys, shapes_npz):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from aigc_fast.training.data import load_images, make_shapes
+from aigc_fast.training.data import load_data, make_shapes
 from aigc_fast.training.eval import Evaluator, main, real_subset
 from aigc_fast.training.sample import load_generator
 from aigc_fast.train import main as train_main
@@ -71,7 +71,7 @@ def test_text_output_and_no_ema(run, capsys):
     values = {line.split()[0]: float(line.split()[-1]) for line in lines[1:]}
     assert set(values) == {"32", "16", "mean"}
     # the raw G, scored directly: the same numbers (to the printed precision)
-    images, _ = load_images(json.loads((run / "config.json").read_text())["data"], 32, 3)
+    images = load_data(json.loads((run / "config.json").read_text())["data"], 32, 3).images
     G = load_generator(ckpt, torch.device("cpu"), ema=False)
     expected = Evaluator(images, 16)(G)
     assert values == {k: pytest.approx(v, abs=0.006) for k, v in expected.items()}

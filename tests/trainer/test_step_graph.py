@@ -1,9 +1,12 @@
 """The training step in a CUDA graph (aigc_fast.training.step_graph, --cuda-graph). Capture needs
 CUDA: the bitwise comparison of captured and uncaptured steps skips without it. On a CPU the rest
 of what the capture relies on is tested: the fused step (Triton path) reads nothing back to the
-host, Adam's state follows the run's capturable setting across checkpoints, and --cuda-graph
+host, GraphedStep copies every input (a conditional step's labels too) into the buffers a replay
+reads, Adam's state follows the run's capturable setting across checkpoints, and --cuda-graph
 resolves."""
+import contextlib
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 import aigc_fast
 from aigc_fast import functional
 from aigc_fast.training.cli import UsageError
-from aigc_fast.models import Discriminator, Generator
+from aigc_fast.models import Discriminator, Generator, build_models
 from aigc_fast.training.step_graph import GraphedStep, set_capturable
 from aigc_fast.train import train_step
 from aigc_fast.training.run import resolve_cuda_graph
@@ -69,6 +72,58 @@ def test_fused_step_reads_nothing_on_the_host(monkeypatch):
 def test_the_watch_catches_a_host_read():
     with pytest.raises(AssertionError, match="_local_scalar_dense"), NoHostReads():
         torch.ones(2).sum().item()
+
+
+class _ReplayByRunning:
+    """A CPU stand-in for torch.cuda.CUDAGraph: a replay runs ``graphed``'s step on its static
+    inputs and writes the static outputs in place, as a replay of the recorded kernels would. A
+    real capture records without running, and its first replay performs the captured call's
+    step; here the capture ran it, so the first replay does nothing."""
+
+    def __init__(self, graphed):
+        self.graphed, self.replays = graphed, 0
+
+    def replay(self):
+        self.replays += 1
+        if self.replays > 1:
+            outputs = self.graphed.step(*self.graphed.static_inputs)
+            for key, value in outputs.items():
+                self.graphed.static_outputs[key].copy_(value)
+
+
+def test_graphed_step_copies_every_input_into_its_buffers(monkeypatch):
+    """A conditional step (real batch, noise, real and fake labels): one warm-up call, the
+    capture, two replays, each call with fresh inputs; metrics and weights are bitwise those of
+    the same calls uncaptured (labels left stale in the buffers would change them)."""
+    torch.manual_seed(3)
+    nets = build_models(16, nz=8, ngf=4, ndf=4, nc=3, num_classes=3)
+    pairs = [nets, tuple(copy.deepcopy(m) for m in nets)]
+    steps = []
+    for G, D in pairs:
+        opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (G, D)]
+
+        def step(real, z, real_labels, fake_labels, G=G, D=D, opts=opts):
+            return train_step(G, D, *opts, real, z, functional.bce_with_logits,
+                              labels=(real_labels, fake_labels))
+
+        steps.append(step)
+    graphed = GraphedStep(steps[0])
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _ReplayByRunning(graphed))
+    gen = torch.Generator().manual_seed(0)
+    for call in range(4):
+        inputs = (torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1, torch.randn(2, 8, generator=gen),
+                  torch.randint(3, (2,), generator=gen), torch.randint(3, (2,), generator=gen))
+        got, want = graphed(*inputs), steps[1](*inputs)
+        assert all(torch.equal(got[k], want[k]) for k in want), call
+    assert graphed.graph.replays == 3 and len(graphed.static_inputs) == 4
+    for a, b in zip(*pairs):
+        for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), key
 
 
 def test_set_capturable_follows_the_run_not_the_checkpoint():

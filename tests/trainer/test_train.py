@@ -163,7 +163,7 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--data", "--image-size", "--batch-size", "--steps", "--epochs", "--lr", "--beta1",
                  "--nz", "--ngf", "--ndf", "--nc", "--seed", "--device", "--backend", "--out",
                  "--resume", "--sample-every", "--checkpoint-every", "--workers", "--dry-run",
-                 "--ema", "--eval-every", "--eval-n"):
+                 "--ema", "--eval-every", "--eval-n", "--conditional"):
         assert flag in out
 
 
@@ -263,11 +263,14 @@ def _assert_bitwise_equal(a, b, where=""):
         assert a == b, where
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_resume_is_bitwise_exact(tmp_path, npz, precision):
+@pytest.mark.parametrize("precision, variant", [("fp32", []), ("fp16", []),
+                                                ("fp32", ["--conditional"])],
+                         ids=["fp32", "fp16", "fp32-conditional"])
+def test_resume_is_bitwise_exact(tmp_path, npz, precision, variant):
+    """Also for a conditional run, whose fake labels are drawn from the saved noise generator."""
     # 32 images / batch 4 = 8 steps per epoch: the run crosses an epoch after the resume point (5)
     common = ["--data", npz, "--log-every", "1", "--sample-every", "4", "--checkpoint-every", "4",
-              "--eval-every", "3", "--eval-n", "16", "--precision", precision] + TINY
+              "--eval-every", "3", "--eval-n", "16", "--precision", precision] + TINY + variant
     assert main(common + ["--steps", "10", "--out", str(tmp_path / "straight")]) == 0
     assert main(common + ["--steps", "5", "--out", str(tmp_path / "split")]) == 0
     last = tmp_path / "split" / "checkpoints" / "last.pt"

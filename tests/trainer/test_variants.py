@@ -1,5 +1,5 @@
 """GAN variants through the fused path: losses, gradient penalty, lazy R1, spectral norm,
-DiffAugment and 16..256 px models.
+DiffAugment, class-conditional G and D, and 16..256 px models.
 
 Each variant trains 2 steps (1 at 128 and 256 px) with our kernels (interpreted on the CPU) in
 float32 and is held against the same steps in eager float64 PyTorch: losses, parameters and
@@ -23,7 +23,7 @@ from aigc_fast.train import main
 from aigc_fast.training import augment
 from aigc_fast.training.backends import prepare_backend, train_step
 from aigc_fast.training.losses import GP_WEIGHT, Objective
-from aigc_fast.training.variant import graph_blocker
+from aigc_fast.training.variant import VARIANT_KEYS, graph_blocker
 from cli_helpers import assert_one_line_error, run_cli
 
 REL_TOL = 1e-4  # float32 (no tf32) against float64
@@ -164,6 +164,8 @@ STEP_VARIANTS = {
                          dict(loss="hinge", policy="translation,cutout,color")),
     "lsgan+r1+layer": (16, dict(d_norm="layer"), dict(loss="lsgan", r1_gamma=0.5, r1_every=2)),
     "wgan-gp": (16, dict(d_norm="none"), dict(loss="wgan-gp")),
+    # the fused BCE, R1 through the conditional D's double backward (head and projection)
+    "conditional+r1": (16, dict(num_classes=3), dict(loss="bce", r1_gamma=0.5, r1_every=2)),
     "bce-128px": (128, {}, dict(loss="bce")),
     "bce-256px": (256, {}, dict(loss="bce")),
 }
@@ -196,6 +198,8 @@ def test_fused_steps_match_eager_float64(variant, device, capsys):
     fuse(fused.D, verbose=True)  # fuse() is idempotent: this prints what prepare_backend fused
     report = capsys.readouterr().out
     assert report.count("left 0 convolution(s)") == 2, report
+    classes = model_kwargs.get("num_classes", 0)
+    assert ("fused head.0" in report) == bool(classes), report  # a conditional D's final conv
     objectives = (_objective(fused.loss_fn, 7, **objective_kwargs),
                   _objective(F.binary_cross_entropy_with_logits, 7, **objective_kwargs))
     opts = (_adam(G), _adam(D)), (_adam(G64), _adam(D64))
@@ -203,8 +207,11 @@ def test_fused_steps_match_eager_float64(variant, device, capsys):
     for step in range(steps):
         real = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
         z = torch.randn(batch, 8, generator=gen)
-        got = train_step(G, D, *opts[0], real.to(device), z.to(device), objectives[0], step=step)
-        want = train_step(G64, D64, *opts[1], real.double(), z.double(), objectives[1], step=step)
+        labels = [torch.randint(classes, (batch,), generator=gen) for _ in range(2 * bool(classes))]
+        got = train_step(G, D, *opts[0], real.to(device), z.to(device), objectives[0], step=step,
+                         labels=[y.to(device) for y in labels] or None)
+        want = train_step(G64, D64, *opts[1], real.double(), z.double(), objectives[1], step=step,
+                          labels=labels or None)
         for key in want:
             assert abs(got[key].item() - want[key].item()) <= REL_TOL * max(abs(want[key].item()),
                                                                              1e-2), (step, key)
@@ -228,6 +235,7 @@ CLI_VARIANTS = {
                             "translation,cutout,color", "--r1", "0.5", "--r1-every", "2"],
     "wgan-gp": ["--loss", "wgan-gp"],
     "lsgan+layer": ["--loss", "lsgan", "--d-norm", "layer"],
+    "conditional+wgan-gp": ["--conditional", "--loss", "wgan-gp"],
 }
 
 
@@ -235,10 +243,11 @@ CLI_VARIANTS = {
 def npz16(tmp_path_factory):
     import numpy as np
 
-    from aigc_fast.training.data import make_shapes
+    from aigc_fast.training.data import LazyShapes
 
     path = tmp_path_factory.mktemp("data") / "shapes16.npz"
-    np.savez(path, images=make_shapes(8, 16, seed=2).permute(0, 2, 3, 1).numpy())
+    shapes = LazyShapes(8, 16, seed=2)  # with their kinds as the classes of --conditional
+    np.savez(path, images=shapes[:].permute(0, 2, 3, 1).numpy(), labels=shapes.labels.numpy())
     return str(path)
 
 
@@ -259,8 +268,9 @@ def test_cli_eager_and_fused_checkpoints_agree(variant, tmp_path, npz16, monkeyp
     # the fused run's convolutions ran as our chains: G once and D three times in each of 2 steps
     assert len(chain_calls) >= 8
     eager, fused = ckpts["eager"], ckpts["fused"]
-    for key in ("loss", "d_norm", "r1", "r1_every", "spectral_norm", "augment"):
+    for key in VARIANT_KEYS + ("num_classes",):
         assert fused["config"][key] == eager["config"][key]
+    assert fused["config"]["num_classes"] == (3 if "--conditional" in CLI_VARIANTS[variant] else 0)
     for net in ("G", "D"):
         assert eager[net].keys() == fused[net].keys()
         for key, want in eager[net].items():
@@ -269,7 +279,8 @@ def test_cli_eager_and_fused_checkpoints_agree(variant, tmp_path, npz16, monkeyp
                 assert _rel(got, want) <= REL_TOL, (net, key)
             else:
                 assert torch.equal(got, want), (net, key)
-    assert torch.equal(eager["variant_rng"]["state"], fused["variant_rng"]["state"])
+    for stream in ("noise", "variant_rng"):  # noise (and fake labels), augmentation, penalty
+        assert torch.equal(eager[stream]["state"], fused[stream]["state"])
     if "--spectral-norm" in CLI_VARIANTS[variant]:
         assert "main.0.parametrizations.weight.0._u" in fused["D"]
 
@@ -283,6 +294,9 @@ def test_resume_refuses_another_variant_and_wgan_gp_refuses_batchnorm(tmp_path, 
     status, _, err = run_cli(main, TINY + ["--data", npz16, "--resume", last, "--loss", "bce"],
                              capsys, prog="aigc_fast.train")
     assert_one_line_error(status, err, "--loss bce", "'hinge'")
+    status, _, err = run_cli(main, TINY + ["--data", npz16, "--resume", last, "--conditional"],
+                             capsys, prog="aigc_fast.train")
+    assert_one_line_error(status, err, "--conditional True", "checkpoint's False")
     status, _, err = run_cli(main, TINY + ["--data", npz16, "--loss", "wgan-gp", "--d-norm",
                                                  "batch"], capsys, prog="aigc_fast.train")
     assert_one_line_error(status, err, "wgan-gp", "--d-norm none or layer")
@@ -290,3 +304,22 @@ def test_resume_refuses_another_variant_and_wgan_gp_refuses_batchnorm(tmp_path, 
     assert main(TINY + ["--data", npz16, "--resume", last]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["loss"] == "hinge" and config["d_norm"] == "batch"
+
+
+def test_conditional_resume_refuses_data_with_other_classes(tmp_path, npz16, capsys):
+    """The class embeddings are sized by the data's classes: a resume whose data now has another
+    number of classes is one line, not a state_dict shape error."""
+    import numpy as np
+
+    data = tmp_path / "d.npz"
+    with np.load(npz16) as archive:
+        images, labels = archive["images"], archive["labels"]
+    np.savez(data, images=images, labels=labels)
+    out = tmp_path / "run"
+    assert main(TINY[:-4] + ["--image-size", "16", "--steps", "1", "--data", str(data),
+                             "--backend", "eager", "--conditional", "--out", str(out)]) == 0
+    np.savez(data, images=images, labels=np.arange(len(labels)) % 5)
+    capsys.readouterr()
+    status, _, err = run_cli(main, ["--resume", str(out / "checkpoints" / "last.pt")], capsys,
+                             prog="aigc_fast.train")
+    assert_one_line_error(status, err, "trained on 3 classes", "now has 5", "expected the run's")
