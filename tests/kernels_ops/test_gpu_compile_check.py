@@ -181,13 +181,15 @@ def test_the_wgan_gp_step_runs_the_critic_and_its_penalty(steps):
     """wgan-gp: D without BatchNorm (every forward's epilogue is the activation alone), no BCE
     kernel, and the gradient penalty's forward of D on the interpolates: each of D's layers runs
     forward once more than in the default step. The penalty's double backward launches nothing of
-    ours (the chain's backward under create_graph is PyTorch's ops, aigc_fast.ops), so D's
-    backward GEMMs are the default step's, without BatchNorm's backward epilogue."""
+    ours (the chain's backward under create_graph is PyTorch's ops, aigc_fast.ops): no other
+    convolution launch is added, and D's backward GEMMs are the default step's, without
+    BatchNorm's backward epilogue."""
     default, gp = steps[STEP], steps["32 px b64 step (wgan-gp)"]
     assert not _kernels(gp) & BCE_KERNELS
     d_forwards = {k[:2]: n for k, n in _convs(default, transposed=False).items()}
     assert _convs(gp, transposed=False) == {(*k, False, "ACT"): n + 1
                                            for k, n in d_forwards.items()}
+    assert sum(_convs(gp).values()) == sum(_convs(default).values()) + len(d_forwards)
     pairs = _convs(gp, "_backward_pair_kernel")
     assert sum(pairs.values()) == sum(_convs(default, "_backward_pair_kernel").values())
     assert "BN_ACT_GRAD" not in {k[3] for k in pairs if k[2]}  # D's: conv-transposes
