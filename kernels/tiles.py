@@ -156,6 +156,8 @@ def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out
         if w_c_out >= 128 and w_c_in >= 128:
             return PAIR_BIG, PAIR_BIG
         return BIG, Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, 8, 3)
-    warps = conv.warps if capability >= 90 else 8  # sm_80: 8, which built without spills
+    # sm_80: 8 warps, which built without spills, but 4 under a 32-deep input-gradient step (8
+    # spilled there)
+    warps = conv.warps if capability >= 90 else 4 if conv.block_k == 32 else 8
     return (Tile(conv.block_m, conv.block_n, conv.block_k, warps, 3),
             Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, warps, 3))
