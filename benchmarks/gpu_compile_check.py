@@ -6,15 +6,19 @@
     fp32
     python benchmarks/gpu_compile_check.py --json rows.json   # also every row as JSON
 
-It records the Triton launches of one fused training step (the benchmark suite's ``fused`` train
-step: D on real and fake, G, both Adam updates) of the 32 px network at batch 64 and the 64 px
-network at batch 512 (pytorch/examples' ngf = ndf = 64), of the trainer's eval-mode G (samples,
-SWD) and of both BCE losses on a batch large enough for their two-launch reduction, per dtype
+It records the Triton launches of one fused training step (what ``--backend fused`` runs: D on
+real and fake, G, both Adam updates) of the 32 px network at batch 64 and the 64 px network at
+batch 512 (pytorch/examples' ngf = ndf = 64), of a step of each GAN variant (:data:`VARIANTS`:
+hinge loss with spectral norm, wgan-gp, lazy R1 at a step where it is due, a class-conditional G
+and D, 128 px at batch 64 and 256 px at batch 32), of the trainer's eval-mode G (samples, SWD)
+and of both BCE losses on a batch large enough for their two-launch reduction, per dtype
 (``amp-`` ones as ``--precision fp16|bf16`` trains, autocast emulated on the meta device) and per
 target GPU (split-K factors follow its SM count), on meta tensors: shapes, no data, nothing
 runs; fp32 steps twice, with tf32 products (``torch.backends.cudnn.allow_tf32``, PyTorch's default)
 and with exact ones, since the tile rule (kernels/tiles.py) picks each launch's tile for its
-products. Then, with no interpreter, it compiles each distinct launch as recorded (its tile, warps
+products. A penalty's double backward launches none of our kernels (the fused ops' backward under
+``create_graph`` is PyTorch's, aigc_fast.ops): its launches are D's forward on the images it
+penalises. Then, with no interpreter, it compiles each distinct launch as recorded (its tile, warps
 and stages), for each target, through Triton's launch path (``JITFunction.run(warmup=True)``), whose
 launch-time checks run after the compile (Triton, 3.6 included, compares the globals a kernel used
 with their compile-time values) and again on the cached path by a second call. ptxas, the one
@@ -61,7 +65,18 @@ ARCHS = {"sm_90": (90, 132, 232448), "sm_80": (80, 108, 166912)}
 DTYPES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None),
           "bf16": (torch.bfloat16, None), "amp-fp16": (torch.float32, torch.float16),
           "amp-bf16": (torch.float32, torch.bfloat16)}
-STEPS = ((32, 64), (64, 512))  # (image size, batch)
+STEPS = ((32, 64), (64, 512))  # (image size, batch) of the default variant's step and eval G
+# (label, image size, batch, the variant's config keys (aigc_fast.training.variant), classes): a
+# step of each GAN variant, for the launches it adds to the default step's: spectral norm's
+# weights (not channels-last), the critic without BatchNorm and its penalty's forward on the
+# interpolates, R1's input gradient of D at the real images, the conditional G's 2 nz input
+# channels and D's projection head (its trunk's last BN applied apart), the deeper networks.
+VARIANTS = (("hinge + SN", 32, 64, {"loss": "hinge", "spectral_norm": True}, 0),
+            ("wgan-gp", 32, 64, {"loss": "wgan-gp"}, 0),
+            ("R1", 32, 64, {"r1": 10.0}, 0),
+            ("conditional", 32, 64, {}, 10),
+            ("", 128, 64, {}, 0),
+            ("", 256, 32, {}, 0))
 # logits for the losses: past one program (1024), so the partial sums get their own launch
 LOSS_N = 4096
 
@@ -223,12 +238,34 @@ def _as_recorded(value):
 META = torch.device("meta")
 
 
-def _training_step(image_size, batch, dtype):
-    """The benchmark suite's fused training step: what ``--backend fused`` runs."""
-    from benchmarks.cases import DCGAN, TrainStepCase
-    from benchmarks.providers import _train_step
+def _training_step(image_size, batch, dtype, variant=None, num_classes=0):
+    """What ``--backend fused`` runs for a step of ``variant`` (config keys; None: the default),
+    built by the trainer's own pieces: the variant's checks and defaults, its models,
+    prepare_backend's fusing, its objective (the penalty's weights drawn from the default
+    generator), a channels-last batch as the trainer loads it, Adam; ``num_classes``: a
+    conditional G and D (the library's, which the trainer's command line has no flag for), given
+    labels. The step index is 0, where a lazy R1 is due."""
+    from benchmarks.cases import DCGAN
 
-    _train_step(TrainStepCase(image_size, batch, DCGAN), "fused", META, dtype)()
+    from aigc_fast.models import build_models
+    from aigc_fast.training.backends import prepare_backend, train_step
+    from aigc_fast.training.variant import VARIANT_DEFAULTS, build_objective, resolve_variant
+
+    cfg = {**VARIANT_DEFAULTS, "d_norm": None, **(variant or {})}
+    resolve_variant(cfg, world_size=1)
+    with META:  # shapes only: the 256 px pair holds 93 M parameters
+        G, D = build_models(image_size, DCGAN.nz, DCGAN.ngf, DCGAN.ndf, DCGAN.nc,
+                            d_norm=cfg["d_norm"], spectral_norm=cfg["spectral_norm"],
+                            num_classes=num_classes)
+    model = prepare_backend("fused", G.to(dtype=dtype), D.to(dtype=dtype))
+    opt_g, opt_d = (torch.optim.Adam(m.parameters()) for m in (model.G, model.D))
+    real = torch.randn(batch, DCGAN.nc, image_size, image_size, device=META, dtype=dtype)
+    z = torch.randn(batch, DCGAN.nz, device=META, dtype=dtype)
+    labels = (torch.randint(num_classes, (batch,), device=META),) * 2 if num_classes else None
+    train_step(model.G_run, model.D_run, opt_g, opt_d,
+               real.contiguous(memory_format=torch.channels_last), z,
+               build_objective(cfg, model.loss_fn, None), step=0, D_penalty=model.D,
+               labels=labels)
 
 
 def _sampling(image_size, batch, dtype):
@@ -271,6 +308,9 @@ def _drop_ins(batch, dtype):
 def workloads():
     """(label, call(dtype)) of everything recorded."""
     return ([(f"{s} px b{b} step", partial(_training_step, s, b)) for s, b in STEPS]
+            + [(f"{s} px b{b} step" + (f" ({label})" if label else ""),
+                partial(_training_step, s, b, variant=flags, num_classes=classes))
+               for label, s, b, flags, classes in VARIANTS]
             + [(f"{s} px b{b} eval G", partial(_sampling, s, b)) for s, b in STEPS]
             + [(f"b{STEPS[0][1]} drop-in layers", partial(_drop_ins, STEPS[0][1]))]
             + [(f"BCE n={LOSS_N}", partial(_losses, LOSS_N))])
@@ -287,22 +327,26 @@ def _tf32(allowed):
         torch.backends.cudnn.allow_tf32 = saved
 
 
+def record_workload(call, arch, dtype, tf32=True):
+    """The launches (:class:`Launch`, in launch order, repeats included) of one workload's
+    ``call`` for ``arch`` in ``dtype``; fp32 with tf32 or exact products."""
+    storage, autocast = DTYPES[dtype]
+    with _tf32(tf32), recording_launches(ARCHS[arch][1], autocast, ARCHS[arch][0]) as launches:
+        call(storage)
+    return [Launch(module, name, tuple(map(_as_recorded, args)),
+                   {k: _as_recorded(v) for k, v in kwargs.items()}, dtype, arch)
+            for module, name, args, kwargs, _ in launches]
+
+
 def record_launches(archs, dtypes):
     """The distinct launches of :func:`workloads` per (dtype, arch), in first-seen order; fp32 ones
     with tf32 and with exact products."""
     distinct = {}
     for arch in archs:
         for dtype in dtypes:
-            storage, autocast = DTYPES[dtype]
             for tf32 in ((True, False) if dtype == "fp32" else (True,)):
                 for where, call in workloads():
-                    with _tf32(tf32), recording_launches(ARCHS[arch][1], autocast,
-                                                         ARCHS[arch][0]) as launches:
-                        call(storage)
-                    for module, name, args, kwargs, _ in launches:
-                        launch = Launch(module, name, tuple(map(_as_recorded, args)),
-                                        {k: _as_recorded(v) for k, v in kwargs.items()}, dtype,
-                                        arch)
+                    for launch in record_workload(call, arch, dtype, tf32):
                         launch = distinct.setdefault(launch.key(), launch)
                         if where not in launch.seen_in:
                             launch.seen_in.append(where)

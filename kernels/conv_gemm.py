@@ -485,20 +485,20 @@ def weight_grad_launch(x, grad_out, kernel_size, stride, padding, splits=None, o
     tile = tile or weight_grad_tile(c_out, c_in, kh * kw, precision == "ieee",
                                     compute_capability(dev))
     pack = c_in < tile.block_n
+    tiles = triton.cdiv(c_out, tile.block_m) * triton.cdiv(c_in * (kh * kw if pack else 1),
+                                                            tile.block_n)
     if splits is None:
-        tiles = (triton.cdiv(c_out, tile.block_m)
-                 * triton.cdiv(c_in * (kh * kw if pack else 1),
-                               tile.block_n) * (1 if pack else kh * kw))
-        splits = _split_count(pixels, tiles, x.tensor.numel() + g.tensor.numel(),
-                              c_out * c_in * kh * kw, tile.block_k, dev)
+        splits = _split_count(pixels, tiles * (1 if pack else kh * kw),
+                              x.tensor.numel() + g.tensor.numel(), c_out * c_in * kh * kw,
+                              tile.block_k, dev)
     per_split = triton.cdiv(triton.cdiv(pixels, splits), tile.block_k) * tile.block_k
     splits = triton.cdiv(pixels, per_split)
     dw = out if out is not None else torch.empty((c_out, c_in, kh, kw), device=dev,
                                                  dtype=x.tensor.dtype)
     part = dw if splits == 1 else torch.empty((splits, c_out, c_in, kh, kw), device=dev,
                                                dtype=torch.float32)
-    count = triton.cdiv(c_out, tile.block_m) * triton.cdiv(c_in * kh * kw, tile.block_n) * kh * kw
-    tickets = counters(tickets_from + count, dev)[tickets_from:]
+    # one counter per (tile, tap): the kernel's is cnt_ptr + tile * KH * KW + tap
+    tickets = counters(tickets_from + tiles * kh * kw, dev)[tickets_from:]
     args = (x.tensor, x.y, x.vec, x.coef, g.tensor, g.y, g.vec, g.coef, dw, part, tickets,
             n, c_in, h, w, c_out, oh, ow, ph, pw, per_split, x.slope, g.slope,
             *_nhwc_strides(x.tensor), *_nhwc_strides(g.tensor), *dw.stride())

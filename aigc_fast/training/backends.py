@@ -33,7 +33,9 @@ def train_step(G, D, opt_g, opt_d, real, z, loss_fn, precision=None, *, step=0, 
     :class:`~.losses.Objective` (the loss, penalties and augmentation of ``--loss``, ``--r1``,
     ``--augment``); ``step``: the step's index, which decides whether lazy R1 runs;
     ``D_penalty``: the D that penalties differentiate twice (default ``D``; the uncompiled module
-    under ``--backend compile``); ``labels``: (real labels, fake labels) of a conditional run.
+    under ``--backend compile``, since AOTAutograd has no double backward), which also runs the
+    fake forward of an R1 step's D phase; ``labels``: (real labels, fake labels) of a conditional
+    run.
     The forward passes and losses run under ``precision.autocast()``, the backward passes and
     optimiser steps through ``precision.backward_and_step`` (:mod:`.precision`; None: float32).
     D sees the real batch and the detached fakes in two forwards (so its BatchNorm never mixes
@@ -49,14 +51,19 @@ def train_step(G, D, opt_g, opt_d, real, z, loss_fn, precision=None, *, step=0, 
     D_penalty = D_penalty or D
     real_labels, fake_labels = ((labels[0],), (labels[1],)) if labels is not None else ((), ())
     r1 = objective.r1_due(step)
+    # R1 differentiates D(real) twice, so an R1 step's D phase runs D_penalty on real and on fake
+    # alike: a compiled D between them would write BatchNorm's running statistics back with
+    # copy_ (AOTAutograd), a version bump that fails the backward of the uncompiled forward,
+    # which saved them (eager BatchNorm updates them unseen by autograd)
+    D_phase = D_penalty if r1 else D
     with precision.autocast():
         fake = G(z, *fake_labels)
         if r1:  # R1 differentiates D at the (un-augmented) real images
             real = real.detach().requires_grad_(True)
         seen_real = objective.augment(real)
-        logits_real = (D_penalty if r1 else D)(seen_real, *real_labels)
+        logits_real = D_phase(seen_real, *real_labels)
         seen_fake = objective.augment(fake.detach())
-        logits_fake = D(seen_fake, *fake_labels)
+        logits_fake = D_phase(seen_fake, *fake_labels)
         loss_d = objective.d_loss(logits_real, logits_fake)
         if r1:
             loss_d = loss_d + objective.r1_penalty(logits_real, real)

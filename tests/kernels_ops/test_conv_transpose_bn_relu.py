@@ -349,6 +349,21 @@ def test_conv2d_and_weight_grad_kernels(shape, kernel, stride, padding, splits, 
     assert rel_err(dw, w64.grad) <= TOL
 
 
+@pytest.mark.parametrize("c_in,c_out,hw", [(1024, 2048, 8), (3, 64, 32)])
+def test_weight_grad_takes_a_ticket_counter_per_tile_and_tap(c_in, c_out, hw):
+    """A weight gradient plans (shapes only, meta tensors) as many ticket counters as the kernel
+    indexes (tile * KH * KW + tap), per tap's columns or packed: 256 px D's last strided layer
+    (1024 -> 2048 channels at ndf 64) fits the counters kept, and the packed image layer too."""
+    from aigc_fast.kernels.conv_gemm import weight_grad_launch
+
+    x = torch.empty(32, c_in, hw, hw, device="meta").to(memory_format=torch.channels_last)
+    grad = torch.empty(32, c_out, hw // 2, hw // 2, device="meta")
+    launch = weight_grad_launch(x, grad.to(memory_format=torch.channels_last), (4, 4), (2, 2),
+                                (1, 1))
+    tickets = launch.args[10]
+    assert tickets.numel() >= (launch.tiles - 1) * 16 + launch.grid_taps
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
 def test_half_precision(dtype, tol, device, poisoned):
     """Half-precision tensors, float32 statistics and accumulation, against float64."""
