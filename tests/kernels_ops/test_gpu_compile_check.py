@@ -206,13 +206,15 @@ def test_the_r1_step_differentiates_d_at_the_real_images(steps):
 
 
 def test_the_conditional_step_runs_the_embedding_and_the_projection_head(steps):
-    """Conditional: G's first layer reads z and the class embedding (2 nz = 200 channels) and its
-    backward computes their gradient (the embedding trains); D's trunk ends in BatchNorm +
-    LeakyReLU applied by their own launches before the head's chain, for real, fake and G's pass
-    alike."""
+    """Conditional: G's first layer reads z times the class embedding (nz = 100 channels) and its
+    backward computes their gradient (the embedding trains), which the default step, whose z
+    needs none, does not; D's trunk ends in BatchNorm + LeakyReLU applied by their own launches
+    before the head's chain, for real, fake and G's pass alike."""
     default, cond = steps[STEP], steps["32 px b64 step (conditional)"]
-    assert _convs(cond)[((64, 200, 1, 1), 256, True, "BN_BATCH")] == 1
-    assert _convs(cond, "_backward_pair_kernel")[((64, 256, 4, 4), 200, False, "ACT")] == 1
+    assert _convs(cond)[((64, 100, 1, 1), 256, True, "BN_BATCH")] == 1
+    z_grad = ((64, 256, 4, 4), 100, False, "ACT")
+    assert _convs(cond, "_backward_pair_kernel")[z_grad] == 1
+    assert _convs(default, "_backward_pair_kernel")[z_grad] == 0
     assert [r["kernel"] for r in cond].count("_apply_kernel") == 3
     assert "_apply_kernel" not in _kernels(default)
 
