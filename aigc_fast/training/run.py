@@ -286,6 +286,20 @@ def sample_inputs(cfg, device):
     return z.to(device), labels.to(device)
 
 
+def real_grid(images, labels, num_classes):
+    """(images, nrow) of samples/real.png, laid out as the sample grids are: the first 64 images,
+    or for a conditional run one row per class of its first SAMPLE_CLASSES, each its first
+    CLASS_COLUMNS images in data order (a class with fewer leaves the end of its row black)."""
+    if not num_classes:
+        return images[:SAMPLE_COUNT], None
+    rows = []
+    for c in range(min(num_classes, SAMPLE_CLASSES)):
+        row = images[(labels == c).nonzero().flatten()[:CLASS_COLUMNS]]
+        blank = row.new_zeros((CLASS_COLUMNS - len(row),) + tuple(row.shape[1:]))
+        rows.append(torch.cat([row, blank]))
+    return torch.cat(rows), CLASS_COLUMNS
+
+
 def resolve_cuda_graph(requested, backend, device, precision, world_size, cfg=None):
     """Turn ``--cuda-graph`` (None: on where it can) into (on, why); UsageError if "on" cannot.
     ``cfg``: the run's config, whose GAN variant may keep the step out of a graph (None: the
@@ -345,8 +359,9 @@ def prepare_outputs(run):
     write_run_file(run, run.out / "config.json", lambda path: write_bytes_atomic(path, config))
     real = run.out / "samples" / "real.png"
     if not real.exists():
+        images, nrow = real_grid(run.images, run.labels, run.cfg["num_classes"])
         write_optional(run, "sample grids", real,
-                       lambda path: save_grid(to_model_range(run.images[:SAMPLE_COUNT]), path))
+                       lambda path: save_grid(to_model_range(images), path, nrow))
     metrics = run.out / "metrics.jsonl"
     if metrics.exists():
         kept = [line for line in metrics.read_text().splitlines(keepends=True)

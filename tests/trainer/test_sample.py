@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from aigc_fast.training.data import load_data
+from aigc_fast.training.run import real_grid
 from aigc_fast.training.sample import generate, load_generator, main, make_grid, to_uint8
 from aigc_fast.train import main as train_main
 from cli_helpers import assert_one_line_error, run_cli
@@ -160,3 +162,24 @@ def test_class_on_an_unconditional_checkpoint(checkpoint, tmp_path, capsys):
     status, _, err = _cli(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "g.png"),
                            "--class", "0"], capsys)
     assert_one_line_error(status, err, "--class", "unconditional", "expected no --class")
+
+
+def test_trainer_real_grid_has_one_row_per_class(conditional):
+    """samples/real.png of a conditional run: row k holds the first 8 images of class k in data
+    order, as the sample grids hold G's images of class k."""
+    data = load_data("shapes", 16, 3, conditional=True)
+    cells = _cells(conditional.parent.parent / "samples" / "real.png", 3, 8, 16)
+    for k in range(3):
+        first = data.images[(data.labels == k).nonzero().flatten()[:8]]
+        assert np.array_equal(cells[k], first.permute(0, 2, 3, 1).numpy())
+
+
+def test_real_grid_leaves_a_short_class_row_black():
+    images = torch.randint(1, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.tensor([1, 0, 1, 1, 0])
+    grid, nrow = real_grid(images, labels, num_classes=3)
+    assert nrow == 8 and grid.shape == (24, 3, 4, 4)
+    assert torch.equal(grid[:2], images[[1, 4]]) and torch.equal(grid[8:11], images[[0, 2, 3]])
+    assert not grid[2:8].any() and not grid[11:].any()  # the rest of rows 0 and 1, all of row 2
+    unconditional, nrow = real_grid(images, None, num_classes=0)
+    assert nrow is None and torch.equal(unconditional, images)
