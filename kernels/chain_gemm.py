@@ -475,7 +475,8 @@ def conv_launch(a: Side, weight_view, kernel, transposed, stride, padding, out_h
     rows, phases = conv_rows(n, out_hw, stride, transposed)
     tile = tile or conv_tile(rows, phases, c_out, c_in, phase_taps(kernel, stride, transposed),
                              precision == "ieee", multiprocessor_count(dev),
-                             compute_capability(dev), TILE_EPILOGUES.get(out.mode, ""))
+                             compute_capability(dev), TILE_EPILOGUES.get(out.mode, ""),
+                             tf32=x.dtype == torch.float32 and precision != "ieee")
     tiles = triton.cdiv(rows, tile.block_m)
     group_rows, groups = finalize_groups(phases * tiles)
     pack_k = not transposed and c_in < tile.block_k
@@ -568,7 +569,9 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
                                         kernel[0] * kernel[1], w_g.shape[1], w_x.shape[1],
                                         dot_precision(w_x.dtype, w_x.device) == "ieee",
                                         multiprocessor_count(w_x.device),
-                                        compute_capability(w_x.device))
+                                        compute_capability(w_x.device),
+                                        tf32=w_x.dtype == torch.float32
+                                        and dot_precision(w_x.dtype, w_x.device) != "ieee")
     conv = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, None, bn,
                        bn_grads, tile=conv_tile_, may_split=False)  # one 1-D grid: no K splits
     wgrad = weight_grad_launch(wgrad_x, wgrad_g, kernel, stride, padding, out=dw,

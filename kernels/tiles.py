@@ -81,7 +81,8 @@ def wide_offsets(*tensors) -> bool:
 
 
 def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: bool,
-              multiprocessors: int, capability: int, epilogue: str = "") -> Tile:
+              multiprocessors: int, capability: int, epilogue: str = "",
+              tf32: bool = False) -> Tile:
     """The tile of a convolution GEMM (forward or input gradient) with ``rows`` output pixels in
     each of its ``phases``, ``c_out`` output channels and ``taps`` x ``c_in`` reduced per pixel:
     columns as few as hold c_out; rows up to 128 (the statistics partials have one row per row
@@ -89,7 +90,8 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
     ``multiprocessors`` a program (``taps``: a phase's); a deeper reduction step where 16 would
     loop past MAX_K_ITERATIONS; BIG for the large ones on sm_90 and later (``capability``; sm_80's
     mma.sync accumulators spill it), but under the eval-BN epilogue (``epilogue`` "running_bn"),
-    whose registers it would spill, and with 2 stages under a BN backward's ("bn_grad")."""
+    whose registers it would spill, and with 2 stages under a BN backward's ("bn_grad");
+    ``tf32``: float32 operands on tensor cores, whose sm_80 warp count differs (below)."""
     if "conv" in _FORCED:
         return _FORCED["conv"]
     block_m = pow2_block(rows, 16, _MAX_BLOCK_M)
@@ -109,9 +111,11 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
     if exact:  # FMAs: 8 warps for 128 rows on sm_80, else 4 (8 spilled 128-row tiles on sm_90)
         warps = 8 if capability < 90 and block_m >= 128 and not cuda_cores else 4
         return Tile(block_m, _columns(c_out, 32, 1), block_k, warps, 1)
-    if capability < 90:  # mma.sync keeps more in registers: at most 64 rows, 4 warps, 8 below 64
+    if capability < 90:  # mma.sync keeps more in registers: at most 64 rows, 4 warps; below 64
+        # rows 8 for 16-bit operands and 4 for tf32 (the other count spilled in one Triton each)
         block_m = min(block_m, 64)
-        return Tile(block_m, _columns(c_out, 64, 1), block_k, 4 if block_m == 64 else 8, 2)
+        return Tile(block_m, _columns(c_out, 64, 1), block_k,
+                    4 if block_m == 64 or tf32 else 8, 2)
     # sm_90: 8 warps for 128 rows on tensor cores; 4 below, and on the CUDA cores (8 spilled
     # reading a weight that is not channels-last: spectral norm's)
     warps = 8 if block_m >= 128 and not cuda_cores else 4
@@ -172,13 +176,16 @@ def weight_grad_tile(c_out: int, c_in: int, taps: int, exact: bool, capability: 
 
 
 def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out: int,
-               w_c_in: int, exact: bool, multiprocessors: int, capability: int):
+               w_c_in: int, exact: bool, multiprocessors: int, capability: int,
+               tf32: bool = False):
     """(conv tile, weight-gradient tile) of a backward pair launch, which runs both GEMMs with one
     warp count and stage count and holds the registers of the larger branch; ``c_out``: the
-    input gradient's columns, ``w_c_out`` x ``w_c_in``: the weight gradient's outputs per tap."""
+    input gradient's columns, ``w_c_out`` x ``w_c_in``: the weight gradient's outputs per tap;
+    ``tf32`` as for :func:`conv_tile`."""
     if "pair" in _FORCED:
         return _FORCED["pair"]
-    conv = conv_tile(rows, phases, c_out, c_in, taps, exact, multiprocessors, capability)
+    conv = conv_tile(rows, phases, c_out, c_in, taps, exact, multiprocessors, capability,
+                     tf32=tf32)
     if interpreting():
         return conv, weight_grad_tile(w_c_out, w_c_in, taps, exact, capability)
     if exact:  # 4 warps on sm_90; on sm_80 at most 64 rows, 8 warps (the compile check)
@@ -190,8 +197,8 @@ def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out
         if w_c_out >= 128 and w_c_in >= 128:
             return PAIR_BIG, PAIR_BIG
         return BIG, Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, 8, 3)
-    # sm_80: 8 warps, which built without spills, but 4 under a 32-deep input-gradient step (8
-    # spilled there)
-    warps = conv.warps if capability >= 90 else 4 if conv.block_k == 32 else 8
+    # sm_80: 8 warps, which built without spills, but 4 for tf32 under a 32-deep input-gradient
+    # step (8 spilled there, and 4 spilled 16-bit operands there: the compile check)
+    warps = conv.warps if capability >= 90 else 4 if conv.block_k == 32 and tf32 else 8
     return (Tile(conv.block_m, conv.block_n, conv.block_k, warps, 3),
             Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, warps, 3))
