@@ -106,19 +106,21 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
             and triton.cdiv(rows, 128) * phases * triton.cdiv(c_out, 128) >= multiprocessors):
         return Tile(128, 128, 32, 8, 2) if epilogue == "bn_grad" else BIG
     block_k = 16 if taps * triton.cdiv(c_in, 16) <= MAX_K_ITERATIONS else 32
-    # warps and rows as built without spills (the GPU compile check)
+    # warps, rows and columns as built without spills by Triton 3.6 and 3.9 (the GPU compile check)
     cuda_cores = _columns(c_out, 16, 1) < 16  # conv_gemm.mma's product, not tl.dot's
-    if exact:  # FMAs: 8 warps for 128 rows on sm_80, else 4 (8 spilled 128-row tiles on sm_90)
-        warps = 8 if capability < 90 and block_m >= 128 and not cuda_cores else 4
+    if exact and capability >= 90:  # FMAs: 4 warps; at 128 rows 16 columns, as the exact pair
+        return Tile(block_m, _columns(c_out, 16 if block_m >= 128 else 32, 1), block_k, 4, 1)
+    if exact:  # sm_80: 8 warps for 128 rows, but on the CUDA cores 4
+        warps = 8 if block_m >= 128 and not cuda_cores else 4
         return Tile(block_m, _columns(c_out, 32, 1), block_k, warps, 1)
     if capability < 90:  # mma.sync keeps more in registers: at most 64 rows, 4 warps; below 64
         # rows 8 for 16-bit operands and 4 for tf32 (the other count spilled in one Triton each)
         block_m = min(block_m, 64)
         return Tile(block_m, _columns(c_out, 64, 1), block_k,
                     4 if block_m == 64 or tf32 else 8, 2)
-    # sm_90: 8 warps for 128 rows on tensor cores; 4 below, and on the CUDA cores (8 spilled
-    # reading a weight that is not channels-last: spectral norm's)
-    warps = 8 if block_m >= 128 and not cuda_cores else 4
+    # sm_90: 8 warps for 128 rows on tensor cores and for 16 rows, 4 between and on the CUDA
+    # cores (8 spilled there, and 4 a 16-row 16-bit tile, reading spectral norm's weight)
+    warps = 8 if (block_m >= 128 and not cuda_cores) or block_m == 16 else 4
     return Tile(block_m, _columns(c_out, 64, 1), block_k, warps, 2)
 
 
@@ -197,8 +199,11 @@ def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out
         if w_c_out >= 128 and w_c_in >= 128:
             return PAIR_BIG, PAIR_BIG
         return BIG, Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, 8, 3)
-    # sm_80: 8 warps, which built without spills, but 4 for tf32 under a 32-deep input-gradient
-    # step (8 spilled there, and 4 spilled 16-bit operands there: the compile check)
-    warps = conv.warps if capability >= 90 else 4 if conv.block_k == 32 and tf32 else 8
+    # sm_90: the conv tile's warps, but 4 at 16 rows (8 spilled there); sm_80: 8, but 4 for tf32
+    # under a 32-deep input-gradient step (8 spilled there, and 4 spilled 16-bit operands there)
+    if capability >= 90:
+        warps = 4 if conv.block_m == 16 else conv.warps
+    else:
+        warps = 4 if conv.block_k == 32 and tf32 else 8
     return (Tile(conv.block_m, conv.block_n, conv.block_k, warps, 3),
             Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, warps, 3))
