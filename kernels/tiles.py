@@ -45,8 +45,9 @@ PAIR_BIG = Tile(128, 128, 16, 8, 3)  # a backward pair's two large GEMMs (see pa
 # No program loops more than this many times: a longer loop is a serial tail the GPU waits on.
 MAX_K_ITERATIONS = 256
 
-# the largest row tile: 128 rows on a GPU; the interpreter, whose cost is per program, takes more
-_MAX_BLOCK_M = 512 if interpreting() else 128
+# the largest row tile: 128 rows on a GPU; the interpreter, whose cost is per program and per
+# operation (not per element), takes more
+_MAX_BLOCK_M = 2048 if interpreting() else 128
 
 # the tiles :func:`forced` imposes, by rule name
 _FORCED = {}
@@ -168,8 +169,8 @@ def weight_grad_tile(c_out: int, c_in: int, taps: int, exact: bool, capability: 
     as narrow as holds its channels."""
     if "weight_grad" in _FORCED:
         return _FORCED["weight_grad"]
-    if interpreting():
-        return Tile(32, 32, 128, 4, 1)
+    if interpreting():  # a deep step: the interpreter's cost is per loop step, not per element
+        return Tile(32, 32, 512, 4, 1)
     if not exact and capability >= 90 and c_out >= 128 and c_in >= 128:
         return BIG
     if exact:
