@@ -509,16 +509,24 @@ def _print_report(runs, losses):
 _RESTRIDED = "_aigc_fast_weight_was_contiguous"
 
 
+def _stored_weight(conv):
+    """The Parameter that holds a convolution's weight values: ``weight``, or a parametrized
+    weight's ``original`` (spectral norm's), read without running the parametrization (which in
+    training advances its state: a power iteration); None for other parametrizations."""
+    if not parametrize.is_parametrized(conv, "weight"):
+        return conv.weight
+    return getattr(conv.parametrizations.weight, "original", None)
+
+
 def _weight_channels_last(conv):
     """Give a fused convolution's weight channels-last strides in place (values, Parameter and
     state_dict unchanged, as ``module.to(memory_format=torch.channels_last)`` does): the kernels
-    then read its GEMM operand tiles as contiguous rows, where other strides cost a packed copy of
-    the weight at every call. A parametrized weight (spectral norm) is left alone: reading it runs
-    its parametrization, which in training advances its state (a power iteration)."""
-    if _uninitialized_lazy(conv) or parametrize.is_parametrized(conv, "weight"):
-        return
-    weight = conv.weight
-    if weight.dim() == 4 and not weight.is_contiguous(memory_format=torch.channels_last):
+    then read its GEMM operand tiles as contiguous rows (with asynchronous copies), where other
+    strides cost scattered loads or a packed copy of the weight at every call. Spectral norm's
+    ``original`` too: its weight, original / sigma, keeps the strides."""
+    weight = None if _uninitialized_lazy(conv) else _stored_weight(conv)
+    if weight is not None and weight.dim() == 4 and not weight.is_contiguous(
+            memory_format=torch.channels_last):
         if weight.is_contiguous():
             setattr(conv, _RESTRIDED, True)
         with torch.no_grad():
@@ -539,11 +547,11 @@ def fuse(model, verbose=False):
     sees every module. Fusing changes no state: a parametrized weight (spectral norm) is not read,
     so its power iteration runs once per training forward, as in the unfused model. Consecutive
     fused runs run as one chain (:func:`aigc_fast.chain.conv_chain`, which also takes a Tanh that
-    ends them; a conv bias ends one). Fused
-    convolutions' weights get channels-last strides (as ``model.to(memory_format=
-    torch.channels_last)`` gives them). ``verbose=True`` prints what was fused and what was left,
-    and why, and the chains. A fused run whose modules are called one by one (a parent that
-    iterates over the Sequential) runs unfused and warns once. Calling it twice is harmless."""
+    ends them; a conv bias ends one). Fused convolutions' weights (spectral norm's ``original``)
+    get channels-last strides (as ``model.to(memory_format=torch.channels_last)`` gives them).
+    ``verbose=True`` prints what was fused and what was left, and why, and the chains. A fused
+    run whose modules are called one by one (a parent that iterates over the Sequential) runs
+    unfused and warns once. Calling it twice is harmless."""
     _check_model(model)
     runs = list(_conv_runs(model))
     for run in runs:
@@ -570,8 +578,9 @@ def unfuse(model):
     for module in model.modules():
         if getattr(module, _RESTRIDED, False):
             delattr(module, _RESTRIDED)
+            weight = _stored_weight(module)
             with torch.no_grad():
-                module.weight.data = module.weight.data.contiguous()
+                weight.data = weight.data.contiguous()
         if type(module) in _UNFUSED:
             module.__class__ = _UNFUSED[type(module)]
         for key in _run_warnings(module):

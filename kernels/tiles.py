@@ -120,7 +120,7 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
         return Tile(block_m, _columns(c_out, 64, 1), block_k,
                     4 if block_m == 64 or tf32 else 8, 2)
     # sm_90: 8 warps for 128 rows on tensor cores and for 16 rows, 4 between and on the CUDA
-    # cores (8 spilled there, and 4 a 16-row 16-bit tile, reading spectral norm's weight)
+    # cores (8 spilled there)
     warps = 8 if (block_m >= 128 and not cuda_cores) or block_m == 16 else 4
     return Tile(block_m, _columns(c_out, 64, 1), block_k, warps, 2)
 

@@ -62,10 +62,11 @@ def assert_same_state(model, state, when):
 # --- 1. spectral norm ---------------------------------------------------------------------------
 
 def test_spectral_norm_fuses_without_changing_state(fused_calls, device):
-    """fuse() and unfuse() read no parametrized weight (that would run a power iteration); the fused
-    model then computes what the parametrized one computes: one power iteration per training
-    forward, none in eval (its _u/_v are buffers, compared after every step), gradients reaching
-    parametrizations.weight.original (a parameter, compared after every step)."""
+    """fuse() and unfuse() read no parametrized weight (that would run a power iteration), and
+    restride its original to channels-last and back; the fused model then computes what the
+    parametrized one computes: one power iteration per training forward, none in eval (its _u/_v
+    are buffers, compared after every step), gradients reaching parametrizations.weight.original
+    (a parameter, compared after every step)."""
     torch.manual_seed(1)
     model = small_discriminator()
     for i in (0, 2, 5):
@@ -75,12 +76,16 @@ def test_spectral_norm_fuses_without_changing_state(fused_calls, device):
     before = state_copy(model)
     fuse(model)
     assert_same_state(model, before, "after fuse()")
+    originals = [model[i].parametrizations.weight.original for i in (0, 2, 5)]
+    # the kernels read the weights, original / sigma, as contiguous rows (with async copies)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in originals)
     assert_matches_reference(model, reference, lambda: torch.randn(2, 3, 13, 15), device,
                              train_steps=2)
     assert fused_calls == [("chain", 3)] * 3  # two training steps, then eval
     after_steps = state_copy(model)
     unfuse(model)
     assert_same_state(model, after_steps, "after unfuse()")
+    assert all(w.is_contiguous() for w in originals)
 
 
 # --- 2. float16 models ----------------------------------------------------------------------------

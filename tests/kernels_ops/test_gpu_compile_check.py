@@ -150,31 +150,29 @@ def _kernels(rows):
 
 
 def test_each_variant_step_adds_launches_of_its_own(steps):
-    """Every step records launches that no step before it made (the default steps first): each
-    variant's are what its workload adds to the check's compiles."""
+    """Every step but hinge + SN (below) records launches that no step before it made (the default
+    steps first): each variant's are what its workload adds to the check's compiles."""
     assert list(steps)[:2] == [STEP, "64 px b512 step"]
     assert {"32 px b64 step (hinge + SN)", "32 px b64 step (wgan-gp)", "32 px b64 step (R1)",
             "32 px b64 step (conditional)", "128 px b64 step", "256 px b32 step"} <= set(steps)
     seen = set()
     for where, rows in steps.items():
         keys = {r["key"] for r in rows}
-        assert keys - seen, f"{where} adds no launch to the earlier steps'"
+        assert where == "32 px b64 step (hinge + SN)" or keys - seen, \
+            f"{where} adds no launch to the earlier steps'"
         seen |= keys
 
 
-def test_the_hinge_sn_step_reads_spectral_norms_weights(steps):
-    """hinge + SN: the default step's convolutions without the BCE kernels (hinge is PyTorch ops),
-    and every forward of D reads the weight that spectral norm computes at each call (its own
-    strides: not the channels-last weight fuse() gives a plain D), so each is a launch of its own,
-    while G's forward (the launches before D's first) is the default's."""
+def test_the_hinge_sn_step_reads_spectral_norms_weights_as_plain_ones(steps):
+    """hinge + SN: the default step's convolutions without the BCE kernels (hinge is PyTorch ops).
+    Spectral norm's weight, original / sigma, has the channels-last strides fuse() gave its
+    original, so D's forwards are the default step's launches (contiguous rows, async copies):
+    the step adds no launch of its own."""
     default, sn = steps[STEP], steps["32 px b64 step (hinge + SN)"]
     assert _kernels(default) - _kernels(sn) == BCE_KERNELS
     assert _convs(sn) == _convs(default)
-    default_keys = {r["key"] for r in default}
-    d_forwards = [i for i, r in enumerate(sn)
-                  if r["kernel"] == "_chain_conv_kernel" and not r["conv"][2]]
-    assert d_forwards and not {sn[i]["key"] for i in d_forwards} & default_keys
-    assert {r["key"] for r in sn[:d_forwards[0]]} <= default_keys
+    d_forwards = [r for r in sn if r["kernel"] == "_chain_conv_kernel" and not r["conv"][2]]
+    assert d_forwards and {r["key"] for r in sn} <= {r["key"] for r in default}
 
 
 def test_the_wgan_gp_step_runs_the_critic_and_its_penalty(steps):
