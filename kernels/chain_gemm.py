@@ -565,13 +565,12 @@ def chain_backward_pair(a: Side, weight_view, kernel, *, transposed, stride, pad
                              gemm_stride(kernel, stride, a.tensor.shape[2:], transposed),
                              transposed)
     w_x, w_g = wgrad_x.tensor, wgrad_g.tensor
+    precision = dot_precision(w_x.dtype, w_x.device)
     conv_tile_, wgrad_tile = pair_tiles(rows, phases, weight_view.shape[3], weight_view.shape[2],
                                         kernel[0] * kernel[1], w_g.shape[1], w_x.shape[1],
-                                        dot_precision(w_x.dtype, w_x.device) == "ieee",
-                                        multiprocessor_count(w_x.device),
+                                        precision == "ieee", multiprocessor_count(w_x.device),
                                         compute_capability(w_x.device),
-                                        tf32=w_x.dtype == torch.float32
-                                        and dot_precision(w_x.dtype, w_x.device) != "ieee")
+                                        tf32=w_x.dtype == torch.float32 and precision != "ieee")
     conv = conv_launch(a, weight_view, kernel, transposed, stride, padding, out_hw, out, None, bn,
                        bn_grads, tile=conv_tile_, may_split=False)  # one 1-D grid: no K splits
     wgrad = weight_grad_launch(wgrad_x, wgrad_g, kernel, stride, padding, out=dw,

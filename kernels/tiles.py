@@ -115,12 +115,12 @@ def conv_tile(rows: int, phases: int, c_out: int, c_in: int, taps: int, exact: b
         warps = 8 if block_m >= 128 and not cuda_cores else 4
         return Tile(block_m, _columns(c_out, 32, 1), block_k, warps, 1)
     if capability < 90:  # mma.sync keeps more in registers: at most 64 rows, 4 warps; below 64
-        # rows 8 for 16-bit operands and 4 for tf32 (the other count spilled in one Triton each)
+        # rows 8 for 16-bit operands and 4 for tf32, the counts spill-free on both Tritons
         block_m = min(block_m, 64)
         return Tile(block_m, _columns(c_out, 64, 1), block_k,
                     4 if block_m == 64 or tf32 else 8, 2)
     # sm_90: 8 warps for 128 rows on tensor cores and for 16 rows, 4 between and on the CUDA
-    # cores (8 spilled there)
+    # cores, where 8 do not fit in registers
     warps = 8 if (block_m >= 128 and not cuda_cores) or block_m == 16 else 4
     return Tile(block_m, _columns(c_out, 64, 1), block_k, warps, 2)
 
@@ -200,8 +200,8 @@ def pair_tiles(rows: int, phases: int, c_out: int, c_in: int, taps: int, w_c_out
         if w_c_out >= 128 and w_c_in >= 128:
             return PAIR_BIG, PAIR_BIG
         return BIG, Tile(_columns(w_c_out, 64), _weight_grad_columns(w_c_in, taps, 64), 16, 8, 3)
-    # sm_90: the conv tile's warps, but 4 at 16 rows (8 spilled there); sm_80: 8, but 4 for tf32
-    # under a 32-deep input-gradient step (8 spilled there, and 4 spilled 16-bit operands there)
+    # the warp counts that fit both branches in registers on both Tritons: sm_90 the conv tile's,
+    # but 4 at 16 rows; sm_80 8, but 4 for tf32 under a 32-deep input-gradient step
     if capability >= 90:
         warps = 4 if conv.block_m == 16 else conv.warps
     else:
