@@ -156,7 +156,7 @@ def test_variants_that_cannot_be_graphed_say_why():
 
 # (image size, build_models keywords, Objective keywords); each row is a variant of the issue.
 # Interpreted, a step's cost grows with the pixels: 128 and 256 px take one step of one image at
-# width 1 (about 26 and 46 s on 2 idle CPU cores: the slow marker's).
+# width 1 (about 10 and 21 s on 2 idle CPU cores: the slow marker's).
 STEP_VARIANTS = {
     "hinge+sn+augment": (16, dict(spectral_norm=True),
                          dict(loss="hinge", policy="translation,cutout,color")),
